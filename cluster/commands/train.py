@@ -1,0 +1,56 @@
+"""`rayft train JOB.yaml`: fine-tune on Ray Train and publish the result to the registry."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune a model as a job spec describes, and publish it")
+    p.add_argument("job", help="job YAML file")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--merge", action="store_true", help="also publish the merged full model (<name>-merged)")
+    p.add_argument("--storage", default=None, help="override storage.uri (s3://bucket/prefix or a local path)")
+    p.add_argument("--force", action="store_true", help="start even when the pre-flight plan says it will not fit")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainers.spec import load_job_spec
+
+    spec = load_job_spec(args.job)
+    if args.merge:
+        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"merge": True})})
+    if args.storage:
+        spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"uri": args.storage})})
+    preflight(spec, force=args.force)
+
+    from trainers.run import run_training
+
+    result = run_training(spec, address=args.address)
+    print_summary(result)
+    return 0
+
+
+def preflight(spec, force: bool) -> None:
+    """Refuse a job that cannot fit its resources (the planner's verdict), unless forced."""
+    try:
+        from trainers.plan import preflight_check
+    except ImportError:  # planner not installed in this build
+        return
+    preflight_check(spec, force=force)
+
+
+def print_summary(result) -> None:
+    m = result.metrics
+    trainable, total = m.get("trainable_params", 0), m.get("total_params", 0)
+    print("")
+    print(f"[rayft] run {result.run_id} finished in {result.wall_s:.1f}s")
+    if total:
+        print(f"  trainable params : {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
+    if m.get("eval_loss") is not None:
+        print(f"  final eval loss  : {m['eval_loss']:.4f}")
+    print(f"  final train loss : {m.get('train_loss', float('nan')):.4f}")
+    print(f"  checkpoint       : {result.checkpoint_path}")
+    for manifest in result.manifests:
+        print(f"  published        : {manifest.name}@{manifest.version} ({manifest.kind})")

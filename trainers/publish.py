@@ -1,0 +1,117 @@
+"""Turn a finished run's checkpoint into registry artifacts: the adapter (or model), optionally merged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from storage.registry import Manifest, Registry, base_config_digest
+from trainers.loop import ADAPTER_DIR, MODEL_DIR, STATE_NAME
+from trainers.methods import method_module
+from trainers.model_source import read_model_config
+from trainers.spec import JobSpec
+from trainers.state_io import load_state
+
+# Non-weight files of the base model that a merged model directory also needs.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+
+
+def method_params(spec: JobSpec) -> dict:
+    """The method's parameters as recorded in the manifest (rank, alpha, targets...)."""
+    return spec.method.model_dump(mode="json")
+
+
+def plot_loss_curve(history: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["train_loss"] for h in history], marker="o", label="train")
+    ev = [(h["step"], h["eval_loss"]) for h in history if h.get("eval_loss") is not None]
+    if ev:
+        ax.plot(*zip(*ev), marker="s", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def stage_artifact(checkpoint_dir: Path, model_dir: str, is_adapter: bool, out: Path) -> Path:
+    """Copy the trained weights (and, for a full model, the tokenizer) plus the loss curve into `out`."""
+    src = checkpoint_dir / (ADAPTER_DIR if is_adapter else MODEL_DIR)
+    shutil.copytree(src, out)
+    if not is_adapter:
+        for name in _TOKENIZER_FILES:
+            if (Path(model_dir) / name).exists() and not (out / name).exists():
+                shutil.copy2(Path(model_dir) / name, out / name)
+    history = load_state(checkpoint_dir, STATE_NAME)["history"]
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    plot_loss_curve(history, out / "loss_curve.png")
+    return out
+
+
+def merge_adapter(spec: JobSpec, base_dir: str, adapter_dir: Path, out: Path) -> Path:
+    """Write base + adapter as one plain transformers model (fp32). A 4-bit base is dequantized first."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    quant = method_module(spec.method.name).quantization_config(spec.method, torch.float32)
+    if quant is not None:
+        print("[rayft] merging a QLoRA adapter: dequantizing the 4-bit base to float32 first", flush=True)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, dtype=torch.float32, device_map={"": "cpu"})
+        base = base.dequantize()
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config
+    merged.save_pretrained(out, safe_serialization=True)
+    for name in _TOKENIZER_FILES:
+        if (Path(base_dir) / name).exists():
+            shutil.copy2(Path(base_dir) / name, out / name)
+    return out
+
+
+def publish_run(
+    spec: JobSpec,
+    registry: Registry,
+    checkpoint_dir: Path,
+    model_dir: str,
+    metrics: dict,
+    run_id: str,
+    workdir: Path,
+) -> list[Manifest]:
+    """Publish the run's adapter/model (and the merged model when asked); returns the manifests."""
+    is_adapter = spec.method.name != "full"
+    config = read_model_config(model_dir)
+    digest = base_config_digest(config)
+    lineage = {"job_spec": spec.model_dump(mode="json"), "run_id": run_id}
+    artifact = stage_artifact(checkpoint_dir, model_dir, is_adapter, workdir / "artifact")
+    manifests = [
+        registry.publish(
+            spec.output.name, artifact, kind="adapter" if is_adapter else "model",
+            base_model=spec.model.source, base_config_digest=digest, method=spec.method.name,
+            params=method_params(spec), metrics=metrics, lineage=lineage,
+        )
+    ]
+    if spec.output.merge and is_adapter:
+        merged = merge_adapter(spec, model_dir, checkpoint_dir / ADAPTER_DIR, workdir / "merged")
+        manifests.append(
+            registry.publish(
+                f"{spec.output.name}-merged", merged, kind="model",
+                base_model=spec.model.source, base_config_digest=digest, method=spec.method.name,
+                params=method_params(spec), metrics=metrics,
+                lineage={**lineage, "merged_from": f"{spec.output.name}@{manifests[0].version}"},
+            )
+        )
+    return manifests

@@ -1,0 +1,154 @@
+"""Drive one fine-tuning run on Ray Train: TorchTrainer → checkpoints in storage → registry."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage.errors import RayftError
+from storage.registry import Manifest, Registry
+from storage.store import default_storage_uri, open_store, pyarrow_filesystem
+from trainers.loop import train_func
+from trainers.model_source import resolve_model_dir
+from trainers.publish import publish_run
+from trainers.spec import JobSpec
+
+
+class TrainingFailed(RayftError):
+    """The run ended in error after its allowed restarts; the message carries the original error."""
+
+    http_status = 500
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    metrics: dict
+    checkpoint_path: str
+    checkpoint: object = None  # ray.train.Checkpoint of the final step
+    manifests: list[Manifest] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def new_run_id(spec: JobSpec) -> str:
+    return f"{spec.output.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to `address` / RAY_ADDRESS, or start a local Ray instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Each ray.train.report() waits for the controller's poll; a short interval keeps reports cheap.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def use_gpu(spec: JobSpec) -> bool:
+    if spec.resources.use_gpu != "auto":
+        return bool(spec.resources.use_gpu)
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= spec.resources.num_workers
+
+
+def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, faults: dict | None = None):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    fs, base_path = pyarrow_filesystem(storage_uri)
+    return TorchTrainer(
+        train_func,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "storage_uri": storage_uri, "run_id": run_id, "faults": faults},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.resources.num_workers,
+            use_gpu=use_gpu(spec),
+            resources_per_worker={"CPU": spec.resources.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_id,
+            storage_path=f"{base_path.rstrip('/')}/runs",
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=spec.resources.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.training.keep_checkpoints),
+        ),
+    )
+
+
+def run_training(
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    run_id: str | None = None,
+    publish: bool = True,
+    faults: dict | None = None,
+) -> TrainResult:
+    """Fit the job on Ray Train and publish its result to the registry."""
+    t0 = time.perf_counter()
+    ensure_ray(address)
+    storage_uri = spec.storage.uri or default_storage_uri()
+    run_id = run_id or new_run_id(spec)
+    print(f"[rayft] run {run_id}: {spec.method.name} on {spec.resources.num_workers} worker(s), storage {storage_uri}", flush=True)
+    spec = with_absolute_paths(spec)
+    import ray.train
+
+    try:
+        result = build_trainer(spec, run_id, storage_uri, faults).fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingFailed(f"run {run_id} failed: {_root_cause(exc)}") from None
+    if result.error is not None:
+        raise TrainingFailed(f"run {run_id} failed: {_root_cause(result.error)}")
+    if result.checkpoint is None:
+        raise TrainingFailed(f"run {run_id} finished without a checkpoint")
+    metrics = dict(result.metrics or {})
+    out = TrainResult(run_id=run_id, metrics=metrics, checkpoint_path=result.checkpoint.path, checkpoint=result.checkpoint)
+    if publish:
+        registry = Registry(open_store(storage_uri))
+        model_dir = resolve_model_dir(spec.model.source, storage_uri)
+        with result.checkpoint.as_directory() as ckpt, tempfile.TemporaryDirectory(prefix="rayft-publish-") as work:
+            out.manifests = publish_run(spec, registry, Path(ckpt), model_dir, metrics, run_id, Path(work))
+    out.wall_s = time.perf_counter() - t0
+    return out
+
+
+def with_absolute_paths(spec: JobSpec) -> JobSpec:
+    """Local data/model paths made absolute: Ray Train workers do not run in the driver's cwd.
+
+    Missing local files are reported here, before any worker starts.
+    """
+    def absolute(value: str | None, field: str) -> str | None:
+        if value is None or "://" in value or value.startswith("registry:"):
+            return value
+        path = Path(value).expanduser()
+        if path.exists():
+            return str(path.resolve())
+        if field.startswith("data."):
+            raise DataNotFound(f"{field}: {value!r} does not exist (relative paths are taken from {Path.cwd()})")
+        return value  # a hub id; resolve_model_dir says if it is neither
+
+    data = spec.data.model_copy(update={"train": absolute(spec.data.train, "data.train"), "eval": absolute(spec.data.eval, "data.eval")})
+    model = spec.model.model_copy(update={"source": absolute(spec.model.source, "model.source")})
+    return spec.model_copy(update={"data": data, "model": model})
+
+
+class DataNotFound(RayftError):
+    """A local data file named by the job spec does not exist."""
+
+
+def _root_cause(error: BaseException) -> str:
+    """The worker's own error line (e.g. `DataError: file:3: ...`), without Ray's wrapping."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Failed", "Interrupt")) or head.startswith("trainers."):
+            return line
+    return lines[-1] if lines else repr(error)

@@ -1,0 +1,288 @@
+"""The fine-tuning job spec: one YAML file in, one validated `JobSpec` out.
+
+Validation happens once, here, at the edge. Every problem in a file is collected and
+reported together, each as `field.path: got <value>, <what is allowed>`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from storage.errors import RayftError
+from storage.safety import validate_name
+from trainers.methods import MethodConfig
+
+
+class SpecError(RayftError):
+    """A job spec with one or more problems; `problems` lists each as one line."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    source: str = Field(
+        description="Base model: a local transformers directory, an s3:// URI of one, a registry ref "
+        "`registry:NAME[@VERSION]`, or a hub id (needs network).",
+        min_length=1,
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype the base weights are loaded in; auto follows training precision."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+
+class DataSpec(_Strict):
+    train: str = Field(min_length=1, description="JSONL training file: local path or s3:// URI.")
+    eval: str | None = Field(None, description="JSONL eval file; if unset, `eval_fraction` of train is held out.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of train rows held out for eval when `eval` is unset.")
+    format: Literal["auto", "text", "prompt_completion", "messages"] = Field(
+        "auto", description='Row shape: {"text"}, {"prompt","completion"}, {"messages":[...]}; auto detects per file.'
+    )
+    max_seq_len: int = Field(256, ge=8, le=131072, description="Tokens per example; longer rows are truncated.")
+    packing: bool = Field(False, description="Concatenate examples into full max_seq_len blocks.")
+    train_on_prompt: bool = Field(False, description="Also compute loss on prompt/user tokens (default: completion only).")
+    on_bad_row: Literal["error", "skip"] = Field("error", description="A malformed row stops the job, or is skipped and counted.")
+
+
+class TrainingSpec(_Strict):
+    max_steps: int = Field(100, ge=1, description="Optimizer steps to run.")
+    micro_batch_size: int = Field(4, ge=1, le=4096, description="Examples per worker per forward pass.")
+    grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps before the schedule.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR schedule after warmup.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, else fp32. fp16 needs CUDA."
+    )
+    seed: int = Field(0, ge=0, description="Seeds model init of adapters, data order and dropout.")
+    eval_every: int = Field(50, ge=1, description="Steps between evaluations (each also reports to Ray Train).")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between checkpoints written to the run's storage.")
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="How many most recent checkpoints to keep.")
+    log_every: int = Field(10, ge=1, description="Steps between progress lines on the console.")
+
+
+class ResourcesSpec(_Strict):
+    num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers (one per GPU).")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="Train on GPUs; auto = if the cluster has any.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    strategy: Literal["auto", "single", "ddp", "deepspeed_zero3"] = Field(
+        "auto", description="auto: single for 1 worker, ddp for several (deepspeed_zero3 for full FT on several)."
+    )
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1 = unlimited).")
+
+
+class DeepSpeedSpec(_Strict):
+    offload_params: bool = Field(False, description="Keep ZeRO-3 parameter shards in CPU memory.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory.")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Extra DeepSpeed config keys; may not override ours.")
+
+
+class OutputSpec(_Strict):
+    name: str = Field(description="Registry name the result is published under (a new version each run).")
+    merge: bool = Field(False, description="Also publish the merged full model as `<name>-merged`.")
+
+
+class StorageSpec(_Strict):
+    uri: str | None = Field(
+        None, description="Where runs and the registry live: s3://bucket/prefix or a local path. Default: $RAYFT_STORAGE or ~/.rayft/storage."
+    )
+
+
+class JobSpec(_Strict):
+    """A fine-tuning job. Sections follow the flow: what to train, on what, how, where."""
+
+    model: ModelSpec
+    data: DataSpec
+    method: MethodConfig = Field(description="Fine-tuning method and its parameters, chosen by `name`.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    output: OutputSpec
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    tune: dict[str, Any] | None = Field(None, description="Search space for `rayft tune` (see the tune docs).")
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "JobSpec":
+        problems = cross_field_problems(self.model_dump())
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def resolved_strategy(self) -> str:
+        """The strategy `auto` stands for, given method and worker count."""
+        s = self.resources.strategy
+        if s != "auto":
+            return s
+        if self.resources.num_workers == 1:
+            return "single"
+        return "deepspeed_zero3" if self.method.name == "full" else "ddp"
+
+
+# ---------------------------------------------------------------------------
+# Cross-field rules. They run on the raw mapping too, so a file with both a field
+# error and a cross-field error reports both at once.
+
+
+def _get(d: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
+def cross_field_problems(raw: dict) -> list[str]:
+    problems: list[str] = []
+    method = _get(raw, "method", "name")
+    strategy = _get(raw, "resources", "strategy")
+    workers = _get(raw, "resources", "num_workers")
+    if method == "prefix_tuning" and _get(raw, "method", "target_modules") is not None:
+        problems.append(
+            "method.prefix_tuning.target_modules: prefix tuning adds virtual tokens to every layer and has no "
+            "target modules; remove this field"
+        )
+    if method == "qlora" and strategy == "deepspeed_zero3":
+        problems.append(
+            "resources.strategy: got 'deepspeed_zero3', a 4-bit (qlora) base cannot be sharded by ZeRO-3; "
+            "use strategy single/ddp, or method lora for ZeRO-3"
+        )
+    if method == "qlora" and _get(raw, "model", "dtype") not in (None, "auto"):
+        problems.append(
+            f"model.dtype: got {_get(raw, 'model', 'dtype')!r}, a qlora base is loaded in 4-bit; "
+            "set method.qlora.compute_dtype instead, or leave model.dtype as auto"
+        )
+    if strategy == "single" and isinstance(workers, int) and workers > 1:
+        problems.append(
+            f"resources.num_workers: got {workers}, strategy 'single' runs one worker; "
+            "set num_workers: 1 or strategy: ddp / deepspeed_zero3"
+        )
+    if method == "adalora":
+        init_r, target_r = _get(raw, "method", "init_r"), _get(raw, "method", "target_r")
+        if isinstance(init_r, int) and isinstance(target_r, int) and target_r > init_r:
+            problems.append(f"method.adalora.target_r: got {target_r}, must be <= init_r ({init_r})")
+    if _get(raw, "data", "eval") and _get(raw, "data", "eval_fraction") not in (None, 0, 0.0):
+        if "eval_fraction" in (_get(raw, "data") or {}):
+            problems.append("data.eval_fraction: set together with data.eval; give one of them (a file or a fraction)")
+    max_steps = _get(raw, "training", "max_steps")
+    warmup = _get(raw, "training", "warmup_steps")
+    if isinstance(max_steps, int) and isinstance(warmup, int) and warmup >= max_steps > 0:
+        problems.append(f"training.warmup_steps: got {warmup}, must be < training.max_steps ({max_steps})")
+    precision = _get(raw, "training", "precision")
+    if precision == "fp16" and _get(raw, "resources", "use_gpu") is False:
+        problems.append("training.precision: got 'fp16', which needs CUDA but resources.use_gpu is false; use bf16 or fp32 on CPU")
+    name = _get(raw, "output", "name")
+    if isinstance(name, str):
+        try:
+            validate_name(name)
+        except RayftError as exc:
+            problems.append(f"output.name: {exc}")
+    ds_extra = _get(raw, "deepspeed", "extra")
+    if ds_extra and strategy not in ("deepspeed_zero3",) and not (strategy in (None, "auto") and method == "full"):
+        problems.append("deepspeed.extra: set, but the job does not use strategy deepspeed_zero3; remove it or set the strategy")
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# Formatting pydantic's errors as `path: got value, rule`.
+
+
+def _allowed(err: dict) -> str:
+    ctx = err.get("ctx") or {}
+    kind = err["type"]
+    if kind == "greater_than_equal":
+        return f"must be ≥ {ctx['ge']}"
+    if kind == "greater_than":
+        return f"must be > {ctx['gt']}"
+    if kind == "less_than_equal":
+        return f"must be ≤ {ctx['le']}"
+    if kind == "less_than":
+        return f"must be < {ctx['lt']}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    if kind == "union_tag_invalid":
+        return f"must be one of {ctx.get('expected_tags')}"
+    if kind == "union_tag_not_found":
+        return f"missing `{ctx.get('discriminator', 'name').strip(chr(39))}`, which selects the method"
+    if kind == "extra_forbidden":
+        return "unknown field (check the spelling; see the docs for allowed fields)"
+    if kind == "missing":
+        return "required field is missing"
+    return err["msg"][0].lower() + err["msg"][1:]
+
+
+def _loc(err: dict) -> str:
+    parts = []
+    for item in err["loc"]:
+        # pydantic puts the union member's type name in the path for non-discriminated unions
+        if isinstance(item, str) and (item.startswith(("literal[", "list[", "function-")) or item in ("str", "int", "bool")):
+            continue
+        parts.append(f"[{item}]" if isinstance(item, int) else str(item))
+    return ".".join(parts).replace(".[", "[")
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    problems: list[str] = []
+    seen: set[str] = set()
+    for err in exc.errors():
+        if err["type"] == "value_error" and err["loc"] == ():
+            # our cross-field rules; they are also gathered from the raw mapping
+            continue
+        loc = _loc(err)
+        if err["type"] == "union_tag_invalid":
+            loc, err = f"{loc}.name", {**err, "input": err["ctx"].get("tag")}
+        if err["type"] == "missing":
+            line = f"{loc}: {_allowed(err)}"
+        else:
+            line = f"{loc}: got {_short(err.get('input'))}, {_allowed(err)}"
+        if line not in seen:
+            seen.add(line)
+            problems.append(line)
+    return problems
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_job_spec(raw: Any, source: str = "<spec>") -> JobSpec:
+    """Validate a mapping as a JobSpec; raise one SpecError listing every problem."""
+    if not isinstance(raw, dict):
+        raise SpecError(source, [f"<top level>: got {_short(raw)}, must be a mapping with model, data, method, output"])
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        cross = cross_field_problems(raw)
+        # a cross-field rule explains its field better than pydantic's generic message
+        covered = {p.split(":", 1)[0] for p in cross}
+        problems = [p for p in format_errors(exc) if p.split(":", 1)[0] not in covered] + cross
+        raise SpecError(source, problems) from None
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    """Read and validate a job YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(str(path), ["file not found; pass the path of a job YAML file"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise SpecError(str(path), [f"not valid YAML at {where}: {getattr(exc, 'problem', exc)}"]) from None
+    return parse_job_spec(raw, str(path))
