@@ -1,4 +1,6 @@
-"""Where a base model comes from: a local directory, an s3:// prefix, the registry, or a hub id."""
+"""Where a base model comes from: a local directory, an s3:// prefix, the registry, or a hub id.
+
+Shared by training and serving, so it lives with storage."""
 
 from __future__ import annotations
 

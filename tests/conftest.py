@@ -1,0 +1,137 @@
+"""Shared pytest fixtures. Each block is owned by one area; append new blocks below."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# =============================================================================
+# storage fixtures (owner: storage/). A real S3 API server on 127.0.0.1 (moto's
+# ThreadedMotoServer) shared by the session; each test gets its own bucket.
+# =============================================================================
+from storage.local_s3 import S3Server, s3_env, start_s3_server
+
+# Variables that would send boto3 elsewhere (a profile, a stale token, another
+# endpoint) if inherited from the developer's shell.
+_AWS_VARS_TO_CLEAR = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def rayft_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """RAYFT_HOME in a temp dir for the whole session, so no test touches ~/.rayft; RAYFT_STORAGE unset."""
+    home = tmp_path_factory.mktemp("rayft-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAYFT_HOME", str(home))
+        patch.delenv("RAYFT_STORAGE", raising=False)
+        yield home
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """The session's S3 API server; the standard AWS variables point at it for the rest of the session."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in _AWS_VARS_TO_CLEAR:
+            patch.delenv(name, raising=False)
+        # Keep the developer's ~/.aws files (profiles, endpoint settings) out of the tests.
+        patch.setenv("AWS_CONFIG_FILE", os.devnull)
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        with start_s3_server(host="127.0.0.1", port=0) as server:
+            for name, value in s3_env(server.endpoint_url).items():
+                patch.setenv(name, value)
+            yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> Iterator[str]:
+    """A fresh, empty bucket; emptied and removed afterwards so the in-memory server stays small."""
+    name = f"rayft-test-{uuid.uuid4().hex[:16]}"
+    s3_server.ensure_bucket(name)
+    yield name
+    client = s3_server.client()
+    for upload in client.list_multipart_uploads(Bucket=name).get("Uploads", []):
+        client.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+        for item in page.get("Contents", []):
+            client.delete_object(Bucket=name, Key=item["Key"])
+    client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture
+def s3_uri(s3_bucket: str) -> str:
+    """`s3://<fresh bucket>/prefix` on the session's S3 server."""
+    return f"s3://{s3_bucket}/prefix"
+
+
+@pytest.fixture
+def local_uri(tmp_path: Path) -> str:
+    """A local directory store URI (plain path) under tmp_path; the directory does not exist yet."""
+    return str(tmp_path / "store")
+
+
+# ============================ end of storage fixtures ========================
+
+
+# =============================================================================
+# Ray, tiny model and training fixtures (owner: trainers/). One Ray instance for the
+# whole session: each `ray.init` costs seconds and each fit() ~15 s of worker start-up.
+# =============================================================================
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server: S3Server, rayft_home: Path) -> Iterator[None]:
+    """A local Ray instance started after the S3 variables are set, so workers inherit them."""
+    import ray
+
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # 4 logical CPUs on 2 cores: a Serve app and a 2-worker trainer can then be placed together.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama + tokenizer saved as a transformers directory (built once per session)."""
+    from trainers.tiny import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+@pytest.fixture(scope="session")
+def reverse_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A learnable synthetic task (spell a word backwards) as prompt/completion JSONL."""
+    from trainers.tiny import task_examples, write_jsonl
+
+    return write_jsonl(task_examples("reverse", 160, seed=1), tmp_path_factory.mktemp("data") / "reverse.jsonl")
+
+
+def make_job(model_dir, train_path, storage_uri, method: dict, name: str = "test-adapter", **sections) -> "JobSpec":
+    """A small job spec for tests; `sections` override whole spec sections by key (e.g. training={...})."""
+    from trainers.spec import parse_job_spec
+
+    raw = {
+        "model": {"source": str(model_dir)},
+        "data": {"train": str(train_path), "eval_fraction": 0.15, "max_seq_len": 48},
+        "method": method,
+        "training": {"max_steps": 12, "micro_batch_size": 8, "lr": 0.01, "eval_every": 12,
+                     "checkpoint_every": 12, "log_every": 6, "seed": 0},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        "output": {"name": name},
+        "storage": {"uri": storage_uri},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_job_spec(raw, "<test>")
