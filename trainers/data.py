@@ -127,8 +127,10 @@ def load_rows(uri: str, fmt: str, on_bad_row: str) -> tuple[list[dict], str, int
             problem = None
         except json.JSONDecodeError as exc:
             row, problem = None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+        if problem is None and not isinstance(row, dict):
+            problem = f"expected a JSON object, got {type(row).__name__}"
         if problem is None and detected is None:
-            detected = detect_format(row) if isinstance(row, dict) else None
+            detected = detect_format(row)
             if detected is None:
                 problem = 'cannot tell the format: expected "text", "prompt"+"completion" or "messages"'
         if problem is None:
