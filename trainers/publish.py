@@ -11,12 +11,12 @@ import torch
 from storage.registry import Manifest, Registry, base_config_digest
 from trainers.loop import ADAPTER_DIR, MODEL_DIR, STATE_NAME
 from trainers.methods import method_module
-from trainers.model_source import read_model_config
+from storage.models import read_model_config
 from trainers.spec import JobSpec
 from trainers.state_io import load_state
 
 # Non-weight files of the base model that a merged model directory also needs.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 
 
 def method_params(spec: JobSpec) -> dict:
@@ -51,7 +51,7 @@ def stage_artifact(checkpoint_dir: Path, model_dir: str, is_adapter: bool, out: 
     src = checkpoint_dir / (ADAPTER_DIR if is_adapter else MODEL_DIR)
     shutil.copytree(src, out)
     if not is_adapter:
-        for name in _TOKENIZER_FILES:
+        for name in TOKENIZER_FILES:
             if (Path(model_dir) / name).exists() and not (out / name).exists():
                 shutil.copy2(Path(model_dir) / name, out / name)
     history = load_state(checkpoint_dir, STATE_NAME)["history"]
@@ -76,7 +76,7 @@ def merge_adapter(spec: JobSpec, base_dir: str, adapter_dir: Path, out: Path) ->
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config
     merged.save_pretrained(out, safe_serialization=True)
-    for name in _TOKENIZER_FILES:
+    for name in TOKENIZER_FILES:
         if (Path(base_dir) / name).exists():
             shutil.copy2(Path(base_dir) / name, out / name)
     return out
