@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainers.methods._targets import TargetModules, peft_target_modules
@@ -25,7 +24,8 @@ class Config(BaseModel):
     )
 
 
-def quantization_config(cfg: Config, compute_dtype: torch.dtype):
+def quantization_config(cfg: Config, compute_dtype: "torch.dtype"):
+    import torch
     from transformers import BitsAndBytesConfig
 
     dtype = compute_dtype if cfg.compute_dtype == "auto" else getattr(torch, cfg.compute_dtype)
