@@ -135,3 +135,27 @@ def make_job(model_dir, train_path, storage_uri, method: dict, name: str = "test
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return parse_job_spec(raw, "<test>")
+
+
+# =============================================================================
+# Ray Serve fixtures (owner: serve/). Serve's HTTP proxy on 127.0.0.1 for the session,
+# on the session's Ray; each serve test module deploys its own application on it.
+# =============================================================================
+
+
+@pytest.fixture(scope="session")
+def serve_http(ray_session: None) -> Iterator[str]:
+    """Serve's HTTP proxy on 127.0.0.1:<free port>; yields its base URL. Serve is shut down at session end."""
+    import socket
+
+    from ray import serve
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+# ============================ end of Ray Serve fixtures ======================

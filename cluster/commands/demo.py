@@ -76,7 +76,7 @@ def train_demo_adapters(storage: str, steps: int):
 
 def serve_and_query(storage: str, adapter_names: list[str]) -> None:
     try:
-        from serve.app import run_demo_queries
+        from cluster.serve_demo import run_demo_queries
     except ImportError:
         banner("5. serving: not part of this build yet")
         return

@@ -1,0 +1,140 @@
+"""`rayft serve SERVE.yaml`: deploy the OpenAI-compatible Serve application a serve spec describes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+
+from storage.errors import RayftError
+
+
+class DeployFailed(RayftError):
+    """The Serve application did not come up (a replica failed to start); the message says why."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a base model, its adapters and merged models behind an OpenAI-compatible API")
+    p.add_argument("spec", help="serve YAML file (see examples/serve.yaml)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host for Serve's proxy when this command starts Serve")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port for Serve's proxy when this command starts Serve")
+    p.add_argument("--name", default="rayft", help="Serve application name")
+    p.add_argument("--detach", action="store_true", help="return once deployed; the application stays on the cluster")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from serve.spec import load_serve_spec
+
+    spec = load_serve_spec(args.spec)  # every problem in the file, before Ray is touched
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if args.detach and not address:
+        raise DeployFailed(
+            "--detach leaves the application on a running Ray cluster, and a local Ray ends with this command: "
+            "pass --address (or set RAY_ADDRESS), or drop --detach"
+        )
+    if not address:
+        # Only for a local Ray: a cluster's replicas may see storage this machine cannot.
+        preflight(spec)
+    connect(address)
+    url = deploy(spec, host=args.host, port=args.port, name=args.name)
+    print(f"[rayft] serving on {url}/v1", flush=True)
+    print(f"[rayft] models: {', '.join(spec.model_names())} + adapters of {spec.base.name} from the registry "
+          f"(GET {url}/v1/models)", flush=True)
+    if args.detach:
+        print(f"[rayft] detached: `serve shutdown` or `serve delete {args.name}` on the cluster stops it", flush=True)
+        return 0
+    print("[rayft] Ctrl-C to stop", flush=True)
+    wait_for_stop_signal()
+    from ray import serve
+
+    serve.delete(args.name)
+    print("[rayft] stopped", flush=True)
+    return 0
+
+
+def wait_for_stop_signal() -> None:
+    """Block until SIGINT (Ctrl-C) or SIGTERM (a process manager stopping us)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(3600):
+        pass
+
+
+def preflight(spec) -> None:
+    """Check that every model and adapter the spec names exists in storage, before any replica starts.
+
+    A replica that cannot find its model fails only after Serve's retries; this names the
+    problem at once. (Checksums, base match and method are checked by the replicas at load.)
+    """
+    from pathlib import Path
+
+    from storage.models import REGISTRY_PREFIX
+    from storage.registry import open_registry
+
+    registry = open_registry(spec.storage)
+    problems = []
+    sources = [("base.source", spec.base.source)] + [
+        (f"merged[{i}].source", m.source) for i, m in enumerate(spec.merged) if m.source is not None
+    ]
+    for where, source in sources:
+        try:
+            if source.startswith(REGISTRY_PREFIX):
+                registry.resolve(source[len(REGISTRY_PREFIX):])
+            elif not source.startswith("s3://") and source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():
+                problems.append(f"{where}: local directory {source!r} does not exist")
+        except RayftError as err:
+            problems.append(f"{where}: {err}")
+    for i, m in enumerate(spec.merged):
+        if m.adapter is not None:
+            try:
+                registry.resolve(m.adapter)
+            except RayftError as err:
+                problems.append(f"merged[{i}].adapter: {err}")
+    if problems:
+        raise DeployFailed("the serve spec names what storage does not hold:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def connect(address: str | None) -> None:
+    """Connect to `address`, or start a local Ray instance (which lives as long as this process)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def deploy(spec, *, host: str = "127.0.0.1", port: int = 8000, name: str = "rayft") -> str:
+    """Start Serve's HTTP proxy (if it is not running) and deploy the spec's application at `/`; returns its base URL.
+
+    Waits until every replica is up; a replica that cannot start (missing model, bad
+    adapter for a merged deployment) raises DeployFailed with its reason.
+    """
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.run(build_app(spec), name=name, route_prefix="/", blocking=False)
+    except RuntimeError as exc:
+        serve.delete(name)
+        raise DeployFailed(f"application {name!r} did not start: {root_cause(exc)}") from None
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{shown}:{port}"
+
+
+def root_cause(error: BaseException) -> str:
+    """The replica's own error line (e.g. `NotFound: no published version ...`), without Serve's wrapping."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.rsplit(".", 1)[-1].endswith(("Error", "Exception", "NotFound", "NotServable", "Failed")):
+            return line
+    return lines[-1] if lines else repr(error)

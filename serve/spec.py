@@ -1,0 +1,297 @@
+"""The serve spec: one YAML file (or RayService `args`) in, one validated `ServeSpec` out.
+
+The same model is the argument type of `serve.app:build_app`, so Ray Serve validates a
+RayService's `args` against it, and `rayft serve SERVE.yaml` validates the file with it
+before anything is deployed. Every problem is collected and reported together.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from storage.errors import InvalidName, RayftError
+from storage.safety import parse_ref, validate_name
+
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+
+
+class ServeSpecError(RayftError):
+    """A serve spec with one or more problems; `problems` lists each as one line."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _model_name(value: str) -> str:
+    try:
+        return validate_name(value)
+    except InvalidName as err:
+        raise ValueError(str(err)) from None
+
+
+class Autoscaling(_Strict):
+    """Ray Serve autoscaling for one deployment (replaces a fixed `replicas`)."""
+
+    min_replicas: int = Field(1, ge=0, le=1024, description="Fewest replicas kept running (0 scales to zero).")
+    max_replicas: int = Field(4, ge=1, le=1024, description="Most replicas the autoscaler starts.")
+    target_ongoing_requests: float = Field(
+        16.0, gt=0, description="Requests in flight per replica the autoscaler aims for; batching wants this high."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
+class DeploymentSpec(_Strict):
+    """Replicas and resources of one Serve deployment."""
+
+    replicas: int | None = Field(
+        None, ge=1, le=1024, description="Fixed number of replicas (default 1); leave unset when `autoscaling` is set."
+    )
+    autoscaling: Autoscaling | None = Field(None, description="Autoscale between min and max replicas instead of a fixed count.")
+    cpus: float = Field(1.0, ge=0, le=512, description="CPUs reserved per replica (Ray logical CPUs).")
+    gpus: float = Field(0.0, ge=0, le=16, description="GPUs per replica (fractions share a card); 0 runs on CPU.")
+    max_ongoing_requests: int = Field(
+        64, ge=1, le=100_000, description="Requests one replica accepts at once; more queue in the router."
+    )
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> DeploymentSpec:
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either replicas (a fixed count) or autoscaling, not both")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options()`."""
+        options: dict[str, Any] = {
+            # A model that failed to load three times will not load on the 20th (Serve's default):
+            # fail the deployment quickly with its reason.
+            "max_constructor_retry_count": 3,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.cpus, "num_gpus": self.gpus},
+        }
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = {
+                "min_replicas": self.autoscaling.min_replicas,
+                "max_replicas": self.autoscaling.max_replicas,
+                "target_ongoing_requests": self.autoscaling.target_ongoing_requests,
+            }
+        else:
+            options["num_replicas"] = self.replicas or 1
+        return options
+
+
+class BatchSpec(_Strict):
+    """How requests are grouped into one forward pass (requests for different adapters share it)."""
+
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most sequences decoded together in one replica.")
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="How long an idle replica waits for more requests before starting a batch."
+    )
+
+
+class AdapterPolicy(_Strict):
+    """Which adapters the base deployment loads, and how many it keeps per replica."""
+
+    max_per_replica: int = Field(
+        8, ge=1, le=4096, description="Adapters held per replica (Serve's max_num_models_per_replica); LRU beyond."
+    )
+    max_rank: int = Field(256, ge=1, le=65536, description="Adapters with a larger LoRA rank are refused at load.")
+    allow_dora: bool = Field(
+        True, description="Serve DoRA adapters (each DoRA adapter decodes in its own sub-batch: peft cannot mix them)."
+    )
+    resolve_ttl_s: float = Field(
+        5.0, ge=0, le=3600, description="How long `name` → latest version is cached by the API before asking the registry again."
+    )
+
+
+class BaseModelSpec(_Strict):
+    """The base-model deployment: one model, adapters from the registry multiplexed on top."""
+
+    name: str = Field(description="Model id clients send as `model` for the plain base model.")
+    source: str = Field(
+        min_length=1,
+        description="Where the weights are: `registry:NAME[@VERSION]`, an s3:// URI of a model directory, or a local directory.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype: auto is bfloat16 on a GPU, float32 on CPU."
+    )
+    deployment: DeploymentSpec = Field(default_factory=DeploymentSpec, description="Replicas and resources.")
+    batch: BatchSpec = Field(default_factory=BatchSpec, description="Batch size and wait bound.")
+    adapters: AdapterPolicy = Field(default_factory=AdapterPolicy, description="Adapter loading policy.")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return _model_name(value)
+
+
+class MergedModelSpec(_Strict):
+    """A plain model deployment: a published (merged) model, or an adapter merged onto the base at load."""
+
+    name: str = Field(description="Model id clients send as `model`.")
+    source: str | None = Field(
+        None, description="A published model: `registry:NAME[@VERSION]`, an s3:// URI or a local directory."
+    )
+    adapter: str | None = Field(
+        None, description="An adapter ref `NAME[@VERSION]` merged into the base model at load (merge_and_unload)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype, as for the base.")
+    deployment: DeploymentSpec = Field(default_factory=DeploymentSpec, description="Replicas and resources.")
+    batch: BatchSpec = Field(default_factory=BatchSpec, description="Batch size and wait bound.")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return _model_name(value)
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_ref(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_ref(value)
+            except InvalidName as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> MergedModelSpec:
+        if (self.source is None) == (self.adapter is None):
+            raise ValueError("set exactly one of source (a published model) or adapter (merged onto the base at load)")
+        return self
+
+
+class AuthSpec(_Strict):
+    """Bearer-token auth for the /v1 routes (off when neither field is set). /health stays open."""
+
+    token_env: str | None = Field(
+        None, pattern=_ENV_NAME, description="Environment variable (in the API replicas) holding the accepted token."
+    )
+    token_sha256: list[str] = Field(
+        default_factory=list, description="Accepted tokens given as lowercase hex sha256, so no secret sits in the spec."
+    )
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _hex_digests(cls, values: list[str]) -> list[str]:
+        bad = [v for v in values if not re.fullmatch(r"[0-9a-f]{64}", v)]
+        if bad:
+            raise ValueError(f"{bad[0][:20]!r} is not a lowercase hex sha256 (64 characters): use `printf %s TOKEN | sha256sum`")
+        return values
+
+    @property
+    def enabled(self) -> bool:
+        return self.token_env is not None or bool(self.token_sha256)
+
+
+class ApiSpec(_Strict):
+    """The OpenAI-compatible HTTP front: limits every request is checked against, auth, its own replicas."""
+
+    auth: AuthSpec = Field(default_factory=AuthSpec, description="Optional bearer-token auth.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="Larger request bodies get 413.")
+    max_tokens_limit: int = Field(1024, ge=1, le=1 << 20, description="Largest `max_tokens` a request may ask for.")
+    default_max_tokens: int = Field(16, ge=1, description="`max_tokens` when a request does not set it.")
+    max_prompt_tokens: int = Field(4096, ge=1, le=1 << 20, description="Longer prompts get 400.")
+    max_stop_sequences: int = Field(4, ge=0, le=64, description="Most `stop` strings per request.")
+    deployment: DeploymentSpec = Field(
+        default_factory=lambda: DeploymentSpec(cpus=0.1, max_ongoing_requests=512),
+        description="Replicas and resources of the API (ingress) deployment.",
+    )
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> ApiSpec:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) is above max_tokens_limit ({self.max_tokens_limit})")
+        return self
+
+
+class ServeSpec(_Strict):
+    """What `rayft serve` deploys: a base model with multiplexed adapters, merged models, the API."""
+
+    storage: str | None = Field(
+        None, description="Storage URI of the registry (s3://bucket/prefix or a path); default $RAYFT_STORAGE in the replicas."
+    )
+    base: BaseModelSpec = Field(description="The base-model deployment (adapters are loaded onto it).")
+    merged: list[MergedModelSpec] = Field(default_factory=list, description="Plain model deployments, no adapter overhead.")
+    api: ApiSpec = Field(default_factory=ApiSpec, description="HTTP API limits, auth and replicas.")
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> ServeSpec:
+        names = [self.base.name] + [m.name for m in self.merged]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"model name(s) {', '.join(repeated)} used by more than one deployment: each `name` must be unique")
+        return self
+
+    def model_names(self) -> list[str]:
+        """Every deployed model id: the base, then the merged models."""
+        return [self.base.name] + [m.name for m in self.merged]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _loc(err: dict) -> str:
+    return ".".join(str(part) for part in err["loc"]) or "<top level>"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """One line per problem: `field.path: got <value>, <what is wrong>`."""
+    problems: list[str] = []
+    for err in exc.errors():
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            line = f"{_loc(err)}: required field is missing"
+        elif err["type"] == "extra_forbidden":
+            line = f"{_loc(err)}: unknown field; check the spelling against serve/spec.py"
+        else:
+            line = f"{_loc(err)}: got {_short(err.get('input'))}, {message}"
+        if line not in problems:
+            problems.append(line)
+    return problems
+
+
+def parse_serve_spec(raw: Any, source: str = "<serve spec>") -> ServeSpec:
+    """Validate a mapping as a ServeSpec; raise one ServeSpecError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ServeSpecError(source, [f"<top level>: got {_short(raw)}, must be a mapping with at least `base`"])
+    try:
+        return ServeSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ServeSpecError(source, format_errors(exc)) from None
+
+
+def load_serve_spec(path: str | Path) -> ServeSpec:
+    """Read and validate a serve YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ServeSpecError(str(path), ["file not found; pass the path of a serve YAML file (see examples/serve.yaml)"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ServeSpecError(str(path), [f"not valid YAML at {where}: {getattr(exc, 'problem', exc)}"]) from None
+    return parse_serve_spec(raw, str(path))
