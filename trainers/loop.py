@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -22,14 +23,17 @@ import torch
 
 from trainers import data as data_mod
 from trainers.methods import method_module
-from trainers.model_source import resolve_model_dir
-from trainers.spec import JobSpec
+from storage.models import resolve_model_dir
+from trainers.spec import JobSpec, TrainingSpec
 from trainers.state_io import load_state, save_state
 
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 STATE_NAME = "trainer_state"
 PROBE_NAME = "probe"
+#: In a checkpoint that several ranks write (DeepSpeed ZeRO-3 shards), rank 0's list of every rank's files and
+#: sizes: the checkpoint is complete only once all of them are in storage.
+SHARDS_NAME = "shards.json"
 
 
 @dataclass
@@ -149,14 +153,35 @@ def say(message: str) -> None:
     print(message, file=sys.__stdout__, flush=True)
 
 
+#: Optimizer steps left out of `steady_tokens_per_s`: the first steps pay for lazy allocation and kernel set-up.
+STEADY_AFTER_STEPS = 2
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 class Progress:
-    """Rank 0's console line: step, loss, tokens/s, ETA."""
+    """Rank 0's console line: step, loss, tokens/s, ETA; and the steady-state throughput of the steps alone."""
 
     def __init__(self, total_steps: int, start_step: int):
         self.total = total_steps
         self.start_step = start_step
         self.t0 = time.perf_counter()
         self.tokens = 0
+        self.steady_tokens = 0
+        self.steady_s = 0.0
+
+    def add_step(self, step: int, tokens: int, seconds: float) -> None:
+        """Count one optimizer step (its tokens, its own time: no eval, no checkpoint) once warm."""
+        if step > self.start_step + STEADY_AFTER_STEPS:
+            self.steady_tokens += tokens
+            self.steady_s += seconds
+
+    def steady_tokens_per_s(self) -> float | None:
+        return self.steady_tokens / self.steady_s if self.steady_s > 0 else None
 
     def line(self, step: int, loss: float, lr: float) -> str:
         elapsed = time.perf_counter() - self.t0
@@ -169,11 +194,19 @@ class Progress:
         )
 
 
-def evaluate(model, examples, batch_size: int, pad_id: int, device, precision: Precision, world: int, rank: int) -> float:
+def evaluate(
+    model, examples, batch_size: int, pad_id: int, device, precision: Precision, world: int, rank: int, lockstep: bool = False
+) -> float:
+    """Mean token loss on `examples`, each rank taking its share. `lockstep`: every rank runs the same number of
+    forward passes, topping up with passes that count nothing (ZeRO-3 gathers each layer from all ranks in forward)."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
+    batches = [(batch, True) for batch in data_mod.eval_batches(examples, batch_size, world, rank)]
+    if lockstep:
+        most = math.ceil(math.ceil(len(examples) / world) / batch_size)
+        batches += [(examples[:1], False)] * (most - len(batches))
     with torch.no_grad():
-        for batch in data_mod.eval_batches(examples, batch_size, world, rank):
+        for batch, counts in batches:
             b = {k: v.to(device) for k, v in data_mod.collate(batch, pad_id).items()}
             with _autocast(device, precision):
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -185,7 +218,8 @@ def evaluate(model, examples, batch_size: int, pad_id: int, device, precision: P
                 shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                 ignore_index=data_mod.IGNORE, reduction="sum",
             )
-            total += torch.tensor([loss.item(), (shift_labels != data_mod.IGNORE).sum().item()], dtype=torch.float64, device=device)
+            if counts:
+                total += torch.tensor([loss.item(), (shift_labels != data_mod.IGNORE).sum().item()], dtype=torch.float64, device=device)
     if world > 1:
         torch.distributed.all_reduce(total)
     model.train()
@@ -196,6 +230,14 @@ def _autocast(device: torch.device, precision: Precision):
     if precision.autocast_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=precision.autocast_dtype)
+
+
+def build_scheduler(training: TrainingSpec, optimizer):
+    """The job's learning-rate schedule (transformers') on `optimizer`; DeepSpeed ZeRO-3 builds the same one."""
+    from transformers import get_scheduler
+
+    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[training.schedule]
+    return get_scheduler(schedule, optimizer, num_warmup_steps=training.warmup_steps, num_training_steps=training.max_steps)
 
 
 def maybe_inject_fault(faults: dict | None, step: int, rank: int) -> None:
@@ -219,9 +261,8 @@ def _step_of(name: str) -> int:
     return int(name.rsplit("-", 1)[1]) if name.startswith("step-") and name[5:].isdigit() else -1
 
 
-@contextlib.contextmanager
-def resume_checkpoint(config: dict):
-    """The newest complete checkpoint of this run as a local directory, or None.
+def newest_checkpoint(config: dict):
+    """The newest complete checkpoint of this run (a `ray.train.Checkpoint`), or None.
 
     Ray Train registers a reported checkpoint when its controller next polls the workers;
     a worker that dies right after reporting can lose that registration although the files
@@ -241,14 +282,39 @@ def resume_checkpoint(config: dict):
         run_dir = f"{base.rstrip('/')}/runs/{config['run_id']}"
         infos = fs.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
         for info in infos:
-            if info.type == pyarrow.fs.FileType.Directory and _step_of(info.base_name) >= 0:
-                done = fs.get_file_info([f"{info.path}/{STATE_NAME}.json", f"{info.path}/{STATE_NAME}.safetensors"])
-                if all(f.type == pyarrow.fs.FileType.File for f in done):
-                    candidates.append((_step_of(info.base_name), ray.train.Checkpoint(info.path, filesystem=fs)))
+            if info.type == pyarrow.fs.FileType.Directory and _step_of(info.base_name) >= 0 and checkpoint_complete(fs, info.path):
+                candidates.append((_step_of(info.base_name), ray.train.Checkpoint(info.path, filesystem=fs)))
     if not candidates:
+        return None
+    return max(candidates, key=lambda c: c[0])[1]
+
+
+def checkpoint_complete(fs, path: str) -> bool:
+    """All files of the checkpoint at `path` are in storage: the trainer state, and every file `shards.json` lists."""
+    import json
+
+    import pyarrow.fs
+
+    File = pyarrow.fs.FileType.File
+    state = fs.get_file_info([f"{path}/{STATE_NAME}.json", f"{path}/{STATE_NAME}.safetensors", f"{path}/{SHARDS_NAME}"])
+    if not all(f.type == File for f in state[:2]):
+        return False
+    if state[2].type != File:
+        return True
+    with fs.open_input_stream(f"{path}/{SHARDS_NAME}") as stream:
+        listing = json.loads(stream.read())
+    expected = {rel: size for files in listing["files"].values() for rel, size in files.items()}
+    found = fs.get_file_info([f"{path}/{rel}" for rel in expected])
+    return all(f.type == File and f.size == size for f, size in zip(found, expected.values()))
+
+
+@contextlib.contextmanager
+def resume_checkpoint(config: dict):
+    """The newest complete checkpoint of this run as a local directory, or None."""
+    newest = newest_checkpoint(config)
+    if newest is None:
         yield None
         return
-    _, newest = max(candidates, key=lambda c: c[0])
     with newest.as_directory() as local:
         yield Path(local)
 
@@ -257,7 +323,7 @@ def train_func(config: dict) -> None:
     """Ray Train worker entry point. `config = {"spec": JobSpec as JSON, "storage_uri": str, "run_id": str, "faults": dict|None}`."""
     import ray.train
     import ray.train.torch
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import AutoTokenizer
 
     spec = JobSpec.model_validate(config["spec"])
     ctx = ray.train.get_context()
@@ -282,8 +348,7 @@ def train_func(config: dict) -> None:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[tcfg.schedule]
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=tcfg.max_steps)
+    scheduler = build_scheduler(tcfg, optimizer)
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp",
                                               parallel_strategy_kwargs={"find_unused_parameters": spec.method.name == "adalora"})
@@ -316,6 +381,7 @@ def train_func(config: dict) -> None:
 
     for step in range(start_step + 1, tcfg.max_steps + 1):
         maybe_inject_fault(config.get("faults"), step, rank)
+        step_t0, step_tokens0 = time.perf_counter(), progress.tokens
         for micro in range(tcfg.grad_accum):
             idx = data_mod.micro_batch_indices(
                 len(datasets.train), step_micro=(step - 1) * tcfg.grad_accum + micro,
@@ -343,6 +409,7 @@ def train_func(config: dict) -> None:
         if spec.method.name == "adalora":
             inner.base_model.update_and_allocate(step)
         optimizer.zero_grad(set_to_none=True)
+        progress.add_step(step, progress.tokens - step_tokens0, time.perf_counter() - step_t0)
 
         if rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.max_steps):
             say(progress.line(step, running_loss / running_n, scheduler.get_last_lr()[0]))
@@ -358,6 +425,7 @@ def train_func(config: dict) -> None:
                 "step": step, "train_loss": train_loss, "eval_loss": eval_loss,
                 "trainable_params": trainable, "total_params": total,
                 "tokens_per_s": progress.tokens / max(time.perf_counter() - progress.t0, 1e-9),
+                "steady_tokens_per_s": progress.steady_tokens_per_s(), "peak_rss_bytes": peak_rss_bytes(),
             }
             if do_ckpt:
                 probe = probe_logits(model, datasets, device, precision) if step == tcfg.max_steps else None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,6 +47,31 @@ def plot_loss_curve(history: list[dict], out: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+#: What publishing reads from a checkpoint. DeepSpeed's per-rank optimizer shards beside them (many times the
+#: model's size) stay in storage.
+PUBLISHED_PARTS = (ADAPTER_DIR, MODEL_DIR, f"{STATE_NAME}.json", f"{STATE_NAME}.safetensors")
+
+
+@contextlib.contextmanager
+def checkpoint_for_publishing(checkpoint) -> Iterator[Path]:
+    """A local directory with what `publish_run` reads from `checkpoint` (a `ray.train.Checkpoint`): the checkpoint
+    itself on a local filesystem, else a download of `PUBLISHED_PARTS` alone."""
+    import pyarrow.fs
+
+    fs, base = checkpoint.filesystem, checkpoint.path.rstrip("/")
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        yield Path(base)
+        return
+    local = pyarrow.fs.LocalFileSystem()
+    with tempfile.TemporaryDirectory(prefix="rayft-publish-ckpt-") as tmp:
+        for part, info in zip(PUBLISHED_PARTS, fs.get_file_info([f"{base}/{p}" for p in PUBLISHED_PARTS])):
+            if info.type == pyarrow.fs.FileType.Directory:
+                Path(tmp, part).mkdir()
+            if info.type != pyarrow.fs.FileType.NotFound:
+                pyarrow.fs.copy_files(info.path, f"{tmp}/{part}", source_filesystem=fs, destination_filesystem=local)
+        yield Path(tmp)
 
 
 def stage_artifact(checkpoint_dir: Path, model_dir: str, is_adapter: bool, out: Path) -> Path:

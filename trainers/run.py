@@ -13,8 +13,8 @@ from storage.errors import RayftError
 from storage.registry import Manifest, Registry
 from storage.store import default_storage_uri, open_store, pyarrow_filesystem
 from trainers.loop import train_func
-from trainers.model_source import resolve_model_dir
-from trainers.publish import publish_run
+from storage.models import resolve_model_dir
+from trainers.publish import checkpoint_for_publishing, publish_run
 from trainers.spec import JobSpec
 
 
@@ -61,13 +61,23 @@ def use_gpu(spec: JobSpec) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= spec.resources.num_workers
 
 
-def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, faults: dict | None = None):
+def train_function(spec: JobSpec):
+    """The per-worker loop: DeepSpeed ZeRO-3 has its own engine; everything else runs `loop.train_func`."""
+    if spec.resolved_strategy() == "deepspeed_zero3":
+        from trainers.deepspeed import train_func_zero3
+
+        return train_func_zero3
+    return train_func
+
+
+def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, faults: dict | None = None, callbacks: list | None = None):
+    """A TorchTrainer for the job; `callbacks` are Ray Train callbacks (e.g. Tune's TuneReportCallback)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     fs, base_path = pyarrow_filesystem(storage_uri)
     return TorchTrainer(
-        train_func,
+        train_function(spec),
         train_loop_config={"spec": spec.model_dump(mode="json"), "storage_uri": storage_uri, "run_id": run_id, "faults": faults},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.resources.num_workers,
@@ -80,6 +90,7 @@ def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, faults: dict | N
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=spec.resources.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.training.keep_checkpoints),
+            callbacks=callbacks or [],
         ),
     )
 
@@ -114,7 +125,7 @@ def run_training(
     if publish:
         registry = Registry(open_store(storage_uri))
         model_dir = resolve_model_dir(spec.model.source, storage_uri)
-        with result.checkpoint.as_directory() as ckpt, tempfile.TemporaryDirectory(prefix="rayft-publish-") as work:
+        with checkpoint_for_publishing(result.checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="rayft-publish-") as work:
             out.manifests = publish_run(spec, registry, Path(ckpt), model_dir, metrics, run_id, Path(work))
     out.wall_s = time.perf_counter() - t0
     return out

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from storage.errors import RayftError
 from storage.safety import validate_name
 from trainers.methods import MethodConfig
+from trainers.tune_spec import TuneSpec, tune_problems
 
 
 class SpecError(RayftError):
@@ -85,9 +86,118 @@ class ResourcesSpec(_Strict):
 
 
 class DeepSpeedSpec(_Strict):
-    offload_params: bool = Field(False, description="Keep ZeRO-3 parameter shards in CPU memory.")
-    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory.")
-    extra: dict[str, Any] = Field(default_factory=dict, description="Extra DeepSpeed config keys; may not override ours.")
+    """DeepSpeed ZeRO-3 settings (strategy deepspeed_zero3). rayft writes the DeepSpeed config from the whole
+    job spec (trainers/deepspeed.py:deepspeed_config); this section adds what the rest of the spec cannot say."""
+
+    offload_params: bool = Field(False, description="Keep ZeRO-3 parameter shards in CPU memory (pinned on GPUs); saves device memory, costs PCIe traffic every step.")
+    offload_optimizer: bool = Field(
+        False, description="Keep fp32 master weights and Adam states in CPU memory and step them with DeepSpeed's CPU Adam (a C++ op built on first use)."
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More DeepSpeed config keys (https://www.deepspeed.ai/docs/config-json/), e.g. "
+        "{zero_optimization: {stage3_max_live_parameters: 1e9}}. Unknown keys are rejected; a key rayft sets from the "
+        "spec (batch sizes, optimizer, schedule, clipping, precision, ZeRO stage and offload) is an error naming the "
+        "spec field to change instead.",
+    )
+
+
+#: DeepSpeed config keys rayft writes, each with what sets it. `deepspeed.extra` may not give them.
+DEEPSPEED_OWNED_KEYS: dict[str, str] = {
+    "train_batch_size": "from training.micro_batch_size × training.grad_accum × resources.num_workers; change those instead",
+    "train_micro_batch_size_per_gpu": "from training.micro_batch_size; change that instead",
+    "gradient_accumulation_steps": "from training.grad_accum; change that instead",
+    "gradient_clipping": "from training.max_grad_norm; change that instead",
+    "optimizer": "AdamW from training.lr and training.weight_decay; change those instead",
+    "scheduler": "from training.schedule and training.warmup_steps; change those instead",
+    "bf16": "from training.precision; change that instead",
+    "bfloat16": "from training.precision; change that instead",
+    "fp16": "from training.precision; change that instead",
+    "amp": "from training.precision; change that instead",
+    "torch_autocast": "from training.precision; change that instead",
+}
+#: Keys under `zero_optimization` rayft writes (DeepSpeedZeroConfig field names; aliases map onto them).
+DEEPSPEED_OWNED_ZERO_KEYS: dict[str, str] = {
+    "stage": "to 3 (strategy deepspeed_zero3); remove it",
+    "offload_param": "from deepspeed.offload_params; change that instead",
+    "offload_optimizer": "from deepspeed.offload_optimizer; change that instead",
+    "gather_16bit_weights_on_model_save": "to true, so the final model can be gathered from the shards and published; remove it",
+}
+
+#: Methods that run under strategy deepspeed_zero3: full fine-tuning, and the LoRA family whose adapter
+#: rayft gathers from the shards (tests/test_zero3.py). Others would need their own ZeRO-3 handling.
+ZERO3_METHODS = ("full", "lora", "rslora")
+
+#: Every top-level key DeepSpeed 0.19's config reader looks up (deepspeed/runtime/config.py and the
+#: sub-configs it builds). A key outside this set would be ignored by DeepSpeed without a word.
+DEEPSPEED_KNOWN_KEYS = frozenset({
+    *DEEPSPEED_OWNED_KEYS, "zero_optimization", "activation_checkpointing", "aio", "autotuning", "checkpoint",
+    "comet", "comms_logger", "communication_data_type", "compile", "compression_training", "csv_monitor",
+    "curriculum_learning", "data_efficiency", "data_types", "dataloader_drop_last", "datastates_ckpt",
+    "disable_allgather", "disable_python_gc", "dump_state", "eigenvalue", "elasticity", "expert_parallel",
+    "flops_profiler", "gradient_allreduce_op", "gradient_predivide_factor", "graph_harvesting", "hybrid_engine",
+    "log_level", "managed_gradient_accumulation", "memory_breakdown", "nebula", "pipeline", "prescale_gradients",
+    "progressive_layer_drop", "quantize_training", "seq_parallel_communication_data_type", "sequence_parallel_size",
+    "sparse_attention", "sparse_gradients", "steps_per_print", "tensor_parallel", "tensorboard", "timers",
+    "use_data_before_expert_parallelism", "vocabulary_size", "wall_clock_breakdown", "wandb", "weight_quantization",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+})
+
+
+def deepspeed_extra_problems(extra: Any) -> list[str]:
+    """Every problem with `deepspeed.extra`: unknown keys, keys rayft owns, bad ZeRO values (checked by DeepSpeed's own model)."""
+    import difflib
+
+    if not isinstance(extra, dict) or not extra:
+        return []
+    problems = []
+    for key in extra:
+        if key in DEEPSPEED_OWNED_KEYS:
+            problems.append(f"deepspeed.extra.{key}: set by rayft {DEEPSPEED_OWNED_KEYS[key]}")
+        elif key not in DEEPSPEED_KNOWN_KEYS:
+            near = difflib.get_close_matches(str(key), DEEPSPEED_KNOWN_KEYS, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            problems.append(f"deepspeed.extra.{key}: not a DeepSpeed config key; {hint}see https://www.deepspeed.ai/docs/config-json/")
+    zero = extra.get("zero_optimization")
+    if zero is not None:
+        problems += _zero_extra_problems(zero)
+    return problems
+
+
+def _zero_extra_problems(zero: Any) -> list[str]:
+    """`deepspeed.extra.zero_optimization` checked against DeepSpeed's own ZeRO config model (imported only here)."""
+    import difflib
+
+    if not isinstance(zero, dict):
+        return [f"deepspeed.extra.zero_optimization: got {_short(zero)}, must be a mapping of ZeRO settings"]
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError as DeepSpeedValidationError
+
+    fields = DeepSpeedZeroConfig.model_fields
+    canonical = {name: {name} for name in fields} | {f.alias: {name} for name, f in fields.items() if f.alias}
+    for name, f in fields.items():  # deprecated keys write their replacement (e.g. cpu_offload -> offload_optimizer)
+        new = (f.json_schema_extra or {}).get("new_param") if isinstance(f.json_schema_extra, dict) else None
+        if new:
+            canonical[name] = {part.split(".")[0].strip() for part in new.split(" or ")}
+    problems, free = [], {}
+    for key, value in zero.items():
+        where = f"deepspeed.extra.zero_optimization.{key}"
+        owned = sorted(canonical.get(key, set()) & set(DEEPSPEED_OWNED_ZERO_KEYS))
+        if owned:
+            problems.append(f"{where}: set by rayft {DEEPSPEED_OWNED_ZERO_KEYS[owned[0]]}")
+        elif key not in canonical:
+            near = difflib.get_close_matches(str(key), canonical, n=1)
+            problems.append(f"{where}: not a DeepSpeed ZeRO setting" + (f"; did you mean {near[0]!r}?" if near else ""))
+        else:
+            free[key] = value
+    if free:
+        try:
+            DeepSpeedZeroConfig(stage=3, **free)
+        except DeepSpeedValidationError as exc:
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"])
+                problems.append(f"deepspeed.extra.zero_optimization.{loc}: got {_short(err.get('input'))}, {err['msg'][0].lower()}{err['msg'][1:]}")
+    return problems
 
 
 class OutputSpec(_Strict):
@@ -112,7 +222,7 @@ class JobSpec(_Strict):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     output: OutputSpec
     storage: StorageSpec = Field(default_factory=StorageSpec)
-    tune: dict[str, Any] | None = Field(None, description="Search space for `rayft tune` (see the tune docs).")
+    tune: TuneSpec | None = Field(None, description="The search `rayft tune` runs over this job (trainers/tune_spec.py); ignored by `rayft train`.")
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "JobSpec":
@@ -192,6 +302,13 @@ def cross_field_problems(raw: dict) -> list[str]:
     ds_extra = _get(raw, "deepspeed", "extra")
     if ds_extra and strategy not in ("deepspeed_zero3",) and not (strategy in (None, "auto") and method == "full"):
         problems.append("deepspeed.extra: set, but the job does not use strategy deepspeed_zero3; remove it or set the strategy")
+    problems += deepspeed_extra_problems(ds_extra)
+    if strategy == "deepspeed_zero3" and isinstance(method, str) and method not in ZERO3_METHODS + ("qlora",):
+        problems.append(
+            f"resources.strategy: got 'deepspeed_zero3', which rayft runs for methods {', '.join(ZERO3_METHODS)}, "
+            f"not {method}; use one of those methods, or strategy ddp for {method}"
+        )
+    problems += tune_problems(raw)
     return problems
 
 

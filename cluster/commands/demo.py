@@ -15,7 +15,8 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="end-to-end demo on local Ray with an embedded S3 server")
     p.add_argument("--workdir", default="demo-out", help="where the demo writes its local files")
-    p.add_argument("--steps", type=int, default=60, help="training steps per adapter")
+    p.add_argument("--steps", type=int, default=120, help="training steps per adapter")
+    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate of the demo adapters")
     p.add_argument("--no-serve", action="store_true", help="stop after training")
     p.set_defaults(func=run)
 
@@ -47,23 +48,26 @@ def run(args: argparse.Namespace) -> int:
         base = push_directory(registry, str(base_dir), "tiny-llama", "model", None)
         banner(f"2. tiny base model published as {base.name}@{base.version} ({base.total_size:,} bytes)")
 
-        adapters = train_demo_adapters(storage, args.steps)
-        banner("4. registry")
+        adapters = train_demo_adapters(storage, args.steps, args.lr)
+        merged = merge_demo_adapters(registry, [m.name for m in adapters])
+        banner("5. registry")
         print(format_table(registry.list()), flush=True)
         if not args.no_serve:
-            serve_and_query(storage, [m.name for m in adapters])
+            serve_and_query(storage, [m.name for m in adapters] + [merged.name])
     banner(f"demo finished in {time.perf_counter() - t0:.0f}s")
     return 0
 
 
-def train_demo_adapters(storage: str, steps: int):
+def train_demo_adapters(storage: str, steps: int, lr: float):
     from trainers.run import run_training
     from trainers.spec import load_job_spec
 
     manifests = []
-    for job in ("examples/lora.yaml", "examples/dora.yaml"):
+    for job in ("examples/lora.yaml", "examples/upper-lora.yaml"):
         spec = load_job_spec(job)
-        training = spec.training.model_copy(update={"max_steps": steps, "eval_every": steps, "checkpoint_every": steps})
+        training = spec.training.model_copy(update={
+            "max_steps": steps, "lr": lr, "eval_every": steps // 2, "checkpoint_every": steps // 2, "log_every": steps // 4,
+        })
         spec = spec.model_copy(update={"training": training, "storage": spec.storage.model_copy(update={"uri": storage})})
         banner(f"3. fine-tuning {spec.output.name} ({spec.method.name}) on Ray Train: {job}")
         result = run_training(spec)
@@ -74,11 +78,18 @@ def train_demo_adapters(storage: str, steps: int):
     return manifests
 
 
+def merge_demo_adapters(registry, names: list[str]):
+    from trainers.merge import merge_adapters, parse_merge_options
+
+    banner(f"4. merging {' + '.join(names)} with TIES into one adapter")
+    options = parse_merge_options({"sources": names, "into": "reverse-upper-ties", "method": "ties", "density": 0.5})
+    result = merge_adapters(options, registry)
+    print(f"published {result.manifest.name}@{result.manifest.version} (r={result.rank})", flush=True)
+    return result.manifest
+
+
 def serve_and_query(storage: str, adapter_names: list[str]) -> None:
-    try:
-        from cluster.serve_demo import run_demo_queries
-    except ImportError:
-        banner("5. serving: not part of this build yet")
-        return
-    banner("5. Ray Serve: base model + multiplexed adapters behind the OpenAI API")
+    from cluster.serve_demo import run_demo_queries
+
+    banner("6. Ray Serve: base model + multiplexed adapters behind the OpenAI API")
     run_demo_queries(storage, base="tiny-llama", adapters=adapter_names)
