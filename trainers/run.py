@@ -115,9 +115,9 @@ def run_training(
     try:
         result = build_trainer(spec, run_id, storage_uri, faults).fit()
     except ray.train.TrainingFailedError as exc:
-        raise TrainingFailed(f"run {run_id} failed: {_root_cause(exc)}") from None
+        raise TrainingFailed(f"run {run_id} failed: {root_cause(exc)}") from None
     if result.error is not None:
-        raise TrainingFailed(f"run {run_id} failed: {_root_cause(result.error)}")
+        raise TrainingFailed(f"run {run_id} failed: {root_cause(result.error)}")
     if result.checkpoint is None:
         raise TrainingFailed(f"run {run_id} finished without a checkpoint")
     metrics = dict(result.metrics or {})
@@ -155,7 +155,7 @@ class DataNotFound(RayftError):
     """A local data file named by the job spec does not exist."""
 
 
-def _root_cause(error: BaseException) -> str:
+def root_cause(error: BaseException) -> str:
     """The worker's own error line (e.g. `DataError: file:3: ...`), without Ray's wrapping."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     for line in reversed(lines):
