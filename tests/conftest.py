@@ -159,3 +159,23 @@ def serve_http(ray_session: None) -> Iterator[str]:
 
 
 # ============================ end of Ray Serve fixtures ======================
+
+
+def run_cli_isolated(args: list[str], cwd=None) -> tuple[int, str, bool]:
+    """Run `rayft ARGS` in a fresh interpreter; returns (exit code, stderr, whether Ray got started).
+
+    In-process, the session's Ray instance may already be up, so "refused before starting Ray"
+    can only be observed in a process of its own.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ray\n"
+        "from cluster.cli import main\n"
+        f"rc = main({args!r})\n"
+        "sys.stdout.write('RAY_STARTED=%s\\n' % ray.is_initialized())\n"
+        "sys.exit(rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd or Path(__file__).resolve().parents[1])
+    return proc.returncode, proc.stderr, "RAY_STARTED=True" in proc.stdout

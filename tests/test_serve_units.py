@@ -326,4 +326,7 @@ def test_cli_serve_reports_spec_problems_and_missing_models_before_starting_ray(
     assert "merged[1].source: local directory" in err
     assert main(["serve", str(missing), "--detach"]) == 2
     assert "--detach" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    from tests.conftest import run_cli_isolated
+
+    rc, stderr, ray_started = run_cli_isolated(["serve", str(missing)])
+    assert rc == 2 and "no published version of 'tiny'" in stderr and not ray_started

@@ -21,19 +21,22 @@ Every figure describes what `trainers.loop` really allocates, and each comes fro
   18 B per parameter over the GPUs, plus the largest layer gathered), host memory for CPU offload with
   DeepSpeed's 1.5x pinned-buffer factor;
 - overhead: a stated runtime constant per device (CUDA context and library workspaces, or the torch/Ray
-  worker process on CPU) plus a 10% margin on the dynamic part (allocator fragmentation).
+  worker process on CPU) plus an allocator margin on the dynamic part (10% on CUDA; 100% on CPU, where
+  glibc keeps freed blocks in its heap).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -46,11 +49,14 @@ MiB = 1024**2
 
 #: Bytes a CUDA process holds before any tensor: context, cuBLAS/cuDNN workspaces, NCCL buffers.
 CUDA_RUNTIME_BYTES = 1 * GiB
-#: Resident memory of a training worker process on CPU before the model: python, torch, transformers,
-#: peft, Ray's worker runtime (measured: bench/plan_vs_measured.py prints it).
+#: Resident memory of a CPU training worker before the model: python, torch, transformers, peft,
+#: bitsandbytes, ray.train (533 MiB measured after those imports; bench/plan_vs_measured.py reports
+#: ~420 MiB without Ray) plus Ray's core-worker threads and buffers.
 CPU_RUNTIME_BYTES = 768 * MiB
-#: Share of the dynamic memory (activations + transients) added for allocator fragmentation.
-MARGIN_FRACTION = 0.10
+#: Share of the dynamic memory (activations + transients) added for the allocator: PyTorch's CUDA caching
+#: allocator fragments by ~10%; glibc's default heap on CPU kept freed blocks worth 0.86x the activations
+#: in bench/plan_vs_measured.py (its "glibc" row), so CPU plans add the whole dynamic part again.
+MARGIN_FRACTION = {"cuda": 0.10, "cpu": 1.0}
 #: DeepSpeed's factor on host memory for offloaded states (pinned buffers), as in its own estimator.
 OFFLOAD_BUFFER_FACTOR = 1.5
 #: bitsandbytes block sizes: 4-bit weights (Params4bit default) and the double-quant level above it.
@@ -99,6 +105,7 @@ class Hardware(_Strict):
     )
     gpus_per_node: int = Field(8, ge=1, le=64, description="Devices per node; sets the node count for offload host memory.")
     host_memory_per_node: int | None = Field(None, gt=0, description="Host RAM per node in bytes, checked for CPU offload; None = unknown.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves (resources.cpus_per_worker).")
 
     @property
     def nodes(self) -> int:
@@ -116,10 +123,14 @@ class PlanRequest(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Training precision, as training.precision.")
     model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Base dtype, as model.dtype.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward, as model.gradient_checkpointing.")
-    strategy: Literal["auto", "single", "ddp", "deepspeed_zero3"] = Field("auto", description="Distribution strategy, as resources.strategy.")
+    strategy: Literal["auto", "single", "ddp", "deepspeed_zero3"] = Field(
+        "auto", description="Distribution strategy, as resources.strategy."
+    )
     offload_optimizer: bool = Field(False, description="ZeRO-3: optimizer states and fp32 gradients in host memory.")
     offload_params: bool = Field(False, description="ZeRO-3: parameter shards in host memory too (needs offload_optimizer).")
-    optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw = torch AdamW (what the loop runs); adamw_8bit = bitsandbytes' 8-bit AdamW.")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="adamw = torch AdamW (what the loop runs); adamw_8bit = bitsandbytes' 8-bit AdamW."
+    )
     total_steps: int = Field(DEFAULT_TOTAL_STEPS, ge=1, description="Optimizer steps (AdaLoRA's schedule depends on it).")
 
     @model_validator(mode="after")
@@ -153,15 +164,17 @@ class PlanRequest(_Strict):
 
 
 class MemoryBreakdown(_Strict):
-    """Bytes by what holds them. `total` is the peak: weights + optimizer + the larger of the two phases."""
+    """Bytes by what holds them. The peak is the larger of two moments of a step:
+    `weights + optimizer + max(activations + transient, gradients + step_transient)`."""
 
-    weights: int = Field(description="Base and adapter weights (4-bit packing and constants for qlora; ZeRO-3 shard + gathered layer).")
+    weights: int = Field(description="Base and adapter weights (4-bit packing and constants for qlora; ZeRO-3: shard + gathered layer).")
     gradients: int = Field(description="Gradients of trainable parameters (ZeRO-3: the fp32 shard; DDP: plus its bucket copy).")
     optimizer: int = Field(description="Optimizer states (AdamW moments; ZeRO-3: fp32 master + moments shard).")
-    activations: int = Field(description="Tensors autograd saves for backward at the end of forward.")
-    transient: int = Field(description="Short-lived peaks: logits gradients, optimizer-step temporaries, 4-bit dequant buffer.")
+    activations: int = Field(description="Tensors autograd saves for backward (with checkpointing: layer inputs + one recomputed layer).")
+    transient: int = Field(description="Extra at the start of backward: logits gradients, first gradients, 4-bit dequant buffer.")
+    step_transient: int = Field(description="Optimizer-step temporaries (foreach AdamW: a copy of all states; CPU: of the largest).")
     overhead: int = Field(description="Runtime constant plus the fragmentation margin (see MARGIN_FRACTION).")
-    peak: int = Field(description="Predicted peak without overhead: what a memory profiler of the step would show.")
+    peak: int = Field(description="Predicted peak without overhead: what the step's live tensors reach.")
     total: int = Field(description="peak + overhead: what the device must hold.")
 
 
@@ -271,13 +284,37 @@ def load_model_config(source: str):
     if source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".json"):
         raise PlanError(f"model {source!r}: no such file or directory; pass a local config.json or model directory")
     try:
+        return AutoConfig.from_pretrained(source, local_files_only=True)  # the local hub cache, if it has it
+    except Exception:
+        pass
+    offline = _hub_unreachable()
+    if offline:
+        raise PlanError(f"model {source!r}: the hub is not reachable ({offline}); pass a local config.json path or model directory instead")
+    try:
         return AutoConfig.from_pretrained(source)
-    except Exception as exc:  # offline, unknown id, gated repo: all end the same way for the user
+    except Exception as exc:  # unknown id, gated repo, network failure: all end the same way for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PlanError(
             f"model {source!r}: cannot fetch its config from the hub ({first[:120]}); "
             "pass a local config.json path or model directory instead"
         ) from None
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, or None: a quick check instead of huggingface_hub's ~30 s of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # a proxy decides; let the real request try
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as exc:
+        return f"offline: {exc.strerror or exc}"
+    return None
 
 
 def _read_json(path: Path) -> dict:
@@ -291,18 +328,17 @@ def _remote_config_bytes(source: str) -> bytes:
     """config.json alone, from an s3:// model prefix or a registry artifact."""
     from storage.store import open_store
 
-    if source.startswith("registry:"):
-        from storage.registry import open_registry
-
-        registry = open_registry()
-        manifest = registry.resolve(source[len("registry:"):])
-        store = open_store(registry.files_uri(manifest))
-    else:
-        store = open_store(source)
     try:
+        if source.startswith("registry:"):
+            from storage.registry import open_registry
+
+            registry = open_registry()
+            store = open_store(registry.files_uri(registry.resolve(source[len("registry:"):])))
+        else:
+            store = open_store(source)
         return store.get_bytes("config.json")
     except RayftError as exc:
-        raise PlanError(f"model {source!r}: no readable config.json there ({exc})") from None
+        raise PlanError(f"model {source!r}: cannot read its config.json ({exc})") from None
 
 
 def _config_from_dict(data: dict, source: str):
@@ -414,8 +450,6 @@ def _build_skeleton(config, req: PlanRequest, setup: _Setup) -> _Skeleton:
 def _copy_config(config):
     config = config.__class__.from_dict(config.to_dict())
     config.use_cache = False  # the loop trains without a KV cache
-    if getattr(config, "_attn_implementation", None) in (None, "eager") and "attn_implementation" not in config.to_dict():
-        config._attn_implementation = "sdpa"
     return config
 
 
@@ -458,6 +492,28 @@ def _four_bit_standin():
             return out.to(dtype)
 
     return FourBitLinearStandIn
+
+
+@functools.lru_cache(maxsize=1)
+def _fused_dropout_standin():
+    """nn.Dropout as CUDA runs it: the fused kernel saves a 1-byte mask (the CPU kernel saves a float one)."""
+    import torch
+
+    class FusedDropout(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(torch.empty(x.shape, dtype=torch.bool, device=x.device))
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):  # never run: the trace only needs what forward saves
+            return grad
+
+    class FusedDropoutStandIn(torch.nn.Dropout):
+        def forward(self, x):
+            return FusedDropout.apply(x) if self.training and self.p > 0 else x
+
+    return FusedDropoutStandIn
 
 
 # ----------------------------------------------------------------------------------------- counting
@@ -564,15 +620,17 @@ class ActivationModel:
     def _lin(self, a: int, b: int, batch: int) -> int:
         return max(0, a + (b - a) * (batch - 1))
 
-    def saved(self, batch: int, checkpointing: bool) -> tuple[int, int, int]:
-        """(total saved, largest layer saved, outside-layer saved) for `batch` examples."""
+    def parts(self, batch: int) -> tuple[int, int, int, int]:
+        """(outside-layer saved, all layers saved, largest layer saved, all layer inputs) for `batch` examples."""
         outside = self._lin(self.at1.outside, self.at2.outside, batch)
         per_layer = [self._lin(a, b, batch) for a, b in zip(self.at1.layers, self.at2.layers)]
-        largest = max(per_layer, default=0)
-        if not checkpointing:
-            return outside + sum(per_layer), largest, outside
-        layer_input = self._lin(self.at1.layer_input, self.at2.layer_input, batch)
-        return outside + layer_input * len(per_layer) + largest, largest, outside
+        inputs = self._lin(self.at1.layer_input, self.at2.layer_input, batch) * len(per_layer)
+        return outside, sum(per_layer), max(per_layer, default=0), inputs
+
+    def saved(self, batch: int, checkpointing: bool) -> int:
+        """Bytes saved for backward; with checkpointing: layer inputs + outside tensors + one recomputed layer."""
+        outside, layers, largest, inputs = self.parts(batch)
+        return outside + (inputs + largest if checkpointing else layers)
 
 
 def _to_fake(model, mode) -> None:
@@ -603,7 +661,7 @@ def _to_fake(model, mode) -> None:
             if value is not None:
                 module._buffers[key] = fake_like(value)
         for key, value in list(vars(module).items()):
-            if key.startswith("_") and key in ("_parameters", "_buffers", "_modules"):
+            if key in ("_parameters", "_buffers", "_modules"):
                 continue
             new = convert(value)
             if new is not value:
@@ -656,7 +714,7 @@ def _trace(skel: _Skeleton, setup: _Setup, seq_len: int, batch: int, mode, metho
                 # A padded batch (the loop right-pads): transformers builds this 4-D mask and sdpa keeps it.
                 kwargs["attention_mask"] = torch.ones(batch, 1, seq_len, seq_len, dtype=torch.bool)
             autocast = (
-                torch.autocast("cpu", dtype=setup.trace_autocast) if setup.trace_autocast is not None else _nullcontext()
+                torch.autocast("cpu", dtype=setup.trace_autocast) if setup.trace_autocast is not None else contextlib.nullcontext()
             )
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
                 out = model(**kwargs)
@@ -667,13 +725,7 @@ def _trace(skel: _Skeleton, setup: _Setup, seq_len: int, batch: int, mode, metho
     return _Trace(outside, per_layer, layer_input[0])
 
 
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
-def _activation_model(skel: _Skeleton, setup: _Setup, seq_len: int, method_name: str) -> ActivationModel:
+def _activation_model(skel: _Skeleton, setup: _Setup, seq_len: int, method_name: str, device: str) -> ActivationModel:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -682,14 +734,22 @@ def _activation_model(skel: _Skeleton, setup: _Setup, seq_len: int, method_name:
         for param in skel.model.parameters():
             if param.dtype.is_floating_point and param.dtype != setup.trace_model_dtype and param.numel() > 0:
                 param.data = param.data.to(setup.trace_model_dtype)
+    if device == "cuda":
+        for module in skel.model.modules():
+            if type(module) is torch.nn.Dropout:
+                module.__class__ = _fused_dropout_standin()
     _to_fake(skel.model, mode)
     try:
         return ActivationModel(
             _trace(skel, setup, seq_len, 1, mode, method_name),
             _trace(skel, setup, seq_len, 2, mode, method_name),
         )
-    except torch._subclasses.fake_tensor.DataDependentOutputException as exc:
-        raise PlanError(f"cannot trace this model's forward pass without data ({exc}); plan it with a job on real hardware") from None
+    except (RuntimeError, NotImplementedError) as exc:  # data-dependent control flow, an op without a fake kernel
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PlanError(
+            f"cannot trace the forward pass of this {type(skel.model).__name__} on shapes alone ({first[:160]}); "
+            "its activations cannot be planned"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------- compose
@@ -726,14 +786,17 @@ def zero3_model_states(
     return gpu, int(host)
 
 
-def _breakdown(req: PlanRequest, setup: _Setup, inv: _Inventory, acts: ActivationModel, skel: _Skeleton) -> tuple[MemoryBreakdown, int, ActivationFigures]:
+def _breakdown(
+    req: PlanRequest, setup: _Setup, inv: _Inventory, acts: ActivationModel, skel: _Skeleton,
+) -> tuple[MemoryBreakdown, int, ActivationFigures]:
+    """Bytes per device by holder, host bytes per node (ZeRO-3), and the activation figures."""
     import torch
 
     hw = req.hardware
     batch = req.micro_batch
-    saved, largest_layer_saved, _ = acts.saved(batch, req.gradient_checkpointing)
-    saved_no_gc, _, _ = acts.saved(batch, False)
-    saved_gc, _, _ = acts.saved(batch, True)
+    outside, _, largest_layer_saved, inputs = acts.parts(batch)
+    saved = acts.saved(batch, req.gradient_checkpointing)
+    saved_no_gc, saved_gc = acts.saved(batch, False), acts.saved(batch, True)
     out_dtype = setup.trace_model_dtype or (
         setup.trace_autocast if setup.trace_autocast is not None else _head_dtype(skel)
     )
@@ -741,9 +804,6 @@ def _breakdown(req: PlanRequest, setup: _Setup, inv: _Inventory, acts: Activatio
     logits_fp32 = batch * req.seq_len * skel.vocab_size * 4
     # Backward starts at the loss: log_softmax's and nll_loss's fp32 gradients, cast back to the logits dtype.
     loss_transient = 2 * logits_fp32 + (logits if out_dtype != torch.float32 else 0)
-    if req.gradient_checkpointing:
-        # Recomputing a layer in backward needs its own working set on top of what stays saved.
-        loss_transient = max(loss_transient, largest_layer_saved)
     dequant = inv.largest_quantized_numel * _itemsize(setup.compute_dtype) if setup.quantized else 0
     trainable_bytes = sum(n * s for n, s in inv.trainable_tensors)
     host = 0
@@ -752,7 +812,10 @@ def _breakdown(req: PlanRequest, setup: _Setup, inv: _Inventory, acts: Activatio
             inv.total, inv.largest_layer, hw.workers, hw.gpus_per_node, req.offload_optimizer, req.offload_params, inv.trainable,
         )
         weights, grads, optim = gpu["weights"], gpu["gradients"], gpu["optimizer"]
-        optim_transient = 0  # DeepSpeed's Adam updates in place
+        # trainers.deepspeed steps the flat fp32 partition with torch's AdamW (foreach on CUDA: one state-sized
+        # temporary; single-tensor on CPU: two); offloaded states are stepped in place by DeepSpeed's CPU Adam.
+        shard_fp32 = 4 * inv.trainable // hw.workers
+        optim_transient = 0 if req.offload_optimizer else (shard_fp32 if hw.device == "cuda" else 2 * shard_fp32)
         head_grad = 0
     else:
         weights = inv.weight_bytes
@@ -768,20 +831,19 @@ def _breakdown(req: PlanRequest, setup: _Setup, inv: _Inventory, acts: Activatio
         if setup.strategy == "ddp":
             grads += trainable_bytes  # DDP's gradient buckets are a second copy
     # Peak: backward's start (all activations + loss gradients + first gradients) or the optimizer step.
-    backward_phase = saved + loss_transient + dequant + head_grad
-    step_phase = grads + optim_transient
-    dynamic = max(backward_phase, step_phase)
-    transient = dynamic - saved if dynamic == backward_phase else dynamic - grads
-    if dynamic == step_phase:
-        # The step holds all gradients; activations are gone. Report them as they are, peak from the step.
-        peak = weights + optim + step_phase
+    # With checkpointing the loss gradients are gone before the first layer is recomputed.
+    if req.gradient_checkpointing:
+        backward_phase = outside + inputs + max(loss_transient, largest_layer_saved + dequant) + head_grad
     else:
-        peak = weights + optim + backward_phase
+        backward_phase = saved + loss_transient + dequant + head_grad
+    transient = backward_phase - saved
+    peak = weights + optim + max(backward_phase, grads + optim_transient)
     runtime = CUDA_RUNTIME_BYTES if hw.device == "cuda" else CPU_RUNTIME_BYTES
-    overhead = runtime + int(MARGIN_FRACTION * (saved + max(loss_transient, optim_transient)))
+    overhead = runtime + int(MARGIN_FRACTION[hw.device] * max(backward_phase, optim_transient))
     breakdown = MemoryBreakdown(
         weights=int(weights), gradients=int(grads), optimizer=int(optim), activations=int(saved),
-        transient=int(max(0, transient)), overhead=overhead, peak=int(peak), total=int(peak + overhead),
+        transient=int(transient), step_transient=int(optim_transient), overhead=overhead, peak=int(peak),
+        total=int(peak + overhead),
     )
     figures = ActivationFigures(
         without_checkpointing=int(saved_no_gc), with_checkpointing=int(saved_gc),
@@ -803,16 +865,22 @@ def _head_dtype(skel: _Skeleton):
     return next(head.parameters()).dtype if head is not None else torch.float32
 
 
-def _artifact(req: PlanRequest, inv: _Inventory, skel: _Skeleton, setup: _Setup) -> tuple[int, str]:
+def _artifact(req: PlanRequest, inv: _Inventory, setup: _Setup) -> tuple[int, str]:
+    """Bytes the run publishes: the adapter's tensors, or the whole model as the loop saves it."""
     if req.method.name == "full":
-        # The loop saves the trained model as it holds it (fp32 master weights for full fine-tuning).
-        itemsize = _itemsize(setup.base_dtype)
-        return inv.total * itemsize, "model"
+        # The loop saves the model as it holds it: fp32 master weights without ZeRO-3; ZeRO-3 gathers
+        # its 16-bit shards into one checkpoint.
+        dtype = setup.trace_model_dtype if setup.strategy == "deepspeed_zero3" else setup.base_dtype
+        return inv.total * _itemsize(dtype), "model"
     return sum(n * s for n, s in inv.trainable_tensors), "adapter"
 
 
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _scaling(hw: Hardware) -> ScalingSpec:
-    per = {"CPU": 1.0, "GPU": 1.0} if hw.device == "cuda" else {"CPU": 1.0}
+    per = {"CPU": hw.cpus_per_worker, "GPU": 1.0} if hw.device == "cuda" else {"CPU": hw.cpus_per_worker}
     return ScalingSpec(num_workers=hw.workers, use_gpu=hw.device == "cuda", resources_per_worker=per)
 
 
@@ -835,14 +903,14 @@ _PREPARED_CACHE: dict[str, _Prepared] = {}
 
 def _prepare(config, req: PlanRequest, setup: _Setup) -> _Prepared:
     key = json.dumps(
-        [config.to_json_string(use_diff=False), req.method.model_dump(mode="json"), req.seq_len, req.total_steps,
+        [config.to_json_string(use_diff=False), req.method.model_dump(mode="json"), req.seq_len, req.total_steps, req.hardware.device,
          str(setup.base_dtype), str(setup.compute_dtype), str(setup.trace_model_dtype), str(setup.trace_autocast)],
         sort_keys=True,
     )
     if key not in _PREPARED_CACHE:
         skel = _build_skeleton(config, req, setup)
         inv = _inventory(skel, req)
-        acts = _activation_model(skel, setup, req.seq_len, req.method.name)
+        acts = _activation_model(skel, setup, req.seq_len, req.method.name, req.hardware.device)
         if len(_PREPARED_CACHE) > 32:
             _PREPARED_CACHE.clear()
         _PREPARED_CACHE[key] = _Prepared(config, skel, inv, acts)
@@ -856,11 +924,16 @@ def plan(req: PlanRequest, config=None) -> Plan:
     prepared = _prepare(config, req, setup)
     inv, skel = prepared.inventory, prepared.skeleton
     per, host, figures = _breakdown(req, setup, inv, prepared.activations, skel)
-    artifact, kind = _artifact(req, inv, skel, setup)
+    artifact, kind = _artifact(req, inv, setup)
     hw = req.hardware
-    fits, reason = _verdict(per, host, hw, setup)
+    fits, reason = _verdict(per, host, hw, req.offload_optimizer)
     notes = _notes(req, setup)
-    base = (getattr(req.method, "quant_type", "nf4") + " (linear layers)") if setup.quantized else str(setup.base_dtype).replace("torch.", "")
+    if setup.quantized:
+        base = getattr(req.method, "quant_type", "nf4") + " (linear layers)"
+    elif setup.strategy == "deepspeed_zero3":
+        base = _dtype_name(setup.trace_model_dtype) + " shards (fp32 master copy in the optimizer)"
+    else:
+        base = _dtype_name(setup.base_dtype)
     return Plan(
         request=req, model_type=str(config.model_type),
         params=ParameterCounts(
@@ -874,7 +947,7 @@ def plan(req: PlanRequest, config=None) -> Plan:
     )
 
 
-def _verdict(per: MemoryBreakdown, host: int, hw: Hardware, setup: _Setup) -> tuple[bool | None, str]:
+def _verdict(per: MemoryBreakdown, host: int, hw: Hardware, offload: bool) -> tuple[bool | None, str]:
     dev = "GPU" if hw.device == "cuda" else "CPU worker"
     if hw.memory_per_device is None:
         return None, f"needs {format_bytes(per.total)} per {dev}; device memory unknown (pass --gpu-memory)"
@@ -887,7 +960,12 @@ def _verdict(per: MemoryBreakdown, host: int, hw: Hardware, setup: _Setup) -> tu
         )
     if hw.host_memory_per_node is not None and host > hw.host_memory_per_node:
         return False, f"ZeRO-3 needs {format_bytes(host)} host memory per node but a node has {format_bytes(hw.host_memory_per_node)}"
-    return True, f"fits: {format_bytes(per.total)} of {format_bytes(hw.memory_per_device)} per {dev}"
+    fits = f"fits: {format_bytes(per.total)} of {format_bytes(hw.memory_per_device)} per {dev}"
+    if offload and hw.host_memory_per_node is None:
+        fits += f", if each node has {format_bytes(host)} of host memory for the offloaded states"
+    elif offload:
+        fits += f", and {format_bytes(host)} of {format_bytes(hw.host_memory_per_node)} host memory per node"
+    return True, fits
 
 
 def _notes(req: PlanRequest, setup: _Setup) -> list[str]:
@@ -904,15 +982,28 @@ def _notes(req: PlanRequest, setup: _Setup) -> list[str]:
 # ------------------------------------------------------------------------------------ public entries
 
 
+def _spec_model_location(spec: JobSpec) -> str:
+    """The job's model source, with a `registry:` ref resolved in the job's own storage (not the default one)."""
+    source = spec.model.source
+    if not source.startswith("registry:") or spec.storage.uri is None:
+        return source
+    from storage.registry import open_registry
+
+    try:
+        registry = open_registry(spec.storage.uri)
+        return registry.files_uri(registry.resolve(source[len("registry:"):]))
+    except RayftError as exc:
+        raise PlanError(f"model {source!r}: cannot resolve it in {spec.storage.uri} ({exc})") from None
+
+
 def request_for_spec(spec: JobSpec, hardware: Hardware | None = None) -> PlanRequest:
     """The plan request a job spec stands for (hardware: from the spec's resources unless given)."""
     hw = hardware or Hardware(
         device="cpu" if spec.resources.use_gpu is False else "cuda", workers=spec.resources.num_workers,
+        cpus_per_worker=spec.resources.cpus_per_worker,
     )
-    if hw.workers != spec.resources.num_workers and hardware is None:
-        hw = hw.model_copy(update={"workers": spec.resources.num_workers})
     return PlanRequest(
-        model=spec.model.source, method=spec.method, hardware=hw, seq_len=spec.data.max_seq_len,
+        model=_spec_model_location(spec), method=spec.method, hardware=hw, seq_len=spec.data.max_seq_len,
         micro_batch=spec.training.micro_batch_size, precision=spec.training.precision, model_dtype=spec.model.dtype,
         gradient_checkpointing=spec.model.gradient_checkpointing, strategy=spec.resources.strategy,
         offload_optimizer=spec.deepspeed.offload_optimizer, offload_params=spec.deepspeed.offload_params,
@@ -934,9 +1025,10 @@ def plan_for_model(
     batch: int = 1,
     *,
     device: Literal["cuda", "cpu"] = "cuda",
+    host_memory: int | str | None = None,
     **options: Any,
 ) -> Plan:
-    """The plan for a bare model config: `method` by name (defaults) or as a config; `gpu_memory` in bytes or '24GiB'.
+    """The plan for a bare model config: `method` by name (defaults) or as a config; memory in bytes or as '24GiB'.
 
     `options` are further PlanRequest fields (precision, gradient_checkpointing, strategy, offload_optimizer, ...).
     """
@@ -949,10 +1041,11 @@ def plan_for_model(
 
         raise PlanError(f"method {method!r}: must be one of {', '.join(METHODS)}") from None
     memory = parse_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
+    host = parse_size(host_memory) if isinstance(host_memory, str) else host_memory
     try:
         req = PlanRequest(
             model=config_source, method=method_cfg, seq_len=seq_len, micro_batch=batch,
-            hardware=Hardware(device=device, workers=gpus, memory_per_device=memory), **options,
+            hardware=Hardware(device=device, workers=gpus, memory_per_device=memory, host_memory_per_node=host), **options,
         )
     except ValidationError as exc:
         raise PlanError("; ".join(_validation_lines(exc))) from None
@@ -978,6 +1071,8 @@ def _candidates(task: TaskType, hw: Hardware, batch: int) -> list[dict]:
     """Configurations to try, best-for-the-task first (the methods table of DESIGN.md)."""
     n = hw.workers
     multi = "ddp" if n > 1 else "single"
+    # Offload moves states to host RAM: only a candidate when the host's size is known.
+    offloads = ((True, False), (True, True)) if hw.host_memory_per_node is not None else ()
     full = [
         dict(method="full", strategy=multi, gc=False, off=(False, False)),
         dict(method="full", strategy=multi, gc=True, off=(False, False)),
@@ -985,14 +1080,15 @@ def _candidates(task: TaskType, hw: Hardware, batch: int) -> list[dict]:
     if n > 1:
         full += [
             dict(method="full", strategy="deepspeed_zero3", gc=gc, off=off)
-            for off in ((False, False), (True, False), (True, True)) for gc in (False, True)
+            for off in ((False, False), *offloads) for gc in (False, True)
         ]
     else:
-        full += [dict(method="full", strategy="deepspeed_zero3", gc=True, off=off) for off in ((True, False), (True, True))]
+        full += [dict(method="full", strategy="deepspeed_zero3", gc=True, off=off) for off in offloads]
     lora = [dict(method="lora", strategy=multi, gc=gc, off=(False, False)) for gc in (False, True)]
     qlora = [dict(method="qlora", strategy=multi, gc=gc, off=(False, False)) for gc in (False, True)]
-    lora_z3 = [dict(method="lora", strategy="deepspeed_zero3", gc=True, off=(False, False))] if n > 1 else []
-    order = full + lora + qlora + lora_z3 if task in _KNOWLEDGE_TASKS else lora + qlora + lora_z3 + full
+    lora_z3 = [dict(method="lora", strategy="deepspeed_zero3", gc=gc, off=(False, False)) for gc in (False, True)] if n > 1 else []
+    # Several GPUs shard a 16-bit LoRA base (ZeRO-3) before quantizing it; 4-bit is for when memory runs out.
+    order = full + lora + lora_z3 + qlora if task in _KNOWLEDGE_TASKS else lora + lora_z3 + qlora + full
     out = []
     for cand in order:
         for b in _batches(batch):
@@ -1052,7 +1148,7 @@ def recommend(
             return Recommendation(
                 task=task, method=cand["method"], strategy=result.strategy, gradient_checkpointing=cand["gc"],
                 offload_optimizer=cand["off"][0], offload_params=cand["off"][1], micro_batch=cand["batch"],
-                scaling=result.scaling, plan=result, reasons=_reasons(task, preferred, cand, result),
+                scaling=result.scaling, plan=result, reasons=_reasons(task, preferred, cand, result, batch),
             )
     return Recommendation(
         task=task, method=preferred, strategy="none", gradient_checkpointing=True, offload_optimizer=False,
@@ -1062,7 +1158,7 @@ def recommend(
     )
 
 
-def _reasons(task: TaskType, preferred: str, cand: dict, result: Plan) -> list[str]:
+def _reasons(task: TaskType, preferred: str, cand: dict, result: Plan, requested_batch: int) -> list[str]:
     why = {
         "style": "style, tone and format change little knowledge: a LoRA adapter learns them (< 1% of the weights)",
         "instruction": "instruction following / chat is the default LoRA use: adapters match full fine-tuning at < 1% of the weights",
@@ -1074,6 +1170,8 @@ def _reasons(task: TaskType, preferred: str, cand: dict, result: Plan) -> list[s
     if cand["method"] != preferred:
         lines.append(f"{preferred} does not fit {result.request.hardware.workers} x {format_bytes(result.device_memory or 0)}; "
                      f"{cand['method']} is the largest method that does")
+    if task in _KNOWLEDGE_TASKS and cand["method"] != "full":
+        lines.append("rank 64 on every linear layer gives the adapter room for the new knowledge")
     if cand["method"] == "qlora":
         lines.append("QLoRA: a 4-bit NF4 base is the way to train this model on this card")
     strategy = {
@@ -1085,9 +1183,10 @@ def _reasons(task: TaskType, preferred: str, cand: dict, result: Plan) -> list[s
     lines.append(strategy)
     if cand["gc"]:
         lines.append("gradient checkpointing is needed to fit the activations (about 30% slower steps)")
-    if cand["batch"] != result.request.micro_batch or cand["batch"] < 1:
-        pass
-    lines.append(f"{result.reason}")
+    if cand["batch"] < requested_batch:
+        accum = requested_batch // cand["batch"]
+        lines.append(f"micro-batch {cand['batch']} instead of {requested_batch}: raise grad_accum x{accum} to keep the batch")
+    lines.append(result.reason)
     return lines
 
 
@@ -1128,7 +1227,10 @@ def preflight_check(spec: JobSpec, force: bool = False, hardware: Hardware | Non
     if result.fits is not False:
         return result
     cheapest = cheapest_fit(result)
-    suggestion = f"cheapest configuration that fits: {cheapest}" if cheapest else "no configuration of this model fits up to 64 devices of this size"
+    if cheapest:
+        suggestion = f"cheapest configuration that fits: {cheapest}"
+    else:
+        suggestion = "no configuration of this model fits up to 64 devices of this size"
     message = f"job does not fit: {result.reason}; {suggestion}; pass --force to start anyway"
     if force:
         print(f"[rayft] pre-flight (forced): {message}", flush=True)
@@ -1138,36 +1240,46 @@ def preflight_check(spec: JobSpec, force: bool = False, hardware: Hardware | Non
 
 def cheapest_fit(failed: Plan) -> str | None:
     """The fewest devices (of the same size) and the smallest change to the job that make it fit, as one phrase."""
-    req = failed.request
-    config = load_model_config(req.model)
+    config = load_model_config(failed.request.model)
+    for candidate in _variants_by_cost(failed.request):
+        result = plan(candidate, config)
+        if result.fits:
+            return _describe_change(failed.request, candidate, result)
+    return None
+
+
+def _variants_by_cost(req: PlanRequest) -> Iterator[PlanRequest]:
+    """Valid variants of `req`, cheapest first: fewer devices, then the method kept (full → lora → qlora),
+    then a strategy change (ZeRO-3, then offload when the host's memory is known), then gradient
+    checkpointing, then a smaller micro-batch."""
     hw = req.hardware
-    counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n >= hw.workers] or [hw.workers]
     methods = [req.method]
     if req.method.name == "full":
         methods += [_method_config("lora", "instruction"), _method_config("qlora", "instruction")]
     elif req.method.name != "qlora":
-        methods += [_method_config("qlora", "instruction")]
-    for n in counts:
+        methods.append(_method_config("qlora", "instruction"))
+    offloads = [(False, False)]
+    if hw.device == "cuda" and hw.host_memory_per_node is not None:
+        offloads += [(True, False), (True, True)]
+    checkpointing = (True,) if req.gradient_checkpointing else (False, True)
+    for workers in [n for n in (1, 2, 4, 8, 16, 32, 64) if n >= hw.workers] or [hw.workers]:
         for method in methods:
-            strategies = ["single"] if n == 1 else (["deepspeed_zero3", "ddp"] if method.name == "full" else ["ddp", "deepspeed_zero3"])
-            for strategy in strategies:
-                offloads = [(False, False)] + ([(True, False), (True, True)] if strategy == "deepspeed_zero3" else [])
-                for offload in offloads:
-                    for gc in ((req.gradient_checkpointing,) if req.gradient_checkpointing else (False, True)):
-                        for b in _batches(req.micro_batch):
-                            update = dict(
-                                method=method, gradient_checkpointing=gc, micro_batch=b, strategy=strategy,
-                                offload_optimizer=offload[0], offload_params=offload[1],
-                                hardware=hw.model_copy(update={"workers": n}),
-                            )
-                            try:
-                                cand = PlanRequest.model_validate({**req.model_dump(), **{k: v for k, v in update.items()}})
-                            except ValueError:
-                                continue
-                            result = plan(cand, config)
-                            if result.fits:
-                                return _describe_change(req, cand, result)
-    return None
+            if workers == 1:
+                strategies = ["single"]
+            else:
+                strategies = ["deepspeed_zero3", "ddp"] if method.name == "full" else ["ddp", "deepspeed_zero3"]
+            for strategy, offload, gc, batch in itertools.product(strategies, offloads, checkpointing, _batches(req.micro_batch)):
+                if offload[0] and strategy != "deepspeed_zero3":
+                    continue
+                update = {
+                    "method": method, "strategy": strategy, "offload_optimizer": offload[0], "offload_params": offload[1],
+                    "gradient_checkpointing": gc, "micro_batch": batch, "hardware": hw.model_copy(update={"workers": workers}),
+                }
+                try:
+                    candidate = PlanRequest.model_validate({**req.model_dump(), **update})
+                except ValueError:  # an invalid combination (qlora + ZeRO-3): not a candidate
+                    continue
+                yield candidate
 
 
 def _describe_change(old: PlanRequest, new: PlanRequest, result: Plan) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"merge": True})})
     if args.storage:
         spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"uri": args.storage})})
-    preflight(spec, force=args.force)
+    preflight(spec, force=args.force, remote=bool(args.address or os.environ.get("RAY_ADDRESS")))
 
     from trainers.run import run_training
 
@@ -32,13 +33,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def preflight(spec, force: bool) -> None:
-    """Refuse a job that cannot fit its resources (the planner's verdict), unless forced."""
-    try:
-        from trainers.plan import preflight_check
-    except ImportError:  # planner not installed in this build
-        return
-    preflight_check(spec, force=force)
+def preflight(spec, force: bool, remote: bool) -> None:
+    """Refuse a job that cannot fit its resources (the planner's verdict), unless forced.
+
+    Submitting to a cluster, this machine's hardware says nothing about the workers': plan for GPUs
+    of unknown size there (which never refuses) rather than for this host.
+    """
+    from trainers.plan import Hardware, preflight_check
+
+    hardware = None
+    if remote and spec.resources.use_gpu is not False:
+        hardware = Hardware(device="cuda", workers=spec.resources.num_workers, cpus_per_worker=spec.resources.cpus_per_worker)
+    preflight_check(spec, force=force, hardware=hardware)
 
 
 def print_summary(result) -> None:
