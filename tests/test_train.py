@@ -198,3 +198,14 @@ def test_cli_train_prints_summary_and_publishes(ray_session, tiny_model_dir, rev
     assert "trainable params" in out and "published        : cli-ia3@1 (adapter)" in out
     history = json.loads((open_registry(local_uri).download("cli-ia3") / "history.json").read_text())
     assert history[-1]["step"] == 12
+
+
+def test_lora_ddp_on_two_workers(ray_session, tiny_model_dir, reverse_data, local_uri):
+    spec = make_job(tiny_model_dir, reverse_data, local_uri, METHODS["lora"][0], name="rev-lora-ddp",
+                    resources={"num_workers": 2, "strategy": "ddp"})
+    before = base_eval_loss(spec, tiny_model_dir)
+    result = run_training(spec)
+    assert result.metrics["eval_loss"] < before - 0.05
+    probe = checkpoint_probe(result)
+    logits = plain_peft_logits(tiny_model_dir, open_registry(local_uri).download("rev-lora-ddp"), probe["input_ids"])
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-5, rtol=1e-4)
