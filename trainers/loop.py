@@ -278,15 +278,26 @@ def newest_checkpoint(config: dict):
     if registered is not None:
         candidates.append((_step_of(Path(registered.path).name), registered))
     if config.get("storage_uri") and config.get("run_id"):
-        fs, base = pyarrow_filesystem(config["storage_uri"])
-        run_dir = f"{base.rstrip('/')}/runs/{config['run_id']}"
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
-        for info in infos:
-            if info.type == pyarrow.fs.FileType.Directory and _step_of(info.base_name) >= 0 and checkpoint_complete(fs, info.path):
-                candidates.append((_step_of(info.base_name), ray.train.Checkpoint(info.path, filesystem=fs)))
+        candidates += stored_checkpoints(config["storage_uri"], config["run_id"])
     if not candidates:
         return None
     return max(candidates, key=lambda c: c[0])[1]
+
+
+def stored_checkpoints(storage_uri: str, run_id: str) -> list[tuple[int, object]]:
+    """(step, `ray.train.Checkpoint`) of every complete checkpoint of the run found in its storage."""
+    import pyarrow.fs
+    import ray.train
+
+    from storage.store import pyarrow_filesystem
+
+    fs, base = pyarrow_filesystem(storage_uri)
+    run_dir = f"{base.rstrip('/')}/runs/{run_id}"
+    found = []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True)):
+        if info.type == pyarrow.fs.FileType.Directory and _step_of(info.base_name) >= 0 and checkpoint_complete(fs, info.path):
+            found.append((_step_of(info.base_name), ray.train.Checkpoint(info.path, filesystem=fs)))
+    return found
 
 
 def checkpoint_complete(fs, path: str) -> bool:

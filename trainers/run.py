@@ -16,6 +16,7 @@ from trainers.loop import train_func
 from storage.models import resolve_model_dir
 from trainers.publish import checkpoint_for_publishing, publish_run
 from trainers.spec import JobSpec
+from trainers.state_io import load_state
 
 
 class TrainingFailed(RayftError):
@@ -120,15 +121,33 @@ def run_training(
         raise TrainingFailed(f"run {run_id} failed: {root_cause(result.error)}")
     if result.checkpoint is None:
         raise TrainingFailed(f"run {run_id} finished without a checkpoint")
-    metrics = dict(result.metrics or {})
-    out = TrainResult(run_id=run_id, metrics=metrics, checkpoint_path=result.checkpoint.path, checkpoint=result.checkpoint)
+    checkpoint, metrics = final_checkpoint(result, storage_uri, run_id)
+    out = TrainResult(run_id=run_id, metrics=metrics, checkpoint_path=checkpoint.path, checkpoint=checkpoint)
     if publish:
         registry = Registry(open_store(storage_uri))
         model_dir = resolve_model_dir(spec.model.source, storage_uri)
-        with checkpoint_for_publishing(result.checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="rayft-publish-") as work:
+        with checkpoint_for_publishing(checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="rayft-publish-") as work:
             out.manifests = publish_run(spec, registry, Path(ckpt), model_dir, metrics, run_id, Path(work))
     out.wall_s = time.perf_counter() - t0
     return out
+
+
+def final_checkpoint(result, storage_uri: str, run_id: str):
+    """The run's last checkpoint and its metrics.
+
+    A worker restarted after its final checkpoint reports nothing more, and Ray Train may have lost
+    the registration of that checkpoint (reported just before the worker died). Publishing Ray's
+    registered one would then publish an older model, so a newer complete checkpoint in storage wins.
+    """
+    from trainers.loop import STATE_NAME, _step_of, stored_checkpoints
+
+    registered, metrics = result.checkpoint, dict(result.metrics or {})
+    step, newest = max(stored_checkpoints(storage_uri, run_id) or [(-1, None)], key=lambda c: c[0])
+    if newest is None or step <= _step_of(Path(registered.path).name):
+        return registered, metrics
+    with newest.as_directory() as local:
+        history = load_state(local, STATE_NAME)["history"]
+    return newest, {**metrics, **(history[-1] if history else {}), "step": step}
 
 
 def with_absolute_paths(spec: JobSpec) -> JobSpec:
