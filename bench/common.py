@@ -12,9 +12,8 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -105,10 +104,6 @@ def matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> dict
             "flops_per_s": flops / median(times), "best_flops_per_s": flops / min(times)}
 
 
-def repeat(fn: Callable[[], float], times: int) -> list[float]:
-    return [fn() for _ in range(times)]
-
-
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:
     """A GitHub table; `align` is one letter per column (l/r), numbers right-aligned by default."""
     cells = [[_cell(v) for v in row] for row in rows]
@@ -177,11 +172,6 @@ def load_now() -> float:
 def add_common_args(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps: checks the code paths in ~2 minutes")
 
-
-def ensure_root_on_path() -> None:
-    """Let `python bench/x.py` import the project the way `python -m bench.x` does."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
 
 
 def rayft_spec(model_dir: str | Path, train: str | Path, eval_path: str | Path | None, storage_uri: str, method: dict,

@@ -41,7 +41,7 @@ TRAINING = {"micro_batch_size": 8, "lr": 2e-4, "schedule": "cosine", "max_grad_n
 MAX_SEQ_LEN = 64
 
 FULL = {"model": {"hidden_size": 384, "num_layers": 6, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1024},
-        "steps": 40, "repeats": 3, "n_train": 512}
+        "steps": 120, "repeats": 5, "n_train": 1024}
 QUICK = {"model": {}, "steps": 8, "repeats": 1, "n_train": 64}
 
 

@@ -120,3 +120,8 @@ def test_cli_validate_ok_on_example(capsys):
 
     assert main(["validate", str(REPO / "examples" / "lora.yaml")]) == 0
     assert capsys.readouterr().out.startswith("OK:")
+
+
+def test_eval_file_without_eval_fraction_is_valid():
+    spec = parse_job_spec(with_(GOOD, data={"train": "a.jsonl", "eval": "b.jsonl"}), "job.yaml")
+    assert spec.data.eval == "b.jsonl"

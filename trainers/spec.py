@@ -226,7 +226,7 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "JobSpec":
-        problems = cross_field_problems(self.model_dump())
+        problems = cross_field_problems(self.model_dump(exclude_unset=True))
         if problems:
             raise ValueError("; ".join(problems))
         return self
