@@ -11,22 +11,17 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from storage.errors import InvalidName, RayftError
+from storage.configs import ConfigError, read_yaml, short as _short, validation_problems
+from storage.errors import InvalidName
 from storage.safety import parse_ref, validate_name
 
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
 
-class ServeSpecError(RayftError):
+class ServeSpecError(ConfigError):
     """A serve spec with one or more problems; `problems` lists each as one line."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 class _Strict(BaseModel):
@@ -246,29 +241,9 @@ class ServeSpec(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
-def _loc(err: dict) -> str:
-    return ".".join(str(part) for part in err["loc"]) or "<top level>"
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def format_errors(exc: ValidationError) -> list[str]:
     """One line per problem: `field.path: got <value>, <what is wrong>`."""
-    problems: list[str] = []
-    for err in exc.errors():
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            line = f"{_loc(err)}: required field is missing"
-        elif err["type"] == "extra_forbidden":
-            line = f"{_loc(err)}: unknown field; check the spelling against serve/spec.py"
-        else:
-            line = f"{_loc(err)}: got {_short(err.get('input'))}, {message}"
-        if line not in problems:
-            problems.append(line)
-    return problems
+    return validation_problems(exc.errors(), "check the spelling against serve/spec.py")
 
 
 def parse_serve_spec(raw: Any, source: str = "<serve spec>") -> ServeSpec:
@@ -283,15 +258,4 @@ def parse_serve_spec(raw: Any, source: str = "<serve spec>") -> ServeSpec:
 
 def load_serve_spec(path: str | Path) -> ServeSpec:
     """Read and validate a serve YAML file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ServeSpecError(str(path), ["file not found; pass the path of a serve YAML file (see examples/serve.yaml)"]) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ServeSpecError(str(path), [f"not valid YAML at {where}: {getattr(exc, 'problem', exc)}"]) from None
-    return parse_serve_spec(raw, str(path))
+    return parse_serve_spec(read_yaml(path, ServeSpecError, "a serve YAML file (see examples/serve.yaml)"), str(path))

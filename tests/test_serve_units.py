@@ -48,8 +48,8 @@ def test_bad_spec_lists_every_problem_with_its_field():
     with pytest.raises(ServeSpecError) as info:
         parse_serve_spec(raw, "serve.yaml")
     text = str(info.value)
-    for where in ("base.name", "base.deployment", "base.adapters.max_per_replica", "merged.0", "merged.1.adapter",
-                  "merged.2", "api.auth.token_sha256", "api.auth.token_env", "extra: unknown field"):
+    for where in ("base.name", "base.deployment", "base.adapters.max_per_replica", "merged[0]", "merged[1].adapter",
+                  "merged[2]", "api.auth.token_sha256", "api.auth.token_env", "extra: got True, unknown field"):
         assert where in text, where
     with pytest.raises(ServeSpecError, match="default_max_tokens .99. is above max_tokens_limit .10."):
         parse_serve_spec({"base": {"name": "a", "source": "s"}, "api": {"default_max_tokens": 99, "max_tokens_limit": 10}})
@@ -311,7 +311,7 @@ def test_cli_serve_reports_spec_problems_and_missing_models_before_starting_ray(
     bad.write_text(yaml.safe_dump({"base": {"name": "Tiny!", "source": "registry:tiny"}, "replicas": 3}))
     assert main(["serve", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "base.name" in err and "replicas: unknown field" in err
+    assert "base.name" in err and "replicas: got 3, unknown field" in err
 
     missing = tmp_path / "missing.yaml"
     missing.write_text(yaml.safe_dump({

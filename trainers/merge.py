@@ -146,13 +146,13 @@ def option_problems(raw: Mapping[str, Any]) -> list[str]:
 
 def parse_merge_options(raw: Mapping[str, Any]) -> MergeOptions:
     """Validate merge options; raise one MergeError listing every problem."""
-    from trainers.spec import format_errors
+    from storage.configs import validation_problems
 
     try:
         options = MergeOptions.model_validate(dict(raw))
         problems: list[str] = []
     except ValidationError as exc:
-        options, problems = None, format_errors(exc)
+        options, problems = None, validation_problems(exc.errors())
     cross = option_problems(raw)
     # a cross-option rule explains its field better than pydantic's generic message
     covered = {p.split(":", 1)[0] for p in cross}

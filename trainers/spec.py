@@ -9,22 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from storage.configs import ConfigError, read_yaml, short as _short, validation_problems
 from storage.errors import RayftError
 from storage.safety import validate_name
 from trainers.methods import MethodConfig
 from trainers.tune_spec import TuneSpec, tune_problems
 
 
-class SpecError(RayftError):
+class SpecError(ConfigError):
     """A job spec with one or more problems; `problems` lists each as one line."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 class _Strict(BaseModel):
@@ -312,67 +307,10 @@ def cross_field_problems(raw: dict) -> list[str]:
     return problems
 
 
-# ---------------------------------------------------------------------------
-# Formatting pydantic's errors as `path: got value, rule`.
-
-
-def _allowed(err: dict) -> str:
-    ctx = err.get("ctx") or {}
-    kind = err["type"]
-    if kind == "greater_than_equal":
-        return f"must be ≥ {ctx['ge']}"
-    if kind == "greater_than":
-        return f"must be > {ctx['gt']}"
-    if kind == "less_than_equal":
-        return f"must be ≤ {ctx['le']}"
-    if kind == "less_than":
-        return f"must be < {ctx['lt']}"
-    if kind == "literal_error":
-        return f"must be one of {ctx.get('expected')}"
-    if kind == "union_tag_invalid":
-        return f"must be one of {ctx.get('expected_tags')}"
-    if kind == "union_tag_not_found":
-        return f"missing `{ctx.get('discriminator', 'name').strip(chr(39))}`, which selects the method"
-    if kind == "extra_forbidden":
-        return "unknown field (check the spelling; see the docs for allowed fields)"
-    if kind == "missing":
-        return "required field is missing"
-    return err["msg"][0].lower() + err["msg"][1:]
-
-
-def _loc(err: dict) -> str:
-    parts = []
-    for item in err["loc"]:
-        # pydantic puts the union member's type name in the path for non-discriminated unions
-        if isinstance(item, str) and (item.startswith(("literal[", "list[", "function-")) or item in ("str", "int", "bool")):
-            continue
-        parts.append(f"[{item}]" if isinstance(item, int) else str(item))
-    return ".".join(parts).replace(".[", "[")
-
-
 def format_errors(exc: ValidationError) -> list[str]:
-    problems: list[str] = []
-    seen: set[str] = set()
-    for err in exc.errors():
-        if err["type"] == "value_error" and err["loc"] == ():
-            # our cross-field rules; they are also gathered from the raw mapping
-            continue
-        loc = _loc(err)
-        if err["type"] == "union_tag_invalid":
-            loc, err = f"{loc}.name", {**err, "input": err["ctx"].get("tag")}
-        if err["type"] == "missing":
-            line = f"{loc}: {_allowed(err)}"
-        else:
-            line = f"{loc}: got {_short(err.get('input'))}, {_allowed(err)}"
-        if line not in seen:
-            seen.add(line)
-            problems.append(line)
-    return problems
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """pydantic's errors as problem lines, less the cross-field rules (gathered from the raw mapping)."""
+    errors = [e for e in exc.errors() if not (e["type"] == "value_error" and e["loc"] == ())]
+    return validation_problems(errors, "check the spelling against the docs of trainers/spec.py")
 
 
 def parse_job_spec(raw: Any, source: str = "<spec>") -> JobSpec:
@@ -391,15 +329,4 @@ def parse_job_spec(raw: Any, source: str = "<spec>") -> JobSpec:
 
 def load_job_spec(path: str | Path) -> JobSpec:
     """Read and validate a job YAML file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError(str(path), ["file not found; pass the path of a job YAML file"]) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise SpecError(str(path), [f"not valid YAML at {where}: {getattr(exc, 'problem', exc)}"]) from None
-    return parse_job_spec(raw, str(path))
+    return parse_job_spec(read_yaml(path, SpecError, "a job YAML file"), str(path))
