@@ -35,7 +35,8 @@ def run_one(name: str, quick: bool) -> tuple[int, float, list[Path]]:
     t0 = time.perf_counter()
     code = subprocess.call(cmd, cwd=ROOT)
     seconds = time.perf_counter() - t0
-    results = BENCH_DIR / "results"
+    from bench.common import RESULTS as results
+
     written = sorted(p for p in results.glob("*") if p.is_file() and p.stat().st_mtime >= before) if results.exists() else []
     return code, seconds, written
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         status = "ok" if code == 0 else f"exit {code}"
         print(f"{name:22} {status:8} {seconds / 60:5.1f} min")
         for path in written:
-            print(f"    {path.relative_to(ROOT)}")
+            print(f"    {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return 0 if all(code == 0 for _, code, _, _ in summary) else 1
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+#: Where result files go; $RAYFT_BENCH_RESULTS moves them (tests run benches without touching the committed ones).
+RESULTS = Path(os.environ.get("RAYFT_BENCH_RESULTS") or ROOT / "bench" / "results")
 
 
 def result_name(name: str, quick: bool) -> str:
@@ -135,18 +136,20 @@ def human_bytes(n: float | None) -> str:
     return f"{n:.1f} GiB"
 
 
-def write_results(name: str, quick: bool, payload: dict, markdown: str, figure=None) -> list[Path]:
+def write_results(name: str, quick: bool, payload: dict, markdown: str, figure=None,
+                  results_dir: Path | None = None) -> list[Path]:
     """Write `<name>.json`, `<name>.md` and (if given a matplotlib figure) `<name>.png`; return the paths."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = Path(results_dir or RESULTS)
+    results.mkdir(parents=True, exist_ok=True)
     stem = result_name(name, quick)
     info = payload.get("machine") or {}
-    paths = [RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"]
+    paths = [results / f"{stem}.json", results / f"{stem}.md"]
     paths[0].write_text(json.dumps(payload, indent=2, default=str) + "\n")
     header = f"# {payload.get('title', name)}\n\nMeasured {machine_line(info)}" + (" · `--quick`" if quick else "") + "\n\n"
     image = f"\n\n![{stem}]({stem}.png)\n" if figure is not None else "\n"
     paths[1].write_text(header + markdown.rstrip() + image)
     if figure is not None:
-        paths.append(RESULTS / f"{stem}.png")
+        paths.append(results / f"{stem}.png")
         figure.savefig(paths[-1], dpi=120)
     return paths
 

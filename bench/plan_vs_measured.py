@@ -36,7 +36,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import RESULTS, machine, markdown_table, pyplot, write_results  # noqa: E402
 TOLERANCE = 0.15
 
 #: Model shapes (trainers.tiny.build_tiny_model_dir overrides). `small50m` has ~51M parameters.
@@ -259,6 +262,20 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:8.1f}"
 
 
+def table(rows: list[dict]) -> str:
+    """The markdown table of predicted vs measured peaks."""
+    out = []
+    for r in rows:
+        c, p, m = r["case"], r["predicted"], r["measured"]
+        out.append([c["model"], c["method"], "on" if c.get("gradient_checkpointing") else "off",
+                    f"{c['seq_len']}x{c['batch']}", c.get("allocator", "returning"), p["peak"] / 2**20,
+                    m["train_peak"] / 2**20, f"{100 * r['error']:+.1f}%" + ("" if c.get("checked", True) else " (not checked)"),
+                    p["weights"] / 2**20, m["after_load"] / 2**20, p["activations"] / 2**20, m["runtime"] / 2**20])
+    return markdown_table(["model", "method", "grad ckpt", "seq x batch", "allocator", "predicted MiB", "measured MiB",
+                           "error", "weights MiB", "after load MiB", "activations MiB", "runtime MiB"], out,
+                          "lllllrrrrrrr")
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'model':9} {'method':6} {'gc':3} {'seq x b':8} {'alloc':9} | {'pred MiB':>8} {'meas MiB':>8} {'error':>7} | "
           f"{'weights':>8} {'w meas':>8} | {'acts':>8} {'runtime':>8}")
@@ -271,11 +288,8 @@ def print_table(rows: list[dict]) -> None:
               f"{_mib(m['runtime'])}{flag}")
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(rows: list[dict]):
+    plt = pyplot()
 
     labels = [
         f"{r['case']['model']}\n{r['case']['method']}{' gc' if r['case'].get('gradient_checkpointing') else ''}"
@@ -294,7 +308,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("rayft plan vs measured peak RSS (CPU, fp32)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,19 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         dirs = build_models(Path(args.models_dir or tmp), {c["model"] for c in cases})
         rows = run_cases(cases, dirs)
     print_table(rows)
-    results = Path(args.results_dir)
-    results.mkdir(parents=True, exist_ok=True)
-    name = "plan_vs_measured_quick" if args.quick else "plan_vs_measured"
-    (results / f"{name}.json").write_text(json.dumps({"tolerance": TOLERANCE, "rows": rows}, indent=2))
-    try:
-        plot(rows, results / f"{name}.png")
-    except ImportError:
-        print("matplotlib is not installed: no PNG written", file=sys.stderr)
     worst = max(abs(r["error"]) for r in rows if r["case"].get("checked", True))
+    payload = {"title": "rayft plan vs measured peak training memory (CPU)", "machine": machine(), "quick": args.quick,
+               "tolerance": TOLERANCE, "worst_error": worst, "rows": rows}
+    md = table(rows) + f"\n\nWorst error of the checked rows: {100 * worst:.1f}% (tolerance {100 * TOLERANCE:.0f}%).\n"
+    for path in write_results("plan_vs_measured", args.quick, payload, md, plot(rows), results_dir=Path(args.results_dir)):
+        print(f"[bench] wrote {path}")
     print(f"worst error {100 * worst:.1f}% (tolerance {100 * TOLERANCE:.0f}%)")
     return 0 if worst <= TOLERANCE else 1
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -8,16 +8,18 @@ Measures, on a local Ray + Serve + embedded S3 server, through the real HTTP API
   (b) adapter switching without batching: the same deployment with max_batch_size 1;
   (c) one merged model per adapter: N plain deployments (merged at load), each batching
       only its own requests;
+  and, with one client and nothing else running, the latency of an unmerged adapter (base
+  deployment, adapter attached) vs the same adapter merged (its own deployment, same CPUs),
+  requests alternating, median of --latency-repeats pairs (target: <= 1.3x);
   and cold vs warm latency of an adapter's first and later requests (cold = fetched from
   S3, verified and attached on demand).
-Prints a table and writes bench/results/serve_bench.json and .png.
+Prints a table and writes bench/results/serve_bench.{json,md,png} (`_quick` with --quick).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import statistics
@@ -26,7 +28,16 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import add_common_args, machine, markdown_table, median, pyplot, say, write_results
+
+#: Issue 10 §3: mixed batching >= 3x no batching (req/s); unmerged single-request latency <= 1.3x merged.
+TARGET_BATCHING = 3.0
+TARGET_UNMERGED = 1.3
+QUICK = {"adapters": 2, "clients": 8, "requests": 32, "hidden": 128, "layers": 2, "latency_repeats": 5,
+         "latency_hidden": [128]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,8 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256, help="hidden size of the random Llama model")
     p.add_argument("--layers", type=int, default=4, help="layers of the random Llama model")
     p.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
-    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="where the JSON and PNG go")
-    return p.parse_args(argv)
+    p.add_argument("--latency-repeats", type=int, default=20, help="one-client request pairs (unmerged, merged)")
+    p.add_argument("--latency-hidden", type=int, nargs="+", default=[256, 1024],
+                   help="hidden sizes of the models the one-client latency is measured on (each its own base)")
+    add_common_args(p)
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    return args
 
 
 def free_port() -> int:
@@ -50,8 +68,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_artifacts(work: Path, storage: str, args: argparse.Namespace) -> tuple[list[str], list[int]]:
-    """Publish the base model and N random LoRA adapters; returns (adapter names, a prompt's token ids)."""
+def make_artifacts(work: Path, storage: str, args: argparse.Namespace, *, base: str = "bench-base",
+                   hidden: int | None = None, adapters: int | None = None) -> tuple[list[str], list[int]]:
+    """Publish a random base model `base` and random LoRA adapters on it; returns (adapter names, a prompt's ids)."""
     import peft
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,14 +78,16 @@ def make_artifacts(work: Path, storage: str, args: argparse.Namespace) -> tuple[
     from storage.registry import base_config_digest_of_dir, open_registry
     from trainers.tiny import build_tiny_model_dir
 
-    base_dir = build_tiny_model_dir(work / "base", hidden_size=args.hidden, num_layers=args.layers,
-                                    num_heads=max(4, args.hidden // 64), num_kv_heads=max(2, args.hidden // 128))
+    hidden = hidden or args.hidden
+    base_dir = build_tiny_model_dir(work / base, hidden_size=hidden, num_layers=args.layers,
+                                    num_heads=max(4, hidden // 64), num_kv_heads=max(2, hidden // 128))
     registry = open_registry(storage)
     digest = base_config_digest_of_dir(base_dir)
-    registry.publish("bench-base", base_dir, kind="model", base_model="bench-base", base_config_digest=digest,
+    registry.publish(base, base_dir, kind="model", base_model=base, base_config_digest=digest,
                      method=None, params={}, metrics={}, lineage={})
     names = []
-    for i in range(args.adapters):
+    prefix = "bench" if base == "bench-base" else base
+    for i in range(args.adapters if adapters is None else adapters):
         torch.manual_seed(i)
         model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
                                     peft.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules="all-linear"))
@@ -74,22 +95,23 @@ def make_artifacts(work: Path, storage: str, args: argparse.Namespace) -> tuple[
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.normal_(0, 0.02)
-        model.save_pretrained(work / f"adapter-{i}")
-        registry.publish(f"bench-{i}", work / f"adapter-{i}", kind="adapter", base_model="bench-base",
+        model.save_pretrained(work / f"{prefix}-{i}")
+        registry.publish(f"{prefix}-{i}", work / f"{prefix}-{i}", kind="adapter", base_model=base,
                          base_config_digest=digest, method="lora", params={}, metrics={}, lineage={})
-        names.append(f"bench-{i}")
+        names.append(f"{prefix}-{i}")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     words = tokenizer(" ".join(["apple river stone cloud"] * args.prompt_tokens), add_special_tokens=False).input_ids
     return names, words[: args.prompt_tokens]
 
 
-def spec_for(storage: str, *, batch: int, adapters: int, merged: list[str], cpus: int):
+def spec_for(storage: str, *, batch: int, adapters: int, merged: list[str], cpus: int, merged_cpus: float | None = None,
+             base: str = "bench-base"):
     from serve.spec import parse_serve_spec
 
-    per_merged = max(0.1, (cpus - 1.2) / max(len(merged), 1))
+    per_merged = merged_cpus if merged_cpus is not None else max(0.1, (cpus - 1.2) / max(len(merged), 1))
     return parse_serve_spec({
         "storage": storage,
-        "base": {"name": "bench-base", "source": "registry:bench-base",
+        "base": {"name": base, "source": f"registry:{base}",
                  "deployment": {"cpus": 1, "max_ongoing_requests": 256},
                  "batch": {"max_batch_size": batch, "max_wait_ms": 5},
                  "adapters": {"max_per_replica": max(adapters, 1)}},
@@ -145,6 +167,36 @@ async def cold_warm(url: str, models: list[str], prompt: str, max_tokens: int) -
             "cold_ms": cold, "warm_ms": warm}
 
 
+async def unmerged_vs_merged(url: str, adapter: str, prompt: str, max_tokens: int, repeats: int) -> dict:
+    """One client, one request at a time: `adapter` through the base deployment vs `<adapter>-merged`.
+
+    The two alternate (and swap which goes first every pair) so that load on the shared machine
+    falls on both alike; the ratio is the median of the per-pair ratios.
+    """
+    import httpx
+
+    async def timed(client, model: str) -> float:
+        t0 = time.perf_counter()
+        response = await client.post(f"{url}/v1/completions",
+                                     json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        response.raise_for_status()
+        return 1000 * (time.perf_counter() - t0)
+
+    unmerged, merged = [], []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for model in (adapter, f"{adapter}-merged"):  # both loaded before anything is timed
+            await timed(client, model)
+        for i in range(repeats):
+            if i % 2 == 0:
+                unmerged.append(await timed(client, adapter))
+                merged.append(await timed(client, f"{adapter}-merged"))
+            else:
+                merged.append(await timed(client, f"{adapter}-merged"))
+                unmerged.append(await timed(client, adapter))
+    return {"adapter": adapter, "repeats": repeats, "unmerged_p50_ms": median(unmerged), "merged_p50_ms": median(merged),
+            "ratio": median([u / m for u, m in zip(unmerged, merged)]), "unmerged_ms": unmerged, "merged_ms": merged}
+
+
 def deploy(spec, name: str) -> None:
     from ray import serve
 
@@ -153,23 +205,22 @@ def deploy(spec, name: str) -> None:
     serve.run(build_app(spec), name=name, route_prefix=f"/{name}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> dict:
+    """Every scenario on one local Ray + Serve + S3 server; returns the figures."""
     import ray
     from ray import serve
 
     from storage.local_s3 import S3Server, s3_env
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"config": vars(args)}
+    results: dict = {"title": "Serving: mixed-adapter batching, switching, merged models", "machine": machine(),
+                     "quick": args.quick, "config": {k: v for k, v in vars(args).items() if k != "quick"},
+                     "targets": {"mixed_vs_no_batching_min": TARGET_BATCHING, "unmerged_vs_merged_max": TARGET_UNMERGED}}
     with S3Server() as s3, tempfile.TemporaryDirectory(prefix="rayft-serve-bench-") as tmp:
         os.environ.update(s3_env(s3.endpoint_url))
         os.environ["RAYFT_HOME"] = str(Path(tmp) / "home")  # a cold local cache: cold starts really download
         s3.ensure_bucket("bench")
         storage = "s3://bench/store"
-        print(f"[bench] publishing a random Llama (hidden {args.hidden}, {args.layers} layers) and {args.adapters} adapters",
-              flush=True)
+        say(f"[bench] publishing a random Llama (hidden {args.hidden}, {args.layers} layers) and {args.adapters} adapters")
         adapters, prompt_ids = make_artifacts(Path(tmp), storage, args)
         from transformers import AutoTokenizer
 
@@ -188,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                  [f"{a}-merged" for a in adapters]),
             ]
             for name, spec, models in scenarios:
-                print(f"[bench] {name}: deploying", flush=True)
+                say(f"[bench] {name}: deploying")
                 deploy(spec, name)
                 url = f"{root}/{name}"
                 if name == "mixed_batching":
@@ -199,58 +250,95 @@ def main(argv: list[str] | None = None) -> int:
                 if name != "merged_per_adapter":
                     results[name]["engine"] = serve.get_deployment_handle("BaseModel", name).stats.remote().result()["engine"]
                 serve.delete(name)
-                print(f"[bench] {name}: {results[name]['req_per_s']:.1f} req/s", flush=True)
+                say(f"[bench] {name}: {results[name]['req_per_s']:.1f} req/s")
+            results["single_request"] = []
+            for hidden in args.latency_hidden:
+                # Same CPUs for the base replica and the merged one: the difference is the adapter's own cost.
+                base = f"lat{hidden}"
+                (adapter,), _ = make_artifacts(Path(tmp), storage, args, base=base, hidden=hidden, adapters=1)
+                say(f"[bench] single_request: hidden {hidden}, {adapter} unmerged vs merged, {args.latency_repeats} pairs")
+                app = f"single_request_{hidden}"
+                deploy(spec_for(storage, batch=args.batch, adapters=1, merged=[adapter], cpus=args.cpus, merged_cpus=1,
+                                base=base), app)
+                row = asyncio.run(unmerged_vs_merged(f"{root}/{app}", adapter, prompt, args.max_tokens, args.latency_repeats))
+                results["single_request"].append({"hidden": hidden, "layers": args.layers, **row})
+                serve.delete(app)
+                say(f"[bench] single_request: hidden {hidden}: {row['ratio']:.2f}x")
         finally:
             serve.shutdown()
             ray.shutdown()
     results["speedup_mixed_vs_no_batching"] = results["mixed_batching"]["req_per_s"] / results["no_batching"]["req_per_s"]
-    print_table(results)
-    (out / "serve_bench.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / "serve_bench.png")
-    print(f"[bench] wrote {out / 'serve_bench.json'} and {out / 'serve_bench.png'}")
+    # The headline is the largest model: the closest to what is served, where the adapter's matmuls and
+    # not per-layer Python dominate (the smaller rows show how the ratio shrinks with size).
+    results["unmerged_vs_merged_latency"] = results["single_request"][-1]["ratio"]
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = run(args)
+    md = table(results)
+    print("\n" + md)
+    for path in write_results("serve_bench", args.quick, results, md, plot(results)):
+        say(f"[bench] wrote {path}")
     return 0
 
 
-def print_table(results: dict) -> None:
+SCENARIOS = ("mixed_batching", "no_batching", "merged_per_adapter")
+
+
+def table(results: dict) -> str:
     cfg = results["config"]
-    print(f"\n{cfg['adapters']} adapters, {cfg['clients']} clients, {cfg['requests']} requests, "
-          f"{cfg['prompt_tokens']} prompt + {cfg['max_tokens']} output tokens each")
-    print(f"{'scenario':22} {'req/s':>8} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} {'rows/pass':>9}")
-    for name in ("mixed_batching", "no_batching", "merged_per_adapter"):
+    rows = []
+    for name in SCENARIOS:
         r = results[name]
         engine = r.get("engine")
-        rows = f"{engine['rows'] / max(engine['steps'], 1):.1f}" if engine else "-"
-        print(f"{name:22} {r['req_per_s']:8.1f} {r['tokens_per_s']:8.0f} {r['p50_ms']:8.0f} {r['p99_ms']:8.0f} "
-              f"{r['failures']:6d} {rows:>9}")
+        rows.append([name, r["req_per_s"], r["tokens_per_s"], r["p50_ms"], r["p99_ms"], r["failures"],
+                     engine["rows"] / max(engine["steps"], 1) if engine else None])
+    load = markdown_table(["scenario", "req/s", "tok/s", "p50 ms", "p99 ms", "failed", "rows/pass"], rows, "lrrrrrr")
     cw = results["cold_warm"]
-    print(f"adapter latency, one client: cold (first request, loaded from S3) p50 {cw['cold_p50_ms']:.0f} ms, "
-          f"warm p50 {cw['warm_p50_ms']:.0f} ms")
-    print(f"mixed-adapter batching vs no batching: {results['speedup_mixed_vs_no_batching']:.2f}x throughput")
+    speedup = results["speedup_mixed_vs_no_batching"]
+    verdict = lambda ok: "met" if ok else "missed"  # noqa: E731
+    rows = [["mixed-adapter batching / no batching, req/s", f"{speedup:.2f}x", f">= {TARGET_BATCHING}x",
+             verdict(speedup >= TARGET_BATCHING)]]
+    for single in results["single_request"]:
+        rows.append([f"one request, unmerged / merged latency, hidden {single['hidden']} ({single['repeats']} pairs)",
+                     f"{single['ratio']:.2f}x ({single['unmerged_p50_ms']:.0f} / {single['merged_p50_ms']:.0f} ms)",
+                     f"<= {TARGET_UNMERGED}x", verdict(single["ratio"] <= TARGET_UNMERGED)])
+    rows.append(["adapter latency, one client: cold (first request, from S3) / warm p50",
+                 f"{cw['cold_p50_ms']:.0f} / {cw['warm_p50_ms']:.0f} ms", "reported", "-"])
+    targets = markdown_table(["figure", "measured", "target", "verdict"], rows, "llll")
+    return (f"{cfg['adapters']} LoRA adapters (r=8, all-linear) on a random Llama (hidden {cfg['hidden']}, "
+            f"{cfg['layers']} layers), {cfg['clients']} concurrent clients, {cfg['requests']} requests per scenario, "
+            f"{cfg['prompt_tokens']} prompt + {cfg['max_tokens']} output tokens each, max_batch_size {cfg['batch']}, "
+            f"local Ray with {cfg['cpus']} logical CPUs, real HTTP.\n\n{load}\n\n{targets}\n")
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = ["mixed_batching", "no_batching", "merged_per_adapter"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    left.bar(names, [results[n]["req_per_s"] for n in names], color=["tab:green", "tab:red", "tab:blue"])
+def plot(results: dict):
+    plt = pyplot()
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(13, 3.8))
+    left.bar(SCENARIOS, [results[n]["req_per_s"] for n in SCENARIOS], color=["tab:green", "tab:red", "tab:blue"])
     left.set_ylabel("requests / s")
-    left.set_title("throughput")
-    x = range(len(names))
-    right.bar([i - 0.2 for i in x], [results[n]["p50_ms"] for n in names], width=0.4, label="p50")
-    right.bar([i + 0.2 for i in x], [results[n]["p99_ms"] for n in names], width=0.4, label="p99")
-    right.set_xticks(list(x), names)
-    right.set_ylabel("latency, ms")
-    right.set_title("latency")
+    left.set_title(f"throughput, {results['config']['clients']} clients")
+    x = range(len(SCENARIOS))
+    mid.bar([i - 0.2 for i in x], [results[n]["p50_ms"] for n in SCENARIOS], width=0.4, label="p50")
+    mid.bar([i + 0.2 for i in x], [results[n]["p99_ms"] for n in SCENARIOS], width=0.4, label="p99")
+    mid.set_xticks(list(x), SCENARIOS)
+    mid.set_ylabel("latency, ms")
+    mid.set_title("latency under load")
+    mid.legend()
+    singles = results["single_request"]
+    x = range(len(singles))
+    right.bar([i - 0.2 for i in x], [s["unmerged_p50_ms"] for s in singles], width=0.4, label="unmerged adapter")
+    right.bar([i + 0.2 for i in x], [s["merged_p50_ms"] for s in singles], width=0.4, label="merged model")
+    right.set_xticks(list(x), [f"hidden {s['hidden']}: {s['ratio']:.2f}x" for s in singles])
+    right.set_ylabel("p50 latency, ms")
+    right.set_title("one client, one request")
     right.legend()
-    for ax in (left, right):
+    for ax in (left, mid, right):
         ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

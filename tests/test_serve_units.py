@@ -183,6 +183,51 @@ def test_engine_mixed_batch_equals_each_adapter_alone_in_peft(tiny_model_dir, th
     assert engine.stats.groups == 2
 
 
+def test_engine_late_requests_join_the_running_pass_and_decode_as_alone(tiny_model_dir, three_adapters):
+    """Requests arriving mid-generation get one prompt pass, then share the running group's passes
+    (KV caches left-padded and stacked); every output still equals that adapter decoding alone."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(three_adapters["qv"]),
+                                           adapter_name="qv").eval()
+    model.load_adapter(str(three_adapters["all"]), adapter_name="all")
+    model.load_adapter(str(three_adapters["dora"]), adapter_name="dora")
+    first = ("qv", "a")
+    # Longer and shorter than the first request's cache when they join: both sides get padded.
+    late = [("all", "reverse apple river stone cloud green"), (BASE_ADAPTER, "up"), ("dora", "stone is"),
+            ("dora", "green river stone")]
+
+    async def run() -> tuple[list[list[int]], Engine]:
+        engine = Engine(model, tokenizer, max_batch_size=32, max_wait_s=0)
+        started = asyncio.Event()
+
+        async def one(adapter: str, prompt: str, tokens: int, signal: bool = False) -> list[int]:
+            seq = Sequence(tokenizer(prompt, add_special_tokens=False).input_ids,
+                           SamplingParams(max_tokens=tokens, temperature=0), adapter=adapter, solo=adapter == "dora")
+            out = []
+            async for event in engine.generate(seq):
+                out.append(event.token_id)
+                if signal and len(out) == 3:
+                    started.set()
+            return out
+
+        async def later(adapter: str, prompt: str) -> list[int]:
+            await started.wait()
+            return await one(adapter, prompt, 6)
+
+        results = await asyncio.gather(one(*first, 14, signal=True), *(later(a, p) for a, p in late))
+        return results, engine
+
+    results, engine = asyncio.run(run())
+    for (adapter, prompt), tokens in zip([first] + late, results):
+        n = 14 if (adapter, prompt) == first else 6
+        expected = peft_greedy(tiny_model_dir, None if adapter == BASE_ADAPTER else three_adapters[adapter], tokenizer, prompt, n)
+        assert tokens == expected, (adapter, prompt)
+    # Three groups: the first, the late mixed one (qv's group absorbs it) and the two DoRA requests (never mixed).
+    assert (engine.stats.groups, engine.stats.merges) == (3, 1)
+    assert engine.stats.max_rows_in_pass == 3  # qv + all + base in one pass (DoRA never joins them)
+    assert engine.stats.max_adapters_in_pass == 3
+
+
 def test_engine_seeded_sampling_does_not_depend_on_the_batch(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

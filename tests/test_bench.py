@@ -1,0 +1,68 @@
+"""The benchmark runner and the one bench cheap enough for the suite.
+
+Speed is measured in bench/, never asserted here: these tests check that every bench is found, takes
+`--quick`, and that the memory bench (bytes, not seconds) writes its three files with a 4-bit ratio
+inside the issue's target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import discover
+from bench.common import markdown_table, result_name
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHES = ["memory_bench", "plan_vs_measured", "overhead_bench", "methods_bench", "serve_bench"]
+
+
+def test_runner_finds_every_bench_cheap_ones_first() -> None:
+    names = discover()
+    assert sorted(names) == sorted(BENCHES)
+    assert names[:2] == ["memory_bench", "plan_vs_measured"]
+
+
+@pytest.mark.parametrize("name", BENCHES)
+def test_each_bench_takes_quick(name: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", f"bench.{name}", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--quick" in proc.stdout
+
+
+def test_unknown_bench_is_refused_with_the_known_names() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "--only", "nope_bench"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "invalid choice: 'nope_bench'" in proc.stderr and "memory_bench" in proc.stderr
+
+
+def test_quick_results_never_overwrite_full_ones() -> None:
+    assert result_name("serve_bench", quick=True) == "serve_bench_quick"
+    assert result_name("serve_bench", quick=False) == "serve_bench"
+
+
+def test_markdown_table_aligns_numbers_right() -> None:
+    text = markdown_table(["method", "tok/s"], [["lora", 2958.4], ["ia3", 12.5]])
+    assert text.splitlines() == ["| method | tok/s |", "| --- | ---: |", "| lora | 2,958 |", "| ia3 | 12.5 |"]
+
+
+def test_memory_bench_quick_writes_results_within_target(tmp_path: Path) -> None:
+    env = {**os.environ, "RAYFT_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "memory_bench"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory_bench_quick.json", "memory_bench_quick.md",
+                                                         "memory_bench_quick.png"]
+    result = json.loads((tmp_path / "memory_bench_quick.json").read_text())
+    assert result["rows"]["nf4-dq"]["linear4bit_layers"] == 2 * 7  # every decoder linear layer of the 2-layer model
+    assert result["ratios"]["linear_4bit_vs_bf16"] <= 0.3
+    assert result["machine"]["cores"] >= 1 and result["machine"]["date"].startswith("20")
+    assert "Measured " in (tmp_path / "memory_bench_quick.md").read_text()
+    assert "memory_bench_quick.json" in proc.stdout  # the runner's summary lists what the bench wrote
