@@ -691,7 +691,7 @@ def test_job_cluster_has_room_for_the_job(name: str, argv: list[str], monkeypatc
         cpus += group["maxReplicas"] * _quantity(limits["cpu"])
     workers = spec.resources.num_workers
     assert workers <= gpus, f"{name}: {argv[2]} wants {workers} workers (one GPU each); the cluster has {gpus:g} GPUs"
-    assert workers * spec.resources.cpus_per_worker <= cpus, f"{name}: not enough CPUs for {workers} workers"
+    assert workers * (spec.resources.cpus_per_worker or 1) <= cpus, f"{name}: not enough CPUs for {workers} workers"
     # The manifest's name says what the job does; the job file must agree.
     if "zero3" in name:
         assert spec.resolved_strategy() == "deepspeed_zero3", f"{name}: {argv[2]} does not run ZeRO-3"

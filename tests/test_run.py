@@ -1,14 +1,15 @@
-"""The driver's choice of the checkpoint to publish (no Ray cluster needed)."""
+"""Driver decisions that need no Ray cluster: the checkpoint to publish, the CPUs per worker."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import ray.train
 
 from trainers.loop import STATE_NAME
-from trainers.run import final_checkpoint
+from trainers.run import cpus_for_cpu_workers, final_checkpoint
 from trainers.state_io import save_state
 
 
@@ -41,3 +42,16 @@ def test_the_registered_checkpoint_is_kept_when_it_is_the_newest(tmp_path):
     checkpoint, metrics = final_checkpoint(result, str(tmp_path), "r2")
 
     assert checkpoint is registered and metrics == {"step": 10, "eval_loss": 0.2}
+
+
+@pytest.mark.parametrize("nodes, workers, available, expected", [
+    ([2.0], 1, 2.0, 2),  # one CPU worker on a laptop: the whole machine, not OMP_NUM_THREADS=1
+    ([2.0], 2, 2.0, 1),
+    ([16.0], 3, 16.0, 5),
+    ([8.0, 2.0], 2, 10.0, 4),  # both on the 8-CPU node; 5 each would leave the second unplaced
+    ([0.0, 8.0, 8.0], 2, 16.0, 8),  # a KubeRay head with no CPUs for work
+    ([8.0], 1, 3.0, 3),  # a Serve app holds 5 CPUs: take what is free instead of waiting forever
+    ([1.0], 4, 1.0, 1),  # more workers than CPUs: 1 each, Ray queues them as it would anyway
+])
+def test_unset_cpus_per_worker_is_the_most_every_worker_can_hold(nodes, workers, available, expected):
+    assert cpus_for_cpu_workers(nodes, workers, available) == expected

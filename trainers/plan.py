@@ -1000,7 +1000,7 @@ def request_for_spec(spec: JobSpec, hardware: Hardware | None = None) -> PlanReq
     """The plan request a job spec stands for (hardware: from the spec's resources unless given)."""
     hw = hardware or Hardware(
         device="cpu" if spec.resources.use_gpu is False else "cuda", workers=spec.resources.num_workers,
-        cpus_per_worker=spec.resources.cpus_per_worker,
+        cpus_per_worker=spec.resources.cpus_per_worker or 1.0,
     )
     return PlanRequest(
         model=_spec_model_location(spec), method=spec.method, hardware=hw, seq_len=spec.data.max_seq_len,

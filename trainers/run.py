@@ -62,6 +62,29 @@ def use_gpu(spec: JobSpec) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= spec.resources.num_workers
 
 
+def cpus_for_cpu_workers(node_cpus: list[float], workers: int, available: float) -> int:
+    """The most whole CPUs per worker such that `workers` fit on nodes with `node_cpus` at once, within
+    `available` CPUs in all (so a job never waits on CPUs something else holds); at least 1."""
+    best = 1
+    for per in range(1, int(max(node_cpus, default=1)) + 1):
+        if sum(int(c // per) for c in node_cpus) >= workers and per * workers <= available:
+            best = per
+    return best
+
+
+def with_resolved_cpus(spec: JobSpec) -> JobSpec:
+    """`resources.cpus_per_worker` filled in from the running cluster when the job left it unset."""
+    if spec.resources.cpus_per_worker is not None:
+        return spec
+    import ray
+
+    cpus = 1.0
+    if not use_gpu(spec):
+        nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+        cpus = float(cpus_for_cpu_workers(nodes, spec.resources.num_workers, ray.available_resources().get("CPU", 0.0)))
+    return spec.model_copy(update={"resources": spec.resources.model_copy(update={"cpus_per_worker": cpus})})
+
+
 def train_function(spec: JobSpec):
     """The per-worker loop: DeepSpeed ZeRO-3 has its own engine; everything else runs `loop.train_func`."""
     if spec.resolved_strategy() == "deepspeed_zero3":
@@ -83,7 +106,7 @@ def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, faults: dict | N
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.resources.num_workers,
             use_gpu=use_gpu(spec),
-            resources_per_worker={"CPU": spec.resources.cpus_per_worker},
+            resources_per_worker={"CPU": spec.resources.cpus_per_worker or 1},
         ),
         run_config=ray.train.RunConfig(
             name=run_id,
@@ -109,8 +132,9 @@ def run_training(
     ensure_ray(address)
     storage_uri = spec.storage.uri or default_storage_uri()
     run_id = run_id or new_run_id(spec)
-    print(f"[rayft] run {run_id}: {spec.method.name} on {spec.resources.num_workers} worker(s), storage {storage_uri}", flush=True)
-    spec = with_absolute_paths(spec)
+    spec = with_resolved_cpus(with_absolute_paths(spec))
+    print(f"[rayft] run {run_id}: {spec.method.name} on {spec.resources.num_workers} worker(s) "
+          f"× {spec.resources.cpus_per_worker:g} CPU(s), storage {storage_uri}", flush=True)
     import ray.train
 
     try:

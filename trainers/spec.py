@@ -73,7 +73,12 @@ class TrainingSpec(_Strict):
 class ResourcesSpec(_Strict):
     num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers (one per GPU).")
     use_gpu: bool | Literal["auto"] = Field("auto", description="Train on GPUs; auto = if the cluster has any.")
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    cpus_per_worker: float | None = Field(
+        None, gt=0,
+        description="CPUs reserved per worker; Ray sets the worker's OMP_NUM_THREADS (torch's threads) to it. "
+        "Unset: 1 per worker on GPUs; on CPU the most whole CPUs each worker can hold with all workers placed "
+        "at once on the cluster's nodes (a single CPU worker gets the whole machine). `rayft tune` trials take 1.",
+    )
     strategy: Literal["auto", "single", "ddp", "deepspeed_zero3"] = Field(
         "auto", description="auto: single for 1 worker, ddp for several (deepspeed_zero3 for full FT on several)."
     )

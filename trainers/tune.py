@@ -317,7 +317,7 @@ def max_concurrent_trials(spec: JobSpec, resources: dict[str, float], gpu: bool)
     if isinstance(tune_spec.max_concurrent_trials, int):
         return tune_spec.max_concurrent_trials
     r = spec.resources
-    fit = math.floor(resources.get("CPU", 0) / (r.num_workers * r.cpus_per_worker + DRIVER_CPU))
+    fit = math.floor(resources.get("CPU", 0) / (r.num_workers * (r.cpus_per_worker or 1) + DRIVER_CPU))
     if gpu:
         fit = min(fit, math.floor(resources.get("GPU", 0) / r.num_workers))
     return max(1, min(fit, num_trials(tune_spec)))

@@ -43,7 +43,7 @@ def preflight(spec, force: bool, remote: bool) -> None:
 
     hardware = None
     if remote and spec.resources.use_gpu is not False:
-        hardware = Hardware(device="cuda", workers=spec.resources.num_workers, cpus_per_worker=spec.resources.cpus_per_worker)
+        hardware = Hardware(device="cuda", workers=spec.resources.num_workers, cpus_per_worker=spec.resources.cpus_per_worker or 1.0)
     preflight_check(spec, force=force, hardware=hardware)
 
 
