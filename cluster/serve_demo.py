@@ -68,7 +68,10 @@ def run_demo_queries(storage_uri: str, base: str, adapters: list[str]) -> None:
         print(f"\n[{base}] chat 'hello' -> {chat.choices[0].message.content!r}  (untrained base: noise is expected)")
         cold, warm = [], []  # adapter requests, one client: the first loads the adapter on demand
         for model in adapters + [m.name for m in spec.merged]:
-            print(f"\n[{model}]")
+            # Measured: on this tiny random base no peft combination (cat, linear, svd, ties, dare) of the two
+            # task adapters keeps either task; the merge is shown for the flow, not for its answers.
+            note = "  (a TIES merge of two unrelated tasks on a tiny base: they interfere)" if "ties" in model else ""
+            print(f"\n[{model}]{note}")
             for i, word in enumerate(WORDS[:3]):
                 t0 = time.perf_counter()
                 reply = client.completions.create(model=model, prompt=prompt_for(model, word), max_tokens=12, temperature=0)
