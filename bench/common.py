@@ -75,7 +75,7 @@ def machine() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
-        "versions": {m: _version(m) for m in ("torch", "transformers", "peft", "ray", "bitsandbytes")},
+        "versions": {m: _version(m) for m in ("torch", "transformers", "peft", "ray", "bitsandbytes", "trl")},
     }
 
 
@@ -194,8 +194,9 @@ def rayft_spec(model_dir: str | Path, train: str | Path, eval_path: str | Path |
         # One eval and one checkpoint, at the end: reports cost a controller poll each.
         "training": {"eval_every": steps, "checkpoint_every": steps, "log_every": max(steps // 4, 1), "seed": 0,
                      "keep_checkpoints": 1, **training},
+        # cpus_per_worker None: rayft's own default (a single CPU worker gets every CPU).
         "resources": {"num_workers": 1, "use_gpu": False,
-                      "cpus_per_worker": cpus_per_worker if cpus_per_worker is not None else (os.cpu_count() or 1)},
+                      **({"cpus_per_worker": cpus_per_worker} if cpus_per_worker is not None else {})},
         "output": {"name": name},
         "storage": {"uri": storage_uri},
     }

@@ -150,7 +150,6 @@ def rayft_run(model_dir: str, train_path: Path, eval_path: Path, steps: int, sto
 
 def run(quick: bool) -> dict:
     import ray
-    import torch
     from transformers import AutoModelForCausalLM
 
     from trainers.run import ensure_ray
@@ -176,35 +175,46 @@ def run(quick: bool) -> dict:
         t0 = time.perf_counter()
         ensure_ray()
         out["ray_init_s"] = time.perf_counter() - t0
-        plain, rayft, loads = [], [], []
+        import importlib.util
+
+        # TRL, when installed, takes its turn in the same rotation (same load, Ray up for all three).
+        sides = ["plain", "rayft"] + (["trl"] if importlib.util.find_spec("trl") is not None else [])
+        runs: dict[str, list[dict]] = {side: [] for side in sides}
+        trl_note = None if "trl" in sides else "trl is not installed: `pip install -e '.[bench]'` (make bench does) gives this baseline"
+        loads = []
         try:
             for i in range(cfg["repeats"]):
-                # Alternate the order so a slow drift in machine load hits both sides alike.
-                order = ("plain", "rayft") if i % 2 == 0 else ("rayft", "plain")
-                for side in order:
+                # Rotate the order so a slow drift in machine load hits every side alike.
+                k = i % len(sides)
+                for side in sides[k:] + sides[:k]:
                     loads.append(load_now())
                     if side == "plain":
-                        plain.append(plain_lora_run(model_dir, train_path, eval_path, cfg["steps"], tmp / f"plain-{i}"))
+                        run = plain_lora_run(model_dir, train_path, eval_path, cfg["steps"], tmp / f"plain-{i}")
+                    elif side == "rayft":
+                        run = rayft_run(model_dir, train_path, eval_path, cfg["steps"], str(tmp / "store"), None, f"r{i}")
                     else:
-                        rayft.append(rayft_run(model_dir, train_path, eval_path, cfg["steps"], str(tmp / "store"), None, f"r{i}"))
-                    last = (plain if side == "plain" else rayft)[-1]
-                    say(f"[bench] repeat {i + 1}/{cfg['repeats']} {side}: steady {last['steady_tokens_per_s']:,.0f} tok/s, "
-                        f"wall {last['wall_s']:.1f} s")
-            # rayft's default of 1 CPU per worker: Ray then sets OMP_NUM_THREADS=1 in the worker.
+                        try:
+                            run = trl_run(model_dir, train_path, cfg["steps"], tmp / f"trl-{i}")
+                        except Exception as exc:  # a second baseline must not sink the bench: record why it is missing
+                            trl_note = f"TRL run failed: {type(exc).__name__}: {exc}"
+                            sides.remove("trl")
+                            runs.pop("trl")
+                            continue
+                    runs[side].append(run)
+                    say(f"[bench] repeat {i + 1}/{cfg['repeats']} {side}: steady {run['steady_tokens_per_s']:,.0f} tok/s, "
+                        f"wall {run['wall_s']:.1f} s")
+            # An explicit `cpus_per_worker: 1` (rayft's default before 2026-11-28): Ray sets OMP_NUM_THREADS=1.
             default_cpu = None if quick else rayft_run(model_dir, train_path, eval_path, cfg["steps"], str(tmp / "store"), 1, "cpu1")
         finally:
             ray.shutdown()
-        trl_result, trl_note = None, "trl is not installed: add it to the dev extras to get this baseline"
-        try:
-            trl_result = trl_run(model_dir, train_path, cfg["steps"], tmp / "trl")
-            trl_note = None if trl_result is not None else trl_note
-        except Exception as exc:  # a second baseline must not sink the bench: record why it is missing
-            trl_note = f"TRL run failed: {type(exc).__name__}: {exc}"
     loads.append(load_now())
 
+    plain, rayft, trl = runs["plain"], runs["rayft"], runs.get("trl") or []
     plain_tps = median([r["steady_tokens_per_s"] for r in plain])
     rayft_tps = median([r["steady_tokens_per_s"] for r in rayft])
     ratios = [r["steady_tokens_per_s"] / p["steady_tokens_per_s"] for r, p in zip(rayft, plain)]
+    trl_result = {"steady_tokens_per_s": median([r["steady_tokens_per_s"] for r in trl]),
+                  "wall_s": median([r["wall_s"] for r in trl]), "runs": trl} if trl else None
     flops_per_token = 6 * n_matmul
     out.update({
         "plain": plain, "rayft": rayft, "rayft_cpus_per_worker_1": default_cpu, "trl": trl_result,
@@ -221,7 +231,8 @@ def run(quick: bool) -> dict:
             # The frozen base needs no weight gradients: forward 2N + input-gradient 2N FLOPs per token.
             "mfu_rayft_4n": 4 * n_matmul * rayft_tps / peak["flops_per_s"],
             "rayft_cpu1_ratio": default_cpu["steady_tokens_per_s"] / plain_tps if default_cpu else None,
-            "trl_ratio": trl_result["steady_tokens_per_s"] / plain_tps if trl_result else None,
+            "trl_ratio": median([t["steady_tokens_per_s"] / p["steady_tokens_per_s"] for t, p in zip(trl, plain)]) if trl else None,
+            "rayft_vs_trl": median([r["steady_tokens_per_s"] / t["steady_tokens_per_s"] for r, t in zip(rayft, trl)]) if trl else None,
         },
     })
     out["target"] = {"steady_ratio_min": TARGET, "met": median(ratios) >= TARGET}
@@ -243,7 +254,8 @@ def table(result: dict) -> str:
                      f"{100 * fpt * r['steady_tokens_per_s'] / peak:.1f}%", f"{r['wall_s']:.1f}", "—"])
     if result.get("trl"):
         r = result["trl"]
-        rows.append(["TRL SFTTrainer", f"{r['steady_tokens_per_s']:,.0f}", f"{s['trl_ratio']:.3f}",
+        rows.append(["TRL SFTTrainer (trl " + str(result["machine"]["versions"].get("trl") or "?") + ")",
+                     f"{r['steady_tokens_per_s']:,.0f}", f"{s['trl_ratio']:.3f}",
                      f"{100 * fpt * r['steady_tokens_per_s'] / peak:.1f}%", f"{r['wall_s']:.1f}", "—"])
     headers = ["loop", "steady tokens/s (median)", "vs plain", "MFU (6·N)", "wall s (median)", "start-up overhead s"]
     work = (f" With LoRA the frozen base needs no weight gradients, so the work done is nearer 4·N FLOPs/token: "
@@ -260,6 +272,9 @@ def table(result: dict) -> str:
         f"(median of paired ratios {', '.join(f'{r:.3f}' for r in s['paired_ratios'])}; ratio of medians "
         f"{s['ratio_of_medians']:.3f}) ({verdict})." + work
     )
+    if result.get("trl"):
+        notes += (f" TRL's SFTTrainer (same model, rows, LoRA, batch and steps; its own collator and padding) ran in the "
+                  f"same rotation: rayft / TRL = {s['rayft_vs_trl']:.3f} (median of paired ratios).")
     if result.get("trl_note"):
         notes += f" TRL: {result['trl_note']}."
     return markdown_table(headers, rows, align="lrrrrl") + notes
@@ -269,12 +284,16 @@ def plot(result: dict):
     plt = pyplot()
     s = result["summary"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    labels = ["plain", "rayft"]
-    a.bar(labels, [s["plain_steady_tokens_per_s"], s["rayft_steady_tokens_per_s"]], color=["#888", "#1f77b4"])
-    for i, r in enumerate(result["plain"]):
-        a.plot(0, r["steady_tokens_per_s"], "k.")
-    for r in result["rayft"]:
-        a.plot(1, r["steady_tokens_per_s"], "k.")
+    labels = ["plain", "rayft"] + (["TRL"] if result.get("trl") else [])
+    medians = [s["plain_steady_tokens_per_s"], s["rayft_steady_tokens_per_s"]]
+    each = [result["plain"], result["rayft"]]
+    if result.get("trl"):
+        medians.append(result["trl"]["steady_tokens_per_s"])
+        each.append(result["trl"]["runs"])
+    a.bar(labels, medians, color=["#888", "#1f77b4", "#2ca02c"][: len(labels)])
+    for i, runs in enumerate(each):
+        for r in runs:
+            a.plot(i, r["steady_tokens_per_s"], "k.")
     a.set_ylabel("steady-state tokens/s")
     a.set_title(f"rayft / plain = {s['median_of_paired_ratios']:.3f} (target >= {TARGET})")
     b.bar(["plain loop", "rayft run_training", "ray.init (once)"], [s["plain_wall_s"], s["rayft_wall_s"], s["ray_init_s"]],
