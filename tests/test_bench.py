@@ -66,3 +66,23 @@ def test_memory_bench_quick_writes_results_within_target(tmp_path: Path) -> None
     assert result["machine"]["cores"] >= 1 and result["machine"]["date"].startswith("20")
     assert "Measured " in (tmp_path / "memory_bench_quick.md").read_text()
     assert "memory_bench_quick.json" in proc.stdout  # the runner's summary lists what the bench wrote
+
+
+@pytest.mark.slow
+def test_serve_bench_quick_runs_every_scenario_over_http(tmp_path: Path) -> None:
+    """The serving bench end to end at toy size (real Ray Serve, S3 server, HTTP): no request fails,
+    batching happens only where it is allowed, and every figure the table reports is there."""
+    env = {**os.environ, "RAYFT_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "bench.serve_bench", "--quick"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "serve_bench_quick.json").read_text())
+    for name in ("mixed_batching", "no_batching", "merged_per_adapter"):
+        assert result[name]["failures"] == 0 and result[name]["requests"] == 32, name
+    assert result["no_batching"]["engine"]["max_rows_in_pass"] == 1
+    assert result["mixed_batching"]["engine"]["max_rows_in_pass"] > 1
+    assert result["mixed_batching"]["engine"]["finished"] >= 32
+    (single,) = result["single_request"]
+    assert single["hidden"] == 128 and len(single["unmerged_ms"]) == len(single["merged_ms"]) == 5
+    assert len(result["cold_warm"]["cold_ms"]) == 2  # one cold request per adapter
+    assert (tmp_path / "serve_bench_quick.md").read_text().count("| mixed_batching |") == 1
