@@ -154,6 +154,15 @@ def write_results(name: str, quick: bool, payload: dict, markdown: str, figure=N
     return paths
 
 
+def report(name: str, quick: bool, payload: dict, markdown: str, figure=None, results_dir: Path | None = None) -> list[Path]:
+    """Print the table, write the result files (see `write_results`) and say where they went."""
+    say("\n" + markdown)
+    paths = write_results(name, quick, payload, markdown, figure, results_dir)
+    for path in paths:
+        say(f"[bench] wrote {path}")
+    return paths
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only backend."""
     import matplotlib

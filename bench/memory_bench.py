@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_common_args, human_bytes, machine, markdown_table, pyplot, say, write_results
+from bench.common import add_common_args, human_bytes, machine, markdown_table, pyplot, report
 
 TARGET = 0.3
 MODEL = {"hidden_size": 512, "num_layers": 10, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1536}
@@ -173,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     args = parser.parse_args(argv)
     result = run(args.quick)
-    md = table(result)
-    say(md)
-    for path in write_results("memory_bench", args.quick, result, md, plot(result)):
-        say(f"wrote {path}")
+    report("memory_bench", args.quick, result, table(result), plot(result))
     return 0
 
 

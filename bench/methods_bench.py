@@ -38,7 +38,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
-    add_common_args, human_bytes, load_now, machine, markdown_table, pyplot, rayft_spec, say, write_results,
+    add_common_args, human_bytes, load_now, machine, markdown_table, pyplot, rayft_spec, report, say,
 )
 
 BASE_SHAPE = {"hidden_size": 384, "num_layers": 6, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1024}
@@ -480,10 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the pre-trained base is cached (default ~/.cache/rayft/bench, or $RAYFT_BENCH_CACHE)")
     args = parser.parse_args(argv)
     result = run(args.quick, Path(args.cache))
-    md = table(result)
-    say(md)
-    for path in write_results("methods_bench", args.quick, result, md, plot(result)):
-        say(f"wrote {path}")
+    report("methods_bench", args.quick, result, table(result), plot(result))
     return 0
 
 

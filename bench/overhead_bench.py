@@ -31,7 +31,7 @@ if __package__ in (None, ""):
 
 from bench.common import (
     add_common_args, load_now, machine, markdown_table, matmul_peak, median, non_embedding_params, pyplot,
-    rayft_spec, say, write_results,
+    rayft_spec, report, say,
 )
 
 TARGET = 0.95
@@ -309,10 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     args = parser.parse_args(argv)
     result = run(args.quick)
-    md = table(result)
-    say(md)
-    for path in write_results("overhead_bench", args.quick, result, md, plot(result)):
-        say(f"wrote {path}")
+    report("overhead_bench", args.quick, result, table(result), plot(result))
     return 0
 
 

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, machine, markdown_table, pyplot, write_results  # noqa: E402
+from bench.common import RESULTS, machine, markdown_table, pyplot, report  # noqa: E402
 TOLERANCE = 0.15
 
 #: Model shapes (trainers.tiny.build_tiny_model_dir overrides). `small50m` has ~51M parameters.
@@ -330,8 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"title": "rayft plan vs measured peak training memory (CPU)", "machine": machine(), "quick": args.quick,
                "tolerance": TOLERANCE, "worst_error": worst, "rows": rows}
     md = table(rows) + f"\n\nWorst error of the checked rows: {100 * worst:.1f}% (tolerance {100 * TOLERANCE:.0f}%).\n"
-    for path in write_results("plan_vs_measured", args.quick, payload, md, plot(rows), results_dir=Path(args.results_dir)):
-        print(f"[bench] wrote {path}")
+    report("plan_vs_measured", args.quick, payload, md, plot(rows), results_dir=Path(args.results_dir))
     print(f"worst error {100 * worst:.1f}% (tolerance {100 * TOLERANCE:.0f}%)")
     return 0 if worst <= TOLERANCE else 1
 

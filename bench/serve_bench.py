@@ -31,7 +31,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_common_args, machine, markdown_table, median, pyplot, say, write_results
+from bench.common import add_common_args, machine, markdown_table, median, pyplot, report, say
 
 #: Issue 10 §3: mixed batching >= 3x no batching (req/s); unmerged single-request latency <= 1.3x merged.
 TARGET_BATCHING = 3.0
@@ -71,12 +71,10 @@ def free_port() -> int:
 def make_artifacts(work: Path, storage: str, args: argparse.Namespace, *, base: str = "bench-base",
                    hidden: int | None = None, adapters: int | None = None) -> tuple[list[str], list[int]]:
     """Publish a random base model `base` and random LoRA adapters on it; returns (adapter names, a prompt's ids)."""
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from storage.registry import base_config_digest_of_dir, open_registry
-    from trainers.tiny import build_tiny_model_dir
+    from trainers.tiny import build_random_lora_dir, build_tiny_model_dir
 
     hidden = hidden or args.hidden
     base_dir = build_tiny_model_dir(work / base, hidden_size=hidden, num_layers=args.layers,
@@ -88,14 +86,7 @@ def make_artifacts(work: Path, storage: str, args: argparse.Namespace, *, base: 
     names = []
     prefix = "bench" if base == "bench-base" else base
     for i in range(args.adapters if adapters is None else adapters):
-        torch.manual_seed(i)
-        model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                                    peft.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules="all-linear"))
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.02)
-        model.save_pretrained(work / f"{prefix}-{i}")
+        build_random_lora_dir(base_dir, work / f"{prefix}-{i}", seed=i, r=8, alpha=16, targets="all-linear", b_std=0.02)
         registry.publish(f"{prefix}-{i}", work / f"{prefix}-{i}", kind="adapter", base_model=base,
                          base_config_digest=digest, method="lora", params={}, metrics={}, lineage={})
         names.append(f"{prefix}-{i}")
@@ -277,10 +268,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = run(args)
-    md = table(results)
-    print("\n" + md)
-    for path in write_results("serve_bench", args.quick, results, md, plot(results)):
-        say(f"[bench] wrote {path}")
+    report("serve_bench", args.quick, results, table(results), plot(results))
     return 0
 
 

@@ -41,6 +41,18 @@ def field_path(loc: Iterable[Any]) -> str:
     return ".".join(parts).replace(".[", "[") or "<top level>"
 
 
+def raw_get(d: Any, *path: str) -> Any:
+    """`d[path[0]][path[1]]...` of a raw (unvalidated) mapping, or None where a level is missing or not a mapping.
+
+    Cross-field rules run on the raw mapping so that they report together with pydantic's own errors.
+    """
+    for key in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
 def _allowed(err: dict, unknown_field_hint: str) -> str:
     ctx = err.get("ctx") or {}
     kind = err["type"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from trainers import data as data_mod
 from trainers.data import IGNORE, DataError, build_datasets, micro_batch_indices

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from storage.registry import Manifest, base_config_digest_of_dir, open_registry
 from storage.store import sha256_file
+from trainers.tiny import build_random_lora_dir
 
 pytestmark = pytest.mark.slow
 
@@ -37,16 +38,7 @@ GOOD = [f"ad-{i}" for i in range(8)]
 
 def make_adapter(base_dir: Path, out: Path, seed: int, *, dora: bool = False, targets: list[str] | None = None) -> Path:
     """A LoRA/DoRA adapter with random (non-zero) B: it changes the model's answers."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets, use_dora=dora)
-    adapted = peft.get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in adapted.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    adapted.save_pretrained(out)
-    return out
+    return build_random_lora_dir(base_dir, out, seed, dora=dora, targets=targets)
 
 
 def greedy_tokens(model, tokenizer, prompt: str, n: int = MAX_TOKENS) -> list[int]:

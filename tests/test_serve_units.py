@@ -18,6 +18,7 @@ from serve.metrics import ModelMetrics
 from serve.protocol import ChatCompletionRequest, CompletionRequest, validation_error
 from serve.spec import AdapterPolicy, ServeSpecError, load_serve_spec, parse_serve_spec
 from storage.registry import base_config_digest_of_dir, open_registry
+from trainers.tiny import build_random_lora_dir
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -125,15 +126,7 @@ def test_text_stream_never_sends_half_a_utf8_character(tiny_model_dir):
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int, *, dora: bool = False, targets=None, r: int = 4) -> Path:
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                                peft.LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=8, target_modules=targets, use_dora=dora))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    model.save_pretrained(out)
-    return out
+    return build_random_lora_dir(base_dir, out, seed, r=r, dora=dora, targets=targets)
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +340,6 @@ def test_pool_defers_unloading_an_evicted_adapter_until_its_requests_finish(unit
 
 
 def test_cli_serve_reports_spec_problems_and_missing_models_before_starting_ray(tmp_path, capsys):
-    import ray
     import yaml
 
     from cluster.cli import main

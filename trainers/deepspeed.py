@@ -49,6 +49,7 @@ from trainers.loop import (
     decide_precision,
     evaluate,
     maybe_inject_fault,
+    micro_batch,
     newest_checkpoint,
     peak_rss_bytes,
     probe_logits,
@@ -414,11 +415,7 @@ def train_func_zero3(config: dict) -> None:
         maybe_inject_fault(config.get("faults"), step, rank)
         step_t0, step_tokens0 = time.perf_counter(), progress.tokens
         for micro in range(tcfg.grad_accum):
-            idx = data_mod.micro_batch_indices(
-                len(datasets.train), step_micro=(step - 1) * tcfg.grad_accum + micro,
-                micro_batch_size=tcfg.micro_batch_size, world=world, rank=rank, seed=tcfg.seed,
-            )
-            batch = {k: v.to(device) for k, v in data_mod.collate([datasets.train[i] for i in idx], pad_id).items()}
+            batch = micro_batch(datasets.train, tcfg, step, micro, world, rank, pad_id, device)
             loss = engine(**batch).loss
             engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
             engine.step()  # steps the optimizer (clip, AdamW, schedule) at the accumulation boundary only

@@ -240,6 +240,19 @@ def build_scheduler(training: TrainingSpec, optimizer):
     return get_scheduler(schedule, optimizer, num_warmup_steps=training.warmup_steps, num_training_steps=training.max_steps)
 
 
+def micro_batch(train: list, tcfg, step: int, micro: int, world: int, rank: int, pad_id: int,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s micro-batch `micro` of optimizer step `step` (1-based), padded and on `device`.
+
+    A pure function of (seed, step, micro): a resumed run replays exactly the batches it would have seen.
+    """
+    idx = data_mod.micro_batch_indices(
+        len(train), step_micro=(step - 1) * tcfg.grad_accum + micro,
+        micro_batch_size=tcfg.micro_batch_size, world=world, rank=rank, seed=tcfg.seed,
+    )
+    return {k: v.to(device) for k, v in data_mod.collate([train[i] for i in idx], pad_id).items()}
+
+
 def maybe_inject_fault(faults: dict | None, step: int, rank: int) -> None:
     """Fault injection for the fault-tolerance tests (Python API only, never from a job file).
 
@@ -268,10 +281,7 @@ def newest_checkpoint(config: dict):
     a worker that dies right after reporting can lose that registration although the files
     are already in storage. So the run's storage is scanned too, and the newer one wins.
     """
-    import pyarrow.fs
     import ray.train
-
-    from storage.store import pyarrow_filesystem
 
     candidates: list[tuple[int, object]] = []
     registered = ray.train.get_checkpoint()
@@ -394,11 +404,7 @@ def train_func(config: dict) -> None:
         maybe_inject_fault(config.get("faults"), step, rank)
         step_t0, step_tokens0 = time.perf_counter(), progress.tokens
         for micro in range(tcfg.grad_accum):
-            idx = data_mod.micro_batch_indices(
-                len(datasets.train), step_micro=(step - 1) * tcfg.grad_accum + micro,
-                micro_batch_size=tcfg.micro_batch_size, world=world, rank=rank, seed=tcfg.seed,
-            )
-            batch = {k: v.to(device) for k, v in data_mod.collate([datasets.train[i] for i in idx], pad_id).items()}
+            batch = micro_batch(datasets.train, tcfg, step, micro, world, rank, pad_id, device)
             sync = micro == tcfg.grad_accum - 1 or world == 1
             ctx_sync = contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
             with ctx_sync, _autocast(device, precision):

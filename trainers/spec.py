@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from storage.configs import ConfigError, read_yaml, short as _short, validation_problems
+from storage.configs import ConfigError, raw_get, read_yaml, short as _short, validation_problems
 from storage.errors import RayftError
 from storage.safety import validate_name
 from trainers.methods import MethodConfig
@@ -246,20 +246,12 @@ class JobSpec(_Strict):
 # error and a cross-field error reports both at once.
 
 
-def _get(d: Any, *path: str) -> Any:
-    for key in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(key)
-    return d
-
-
 def cross_field_problems(raw: dict) -> list[str]:
     problems: list[str] = []
-    method = _get(raw, "method", "name")
-    strategy = _get(raw, "resources", "strategy")
-    workers = _get(raw, "resources", "num_workers")
-    if method == "prefix_tuning" and _get(raw, "method", "target_modules") is not None:
+    method = raw_get(raw, "method", "name")
+    strategy = raw_get(raw, "resources", "strategy")
+    workers = raw_get(raw, "resources", "num_workers")
+    if method == "prefix_tuning" and raw_get(raw, "method", "target_modules") is not None:
         problems.append(
             "method.prefix_tuning.target_modules: prefix tuning adds virtual tokens to every layer and has no "
             "target modules; remove this field"
@@ -269,9 +261,9 @@ def cross_field_problems(raw: dict) -> list[str]:
             "resources.strategy: got 'deepspeed_zero3', a 4-bit (qlora) base cannot be sharded by ZeRO-3; "
             "use strategy single/ddp, or method lora for ZeRO-3"
         )
-    if method == "qlora" and _get(raw, "model", "dtype") not in (None, "auto"):
+    if method == "qlora" and raw_get(raw, "model", "dtype") not in (None, "auto"):
         problems.append(
-            f"model.dtype: got {_get(raw, 'model', 'dtype')!r}, a qlora base is loaded in 4-bit; "
+            f"model.dtype: got {raw_get(raw, 'model', 'dtype')!r}, a qlora base is loaded in 4-bit; "
             "set method.qlora.compute_dtype instead, or leave model.dtype as auto"
         )
     if strategy == "single" and isinstance(workers, int) and workers > 1:
@@ -280,26 +272,26 @@ def cross_field_problems(raw: dict) -> list[str]:
             "set num_workers: 1 or strategy: ddp / deepspeed_zero3"
         )
     if method == "adalora":
-        init_r, target_r = _get(raw, "method", "init_r"), _get(raw, "method", "target_r")
+        init_r, target_r = raw_get(raw, "method", "init_r"), raw_get(raw, "method", "target_r")
         if isinstance(init_r, int) and isinstance(target_r, int) and target_r > init_r:
             problems.append(f"method.adalora.target_r: got {target_r}, must be <= init_r ({init_r})")
-    if _get(raw, "data", "eval") and _get(raw, "data", "eval_fraction") not in (None, 0, 0.0):
-        if "eval_fraction" in (_get(raw, "data") or {}):
+    if raw_get(raw, "data", "eval") and raw_get(raw, "data", "eval_fraction") not in (None, 0, 0.0):
+        if "eval_fraction" in (raw_get(raw, "data") or {}):
             problems.append("data.eval_fraction: set together with data.eval; give one of them (a file or a fraction)")
-    max_steps = _get(raw, "training", "max_steps")
-    warmup = _get(raw, "training", "warmup_steps")
+    max_steps = raw_get(raw, "training", "max_steps")
+    warmup = raw_get(raw, "training", "warmup_steps")
     if isinstance(max_steps, int) and isinstance(warmup, int) and warmup >= max_steps > 0:
         problems.append(f"training.warmup_steps: got {warmup}, must be < training.max_steps ({max_steps})")
-    precision = _get(raw, "training", "precision")
-    if precision == "fp16" and _get(raw, "resources", "use_gpu") is False:
+    precision = raw_get(raw, "training", "precision")
+    if precision == "fp16" and raw_get(raw, "resources", "use_gpu") is False:
         problems.append("training.precision: got 'fp16', which needs CUDA but resources.use_gpu is false; use bf16 or fp32 on CPU")
-    name = _get(raw, "output", "name")
+    name = raw_get(raw, "output", "name")
     if isinstance(name, str):
         try:
             validate_name(name)
         except RayftError as exc:
             problems.append(f"output.name: {exc}")
-    ds_extra = _get(raw, "deepspeed", "extra")
+    ds_extra = raw_get(raw, "deepspeed", "extra")
     if ds_extra and strategy not in ("deepspeed_zero3",) and not (strategy in (None, "auto") and method == "full"):
         problems.append("deepspeed.extra: set, but the job does not use strategy deepspeed_zero3; remove it or set the strategy")
     problems += deepspeed_extra_problems(ds_extra)

@@ -107,6 +107,25 @@ def build_tiny_model_dir(out_dir: str | Path, seed: int = 0, **config_overrides)
     return out
 
 
+def build_random_lora_dir(base_dir: str | Path, out_dir: str | Path, seed: int, *, r: int = 4, alpha: float = 8,
+                          targets: str | list[str] | None = None, dora: bool = False, b_std: float = 0.5) -> Path:
+    """Save a peft LoRA (or DoRA) adapter of `base_dir` whose B is random, not peft's zeros, so it changes the
+    model's answers (targets None: peft's default for the architecture)."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), peft.LoraConfig(
+        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=targets, use_dora=dora))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, b_std)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 # ---------------------------------------------------------------------------
 # Synthetic tasks with a checkable answer: (prompt, completion) pairs.
 

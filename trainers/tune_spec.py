@@ -22,6 +22,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from storage.configs import raw_get
+
 #: Methods whose runs tune can vary: they all take r, alpha, dropout and target_modules.
 TUNABLE_METHODS = ("lora", "qlora", "dora", "rslora")
 TunableMethod = Literal["lora", "qlora", "dora", "rslora"]
@@ -271,24 +273,16 @@ class TuneSpec(_Strict):
 # trainers.spec.cross_field_problems, so they are reported with every other problem).
 
 
-def _get(d: Any, *path: str) -> Any:
-    for key in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(key)
-    return d
-
-
 def tune_problems(raw: dict) -> list[str]:
     """Problems of a job's tune section against the rest of the job; [] when it has none (or does not parse)."""
-    if _get(raw, "tune") is None:
+    if raw_get(raw, "tune") is None:
         return []
     try:
         tune = TuneSpec.model_validate(raw["tune"])
     except ValidationError:
         return []  # its field errors are reported by the spec's own validation
     problems: list[str] = []
-    method = _get(raw, "method", "name")
+    method = raw_get(raw, "method", "name")
     if isinstance(method, str) and method not in TUNABLE_METHODS:
         problems.append(
             f"method.name: got {method!r}, tune searches rank/alpha/target modules of {', '.join(TUNABLE_METHODS)}; "
@@ -310,11 +304,11 @@ def tune_problems(raw: dict) -> list[str]:
                 f"tune.num_samples: got {tune.num_samples}, grid search runs each combination once; "
                 "remove num_samples, or use searcher: random/optuna/hyperopt"
             )
-    data = _get(raw, "data") or {}
+    data = raw_get(raw, "data") or {}
     if isinstance(data, dict) and not data.get("eval") and data.get("eval_fraction", 0.1) == 0:
         problems.append("data.eval_fraction: got 0, tune ranks trials by eval loss; set data.eval or an eval_fraction > 0")
-    max_steps = _get(raw, "training", "max_steps") or 100
-    eval_every = _get(raw, "training", "eval_every") or 50
+    max_steps = raw_get(raw, "training", "max_steps") or 100
+    eval_every = raw_get(raw, "training", "eval_every") or 50
     if tune.scheduler == "asha" and isinstance(max_steps, int) and isinstance(eval_every, int):
         grace = tune.asha.grace_period or eval_every
         if eval_every * 2 > max_steps:
