@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from storage.configs import ConfigError, raw_get, read_yaml, short as _short, validation_problems
 from storage.errors import RayftError
@@ -39,20 +39,47 @@ class ModelSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    train: str = Field(min_length=1, description="JSONL training file: local path or s3:// URI.")
-    eval: str | None = Field(None, description="JSONL eval file; if unset, `eval_fraction` of train is held out.")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of train rows held out for eval when `eval` is unset.")
-    format: Literal["auto", "text", "prompt_completion", "messages"] = Field(
-        "auto", description='Row shape: {"text"}, {"prompt","completion"}, {"messages":[...]}; auto detects per file.'
+    train: str = Field(
+        min_length=1,
+        description="Training data: a file, a directory, or a glob pattern, local or s3:// (read with the same S3 "
+        "configuration as the rest of rayft). Files: .jsonl, .json, .parquet, .csv; or a Hugging Face datasets "
+        "directory written by save_to_disk.",
     )
-    max_seq_len: int = Field(256, ge=8, le=131072, description="Tokens per example; longer rows are truncated.")
+    eval: str | None = Field(None, description="Eval data, same kinds of source as `train`; if unset, `eval_fraction` of train is held out.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of train rows held out for eval when `eval` is unset (chosen by a seeded hash of each row's position).")
+    format: str = Field(
+        "auto",
+        description="Row shape: text {text}, prompt_completion {prompt, completion}, messages {messages: [{role, content, "
+        "weight?}]} (OpenAI chat files), sharegpt {conversations: [{from, value}]}, alpaca {instruction, input?, output}; "
+        "auto detects per file from its first rows and says what it found.",
+    )
+    columns: dict[str, str] | None = Field(
+        None,
+        description="Map the format's fields to your columns, e.g. {prompt: question, completion: answer}; "
+        "a named column missing from the data is an error before training starts.",
+    )
+    max_seq_len: int = Field(256, ge=8, le=131072, description="Tokens per example; longer rows are truncated (and counted).")
     packing: bool = Field(False, description="Concatenate examples into full max_seq_len blocks.")
     train_on_prompt: bool = Field(False, description="Also compute loss on prompt/user tokens (default: completion only).")
-    on_bad_row: Literal["error", "skip"] = Field("error", description="A malformed row stops the job, or is skipped and counted.")
+    on_bad_row: Literal["error", "skip"] = Field("error", description="A malformed row stops the job (naming file and line), or is skipped and counted.")
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        from trainers.ingest.formats import FORMATS
+
+        if value != "auto" and value not in FORMATS:
+            raise ValueError(f"unknown format {value!r}; use auto or one of {', '.join(FORMATS)}")
+        return value
 
 
 class TrainingSpec(_Strict):
-    max_steps: int = Field(100, ge=1, description="Optimizer steps to run.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps to run (with `epochs`, computed from the preprocessed data before training).")
+    epochs: float | None = Field(
+        None, gt=0, le=10000,
+        description="Passes over the training examples, instead of max_steps: the step count is computed from the "
+        "preprocessed dataset before any worker starts (examples per worker // (micro_batch_size × grad_accum) × epochs).",
+    )
     micro_batch_size: int = Field(4, ge=1, le=4096, description="Examples per worker per forward pass.")
     grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
@@ -279,6 +306,8 @@ def cross_field_problems(raw: dict) -> list[str]:
         if "eval_fraction" in (raw_get(raw, "data") or {}):
             problems.append("data.eval_fraction: set together with data.eval; give one of them (a file or a fraction)")
     max_steps = raw_get(raw, "training", "max_steps")
+    if raw_get(raw, "training", "epochs") is not None and max_steps is not None:
+        problems.append("training.epochs: set together with training.max_steps; give one of them")
     warmup = raw_get(raw, "training", "warmup_steps")
     if isinstance(max_steps, int) and isinstance(warmup, int) and warmup >= max_steps > 0:
         problems.append(f"training.warmup_steps: got {warmup}, must be < training.max_steps ({max_steps})")

@@ -1,0 +1,154 @@
+"""Ingestion on Ray Data: the preprocessing pass over real files (local and the embedded S3 server),
+bad-data errors before any worker starts, reuse of a preprocessed dataset, and the streaming shards
+Ray Train hands each worker (disjoint, covering, the same every time)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from trainers.ingest.prepare import prepare_data
+from trainers.ingest.sources import DataError
+from trainers.spec import DataSpec
+
+
+def prep(data: DataSpec, model_dir, storage, seed: int = 0):
+    return prepare_data(data, model_source=str(model_dir), model_dir=str(model_dir), storage_uri=str(storage), seed=seed)
+
+
+def write_rows(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def read_examples(prepared, part: str = "train") -> list[tuple[list[int], list[int]]]:
+    import pyarrow.parquet as pq
+
+    from trainers.ingest.sources import filesystem_for
+
+    fs, _ = filesystem_for(prepared.uri)
+    out = []
+    for f in getattr(prepared, f"{part}_files"):
+        t = pq.read_table(f, filesystem=fs)
+        out += list(zip(t.column("input_ids").to_pylist(), t.column("labels").to_pylist()))
+    return out
+
+
+def test_prepare_from_s3_glob_with_eval_split_and_reuse(ray_session, tiny_model_dir, s3_uri, capsys):
+    from storage.store import open_store
+
+    store = open_store(s3_uri)
+    for part in range(2):
+        store.put_bytes("".join(json.dumps({"text": f"apple {part} {i} river"}) + "\n" for i in range(60)).encode(), f"d/part-{part}.jsonl")
+    store.put_bytes(b'{"text": "not matched"}\n', "d/other.parquet.bak")
+    data = DataSpec(train=f"{s3_uri}/d/part-*.jsonl", eval_fraction=0.2, max_seq_len=32)
+    prepared = prep(data, tiny_model_dir, s3_uri)
+    assert prepared.uri.startswith(s3_uri)
+    assert prepared.stats["rows_read"] == 120 and prepared.n_train + prepared.n_eval == 120
+    assert 5 <= prepared.n_eval <= 45
+    train, evals = read_examples(prepared), read_examples(prepared, "eval")
+    assert len({tuple(i) for i, _ in train + evals}) == 120  # every row exactly once, train and eval disjoint
+    out = capsys.readouterr().out
+    assert "part-0.jsonl: format text (detected)" in out
+    again = prep(data, tiny_model_dir, s3_uri)
+    assert again.reused and again.train_files == prepared.train_files
+    assert read_examples(again) == train
+
+
+def test_bad_row_deep_in_a_file_names_its_line_or_is_skipped(ray_session, tiny_model_dir, tmp_path):
+    rows = [{"prompt": f"p {i}", "completion": f" c {i}"} for i in range(40)]
+    rows[29] = '{"prompt": "p", "completion": 3}'  # line 30: past the rows checked up front
+    path = write_rows(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=r"bad.jsonl:30: expected string fields \"prompt\" and \"completion\" \(set data.on_bad_row: skip"):
+        prep(DataSpec(train=str(path), eval_fraction=0.0), tiny_model_dir, tmp_path / "store")
+    skipped = prep(DataSpec(train=str(path), eval_fraction=0.0, on_bad_row="skip"), tiny_model_dir, tmp_path / "store")
+    assert (skipped.stats["bad_rows_skipped"], skipped.n_train) == (1, 39)
+
+
+def test_parquet_bad_row_names_its_index_and_packing_stats(ray_session, tiny_model_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": f"reverse {w} =", "answer": " " + w[::-1]} for w in ["apple", "river", "stone"] * 10]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "qa.parquet")
+    data = DataSpec(train=str(tmp_path / "qa.parquet"), eval_fraction=0.0, columns={"prompt": "question", "completion": "answer"},
+                    max_seq_len=16, packing=True)
+    prepared = prep(data, tiny_model_dir, tmp_path / "store")
+    assert prepared.n_train == prepared.stats["tokens"] // 16 and 0.5 < prepared.stats["packing_efficiency"] <= 1
+    assert all(len(ids) == 16 for ids, _ in read_examples(prepared))
+    rows[25]["answer"] = ""
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "qa2.parquet")
+    with pytest.raises(DataError, match=r"qa2.parquet: row 25: \"completion\" is empty"):
+        prep(data.model_copy(update={"train": str(tmp_path / "qa2.parquet")}), tiny_model_dir, tmp_path / "store")
+
+
+@pytest.mark.parametrize("case", ["empty", "missing column", "no format", "no trainable tokens", "wrong extension", "eval too small"])
+def test_bad_data_is_one_clear_error_before_training(case, ray_session, tiny_model_dir, tmp_path):
+    path, extra, message = tmp_path / "d.jsonl", {}, None
+    if case == "empty":
+        path.write_text("\n\n")
+        message = "empty: no rows"
+    elif case == "missing column":
+        write_rows(path, [{"question": "q", "reply": "a"}])
+        extra = {"columns": {"prompt": "question", "completion": "answer"}}
+        message = r"data.columns: .*d.jsonl:1: no column 'answer' \(named in data.columns\); the row has question, reply"
+    elif case == "no format":
+        write_rows(path, [{"question": "q"}])
+        message = r"d.jsonl:1: cannot tell the format: expected one of: messages \(messages\).*set data.format or map fields"
+    elif case == "no trainable tokens":
+        write_rows(path, [{"prompt": "apple " * 30, "completion": " b"}] * 3)
+        extra = {"max_seq_len": 8}
+        message = r"d.jsonl:1: no trainable tokens after masking and truncation to max_seq_len=8"
+    elif case == "wrong extension":
+        path = tmp_path / "d.parquet"
+        write_rows(path, [{"text": "a"}])
+        message = r"d.parquet: not a Parquet file"
+    elif case == "eval too small":
+        write_rows(path, [{"text": "apple"}])
+        extra = {"eval_fraction": 0.01}
+        message = "too few to hold out eval_fraction=0.01"
+    with pytest.raises(DataError, match=message):
+        prep(DataSpec(train=str(path), **{"eval_fraction": 0.0, **extra}), tiny_model_dir, tmp_path / "store")
+
+
+@pytest.mark.slow
+def test_two_workers_get_disjoint_shards_covering_the_data_in_the_same_order(ray_session, tiny_model_dir, tmp_path):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from trainers.ingest.stream import trainer_datasets
+
+    path = write_rows(tmp_path / "t.jsonl", [{"text": f"apple {i}"} for i in range(101)])
+    prepared = prep(DataSpec(train=str(path), eval_fraction=0.0), tiny_model_dir, tmp_path / "store")
+    out = tmp_path / "seen"
+    out.mkdir()
+
+    def consume(config):
+        from trainers.ingest.stream import train_micro_batches
+
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        shard = ray.train.get_dataset_shard("train")
+        stream = train_micro_batches(shard, n_train=config["n"], world=world, micro_batch_size=5, seed=3,
+                                     start_micro=config["start"])
+        batches = [[e.input_ids for e in next(stream)] for _ in range(config["count"])]
+        (out / f"{config['tag']}-{rank}.json").write_text(json.dumps(batches))
+
+    def fit(tag: str, start: int, count: int):
+        datasets, data_config = trainer_datasets(prepared, seed=3)
+        TorchTrainer(consume, train_loop_config={"n": prepared.n_train, "start": start, "count": count, "tag": tag},
+                     datasets=datasets, dataset_config=data_config,
+                     scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False)).fit()
+        return [json.loads((out / f"{tag}-{r}.json").read_text()) for r in range(2)]
+
+    # 101 rows, 2 workers: 50 rows each = 10 micro-batches of 5 per epoch; 14 batches cross into epoch 2
+    first = fit("a", 0, 14)
+    epoch1 = [tuple(ids) for rank in first for batch in rank[:10] for ids in batch]
+    assert len(epoch1) == 100 and len(set(epoch1)) == 100  # disjoint across workers, one row left out (equal shards)
+    ranks = [{tuple(ids) for batch in rank[:10] for ids in batch} for rank in first]
+    assert not ranks[0] & ranks[1]
+    assert [b for b in first[0][10:]] != first[0][:4]  # epoch 2 is reshuffled
+    resumed = fit("b", 7, 7)  # a restarted worker skipping to micro-batch 7 sees what the first run saw
+    assert [rank[7:14] for rank in first] == resumed

@@ -1,0 +1,382 @@
+"""Preprocess a job's data once, on the cluster's CPUs, with Ray Data; the workers then stream it.
+
+Driver side, before any worker starts:
+
+1. `resolve` the sources (files, directories, globs; local or s3://) and look at the first rows of each
+   file: detect its format (`format: auto`, said on the console), check the column mapping, that the
+   tokenizer can mask the format, that the file is what its extension says. Problems here cost seconds.
+2. Ray Data reads every file in blocks and maps each block (parse → map columns → check → template →
+   tokenize → mask → truncate → split off eval → pack) on the cluster's CPUs. Each block's examples are
+   written as one Parquet file named by its source position (`<file index>-<row>.parquet`), so the
+   preprocessed dataset's order does not depend on task scheduling. A bad row stops the pass with its
+   file and line, or is skipped and counted (`on_bad_row: skip`).
+3. `stats.json` (counts, tokens, truncation, packing efficiency, detected formats, file lists) is written
+   last: it marks the preprocessed dataset complete. Its location is a hash of the sources (names,
+   sizes, mtimes), the tokenizer and the data settings, so a resumed run, a rerun and every `rayft tune`
+   trial reuse it instead of tokenizing again.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainers.ingest.formats import (
+    FORMATS, IGNORE, EncodeOptions, apply_columns, detect_format, detect_hint, encode_rows, encoder_of,
+    has_generation_markers, missing_columns, pack, truncate,
+)
+from trainers.ingest.sources import DataError, SourceFile, make_row_source, preview, resolve
+
+#: Rows per block read from a file (and per preprocessed Parquet file).
+BLOCK_ROWS = 4096
+#: Bumped whenever preprocessing changes what it writes, so old caches are not reused.
+PIPELINE_VERSION = 1
+SKIP_HINT = "(set data.on_bad_row: skip to skip such rows)"
+
+
+@dataclass
+class Prepared:
+    """Where a preprocessed dataset lives and what is in it; JSON-able, passed to every worker."""
+
+    uri: str  # the cache directory (local path or s3://...)
+    key: str
+    train_files: list[str]  # filesystem paths of the train Parquet files, in data order
+    eval_files: list[str]
+    n_train: int
+    n_eval: int
+    stats: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "Prepared":
+        return cls(**raw)
+
+
+# --- the per-block operator (runs in Ray Data tasks) -----------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_source: str, storage_uri: str | None):
+    from transformers import AutoTokenizer
+
+    from storage.models import resolve_model_dir
+
+    return AutoTokenizer.from_pretrained(resolve_model_dir(model_source, storage_uri))
+
+
+def _unit_hash(seed: int, src, pos):
+    """A uniform [0, 1) number per (seed, file, row) (splitmix64): the held-out eval rows."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        x = (np.asarray(src, dtype=np.uint64) << np.uint64(40)) ^ np.asarray(pos, dtype=np.uint64) ^ (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def parse_row(raw: bytes, columns: dict | None) -> tuple[dict | None, str | None]:
+    """A raw row → (row with `data.columns` applied, None) or (None, why it is not a row)."""
+    try:
+        row = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(row, dict):
+        return None, f"expected a JSON object, got {type(row).__name__}"
+    missing = missing_columns(row, columns)
+    if missing:
+        return None, f"no column {missing[0]!r} (named in data.columns); the row has {', '.join(sorted(row)) or 'no fields'}"
+    return apply_columns(row, columns), None
+
+
+def encode_block(rows: list[tuple[int, int, bytes]], files: list[SourceFile], formats, cfg: dict, tok) -> dict:
+    """Rows (src, row position, raw) → {"examples": [(src, pos, example, is_eval)], counts...}; raises DataError
+    on a bad row unless `cfg["on_bad_row"] == "skip"`."""
+    opts = EncodeOptions(train_on_prompt=cfg["train_on_prompt"])
+    bad, truncated = 0, 0
+    good: list[tuple[int, int, dict]] = []
+
+    def reject(src: int, pos: int, problem: str) -> None:
+        nonlocal bad
+        if cfg["on_bad_row"] != "skip":
+            raise DataError(f"{files[src].where(pos)}: {problem} {SKIP_HINT}")
+        bad += 1
+
+    for src, pos, raw in rows:
+        row, problem = parse_row(raw, cfg["columns"])
+        if problem is None:
+            problem = FORMATS[formats[src]].check(row)
+        if problem is not None:
+            reject(src, pos, problem)
+            continue
+        good.append((src, pos, row))
+    examples = []
+    by_format: dict[str, list[tuple[int, int, dict]]] = {}
+    for item in good:
+        by_format.setdefault(formats[item[0]], []).append(item)
+    for fmt, items in by_format.items():
+        for (src, pos, _), enc in zip(items, encode_rows([r for _, _, r in items], fmt, tok, opts)):
+            if isinstance(enc, str):
+                reject(src, pos, enc)
+                continue
+            if encoder_of(fmt).kind == "sft":
+                enc, cut = truncate(enc, cfg["max_seq_len"])
+                truncated += cut
+                if all(label == IGNORE for label in enc["labels"]):
+                    reject(src, pos, f"no trainable tokens after masking and truncation to max_seq_len={cfg['max_seq_len']} "
+                                     "(the prompt fills it); raise data.max_seq_len or shorten the prompt")
+                    continue
+            examples.append((src, pos, enc))
+    examples.sort(key=lambda e: (e[0], e[1]))
+    return {"examples": examples, "bad": bad, "truncated": truncated, "rows": len(rows)}
+
+
+def prepare_block(batch, *, files: list[dict], formats: list[str], cfg: dict, split: str, out_dir: str, out_fs) -> "Any":
+    """The Ray Data operator: one block of raw rows in, its examples written as Parquet, one stats row out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sources = [SourceFile(**f) for f in files]
+    srcs, poss, raws = batch.column("_src").to_pylist(), batch.column("_row").to_pylist(), batch.column("_raw").to_pylist()
+    if not srcs:
+        return pa.table({"rows": pa.array([], pa.int64())})
+    tok = _tokenizer(cfg["model_source"], cfg["storage_uri"])
+    done = encode_block(list(zip(srcs, poss, raws)), sources, formats, cfg, tok)
+    examples = done["examples"]
+    if split == "auto" and cfg["eval_fraction"] > 0 and examples:
+        u = _unit_hash(cfg["seed"], [e[0] for e in examples], [abs(e[1]) for e in examples])
+        train = [e for e, x in zip(examples, u) if x >= cfg["eval_fraction"]]
+        evals = [e for e, x in zip(examples, u) if x < cfg["eval_fraction"]]
+    elif split == "eval":
+        train, evals = [], examples
+    else:
+        train, evals = examples, []
+    tokens = sum(len(e[2]["input_ids"]) for e in train)
+    trainable = sum(sum(1 for t in e[2]["labels"] if t != IGNORE) for e in train)
+    name = f"{srcs[0]:05d}-{abs(poss[0]):012d}.parquet"
+    kept = tokens
+    if cfg["packing"] and train:
+        blocks = pack([e[2] for e in train], cfg["max_seq_len"])
+        kept = len(blocks) * cfg["max_seq_len"]
+        train = [(train[0][0], train[0][1], b) for b in blocks]
+    for part, items in (("train", train), ("eval", evals)):
+        if items:
+            table = pa.table({
+                "input_ids": pa.array([e[2]["input_ids"] for e in items], pa.list_(pa.int32())),
+                "labels": pa.array([e[2]["labels"] for e in items], pa.list_(pa.int32())),
+                "_src": pa.array([e[0] for e in items], pa.int32()),
+                "_row": pa.array([e[1] for e in items], pa.int64()),
+            })
+            pq.write_table(table, f"{out_dir}/{part}/{name}", filesystem=out_fs)
+    return pa.table({
+        "rows": [done["rows"]], "bad_rows": [done["bad"]], "truncated": [done["truncated"]],
+        "train_examples": [len(train)], "eval_examples": [len(evals)], "tokens": [tokens],
+        "trainable_tokens": [trainable], "packed_tokens": [kept],
+    })
+
+
+# --- the driver side -------------------------------------------------------------------------------
+
+
+def detect_file_formats(fs, files: list[SourceFile], data, tok, field: str) -> list[str]:
+    """Each file's format (given, or detected from its first rows), after checking those rows up front."""
+    formats = []
+    opts_cfg = _cfg(data, "", None, 0)
+    for src, f in enumerate(files):
+        rows = preview(fs, f, src)
+        if not rows:
+            formats.append(data.format if data.format != "auto" else "text")
+            continue
+        fmt = None if data.format == "auto" else data.format
+        first_problem = None
+        for pos, raw in rows:
+            row, problem = parse_row(raw, data.columns)
+            if problem is None and fmt is None:
+                fmt = detect_format(row)
+                if fmt is None:
+                    problem = f"cannot tell the format: {detect_hint()}; set data.format or map fields with data.columns"
+            if problem is not None:
+                if data.columns and problem.startswith("no column"):
+                    raise DataError(f"data.columns: {f.where(pos)}: {problem}")
+                first_problem = first_problem or (pos, problem)
+                if data.on_bad_row != "skip":
+                    raise DataError(f"{f.where(pos)}: {problem} {SKIP_HINT}")
+                continue
+            if fmt is not None:
+                break
+        if fmt is None:
+            pos, problem = first_problem
+            raise DataError(f"{f.where(pos)}: {problem}")
+        enc = encoder_of(fmt)
+        if enc.needs_chat_template and not data.train_on_prompt and not has_generation_markers(tok):
+            raise DataError(f"{f.uri}: format {fmt} needs the tokenizer's chat template to mark assistant tokens "
+                            "({% generation %} ... {% endgeneration %}), and this tokenizer's template does not; "
+                            "use a tokenizer whose template has them, or set data.train_on_prompt: true")
+        # the first rows go through the whole operator: a systematic problem (every row too long, masks
+        # empty) is reported now, before the cluster pass and before any worker starts
+        encode_block([(src, pos, raw) for pos, raw in rows], files, {src: fmt}, opts_cfg, tok)
+        formats.append(fmt)
+        print(f"[rayft] data: {f.uri}: format {fmt}" + ("" if data.format != "auto" else " (detected)")
+              + f": {FORMATS[fmt].describe}", flush=True)
+    return formats
+
+
+def _cfg(data, model_source: str, storage_uri: str | None, seed: int) -> dict:
+    return {
+        "columns": data.columns, "train_on_prompt": data.train_on_prompt, "max_seq_len": data.max_seq_len,
+        "packing": data.packing, "on_bad_row": data.on_bad_row, "eval_fraction": data.eval_fraction if not data.eval else 0.0,
+        "seed": seed, "model_source": model_source, "storage_uri": storage_uri,
+    }
+
+
+def tokenizer_fingerprint(model_dir: str) -> str:
+    """A hash of the tokenizer's files: a different tokenizer must not reuse preprocessed data."""
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in Path(model_dir).iterdir() if "token" in p.name or p.name.endswith((".jinja", "vocab.json", "merges.txt"))):
+        digest.update(name.encode())
+        digest.update((Path(model_dir) / name).read_bytes())
+    return digest.hexdigest()
+
+
+def cache_key(data, seed: int, files: dict[str, list[SourceFile]], tokenizer_fp: str) -> str:
+    spec = {k: v for k, v in data.model_dump(mode="json").items() if k not in ("train", "eval")}
+    raw = json.dumps({
+        "v": PIPELINE_VERSION, "spec": spec, "seed": seed if not data.eval else None, "tok": tokenizer_fp,
+        "files": {split: [(f.uri, f.size, f.mtime) for f in fs] for split, fs in files.items()},
+    }, sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+def _ray_error(exc: BaseException) -> DataError | None:
+    """The DataError raised inside a Ray Data task, from whatever Ray wrapped it in."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DataError):
+            return DataError(str(e).strip().splitlines()[-1])
+        stack += [e.__cause__, e.__context__]
+    for line in reversed(str(exc).splitlines()):
+        if "DataError: " in line:
+            return DataError(line.split("DataError: ", 1)[1].strip())
+    return None
+
+
+def prepare_data(data, *, model_source: str, model_dir: str, storage_uri: str, seed: int) -> Prepared:
+    """Preprocess `data` (a DataSpec) for training, or reuse an earlier identical preprocessing."""
+    import pyarrow.fs
+
+    from storage.store import pyarrow_filesystem
+    from transformers import AutoTokenizer
+
+    t0 = time.perf_counter()
+    fs, train_files = resolve(data.train, "data.train")
+    eval_fs, eval_files = resolve(data.eval, "data.eval") if data.eval else (None, [])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    key = cache_key(data, seed, {"train": train_files, "eval": eval_files}, tokenizer_fingerprint(model_dir))
+    out_fs, base = pyarrow_filesystem(storage_uri)
+    out_dir = f"{base.rstrip('/')}/datasets/{key}"
+    uri = f"{storage_uri.rstrip('/')}/datasets/{key}"
+    stats_info = out_fs.get_file_info(f"{out_dir}/stats.json")
+    if stats_info.type == pyarrow.fs.FileType.File:
+        with out_fs.open_input_stream(f"{out_dir}/stats.json") as f:
+            prepared = Prepared.from_json(json.loads(f.read()))
+        prepared.reused = True
+        print(f"[rayft] data: reusing preprocessed {uri} ({prepared.n_train} train / {prepared.n_eval} eval examples)", flush=True)
+        return prepared
+
+    train_formats = detect_file_formats(fs, train_files, data, tok, "data.train")
+    eval_formats = detect_file_formats(eval_fs, eval_files, data, tok, "data.eval") if eval_files else []
+    out_fs.delete_dir_contents(out_dir, missing_dir_ok=True)
+    for part in ("train", "eval"):
+        out_fs.create_dir(f"{out_dir}/{part}", recursive=True)
+    cfg = _cfg(data, model_source, storage_uri, seed)
+    totals: dict[str, int] = {}
+    for split, sfs, files, formats in (("auto" if not data.eval else "train", fs, train_files, train_formats),
+                                       ("eval", eval_fs, eval_files, eval_formats)):
+        if not files:
+            continue
+        for row in _run_pass(sfs, files, formats, cfg, split, out_dir, out_fs):
+            for k, v in row.items():
+                totals[k] = totals.get(k, 0) + int(v)
+    prepared = _finish(out_fs, out_dir, uri, key, data, totals, train_files + eval_files,
+                       train_formats + eval_formats, time.perf_counter() - t0)
+    with out_fs.open_output_stream(f"{out_dir}/stats.json") as f:
+        f.write(json.dumps(prepared.to_json()).encode())
+    return prepared
+
+
+def _run_pass(fs, files: list[SourceFile], formats: list[str], cfg: dict, split: str, out_dir: str, out_fs) -> list[dict]:
+    import ray.data
+
+    # one read task per file: a file's blocks are then BLOCK_ROWS rows each (not split further for
+    # parallelism), which keeps packing efficient; the map tasks still run in parallel over the blocks
+    ds = ray.data.read_datasource(make_row_source(fs, files, BLOCK_ROWS), override_num_blocks=len(files))
+    ds = ds.map_batches(
+        prepare_block, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"files": [asdict(f) for f in files], "formats": formats, "cfg": cfg, "split": split,
+                   "out_dir": out_dir, "out_fs": out_fs},
+    )
+    try:
+        return ds.take_all()
+    except Exception as exc:
+        err = _ray_error(exc)
+        if err is not None:
+            raise err from None
+        raise
+
+
+def _finish(out_fs, out_dir, uri, key, data, totals, files, formats, seconds) -> Prepared:
+    import pyarrow.fs
+
+    def listing(part: str) -> list[str]:
+        infos = out_fs.get_file_info(pyarrow.fs.FileSelector(f"{out_dir}/{part}", allow_not_found=True))
+        return sorted(i.path for i in infos if i.path.endswith(".parquet"))
+
+    n_train, n_eval = totals.get("train_examples", 0), totals.get("eval_examples", 0)
+    rows, bad = totals.get("rows", 0), totals.get("bad_rows", 0)
+    where = data.train
+    if rows == 0:
+        raise DataError(f"{where}: empty: no rows in {len(files)} file(s)")
+    if n_train == 0:
+        if data.packing and totals.get("tokens", 0) and rows > bad:
+            raise DataError(f"{where}: too little text to fill one packed block of {data.max_seq_len} tokens; "
+                            "lower data.max_seq_len or turn packing off")
+        raise DataError(f"{where}: no usable rows ({rows} read, {bad} skipped as bad)")
+    if not data.eval and data.eval_fraction > 0 and n_eval == 0:
+        raise DataError(f"{where}: {rows} rows are too few to hold out eval_fraction={data.eval_fraction} "
+                        "(no row fell into it); give data.eval or set data.eval_fraction: 0")
+    tokens = totals.get("tokens", 0)
+    stats = {
+        "rows_read": rows, "bad_rows_skipped": bad, "truncated": totals.get("truncated", 0),
+        "train_examples": n_train, "eval_examples": n_eval, "tokens": tokens,
+        "trainable_tokens": totals.get("trainable_tokens", 0),
+        "packing_efficiency": (totals.get("packed_tokens", 0) / tokens if data.packing and tokens else None),
+        "formats": {f.uri: fmt for f, fmt in zip(files, formats)},
+        "preprocess_s": round(seconds, 3), "rows_per_s": round(rows / max(seconds, 1e-9), 1),
+    }
+    return Prepared(uri=uri, key=key, train_files=listing("train"), eval_files=listing("eval"),
+                    n_train=n_train, n_eval=n_eval, stats=stats)
+
+
+def stats_line(prepared: Prepared) -> str:
+    s = prepared.stats
+    eff = f", packing efficiency {100 * s['packing_efficiency']:.1f}%" if s.get("packing_efficiency") is not None else ""
+    return (f"[rayft] data: {s['rows_read']:,} rows read, {s['bad_rows_skipped']:,} skipped, {s['truncated']:,} truncated; "
+            f"{s['train_examples']:,} train / {s['eval_examples']:,} eval examples, {s['tokens']:,} train tokens "
+            f"({s['trainable_tokens']:,} trained on){eff}; {s['rows_per_s']:,.0f} rows/s"
+            + (" (reused)" if prepared.reused else ""))
