@@ -272,16 +272,27 @@ def dir_bytes(path: Path) -> int:
 
 
 def base_eval_loss(base_dir: Path, spec) -> float:
+    """Mean token loss of the base on the eval file, with the masks rayft's pipeline builds (same encoder)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainers import data as data_mod
-    from trainers.loop import Precision, evaluate
+    from trainers.ingest.formats import IGNORE, EncodeOptions, encode_rows, truncate
+    from trainers.ingest.stream import Example, collate
 
     tok = AutoTokenizer.from_pretrained(base_dir)
-    ds = data_mod.build_datasets(spec.data, tok, spec.training.seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    return evaluate(model, ds.eval, 16, tok.pad_token_id, torch.device("cpu"), Precision("fp32", torch.float32, None), 1, 0)
+    rows = [json.loads(line) for line in Path(spec.data.eval).read_text().splitlines() if line.strip()]
+    encoded = [truncate(e, spec.data.max_seq_len)[0] for e in encode_rows(rows, "prompt_completion", tok, EncodeOptions())]
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(encoded), 16):
+            b = collate([Example(e["input_ids"], e["labels"]) for e in encoded[i:i + 16]], tok.pad_token_id)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+            labels = b["labels"][:, 1:]
+            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                       ignore_index=IGNORE, reduction="sum").item()
+            count += int((labels != IGNORE).sum())
+    return total / max(count, 1)
 
 
 # ----------------------------------------------------------------------------------- the runs

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.overhead_bench [--quick]
 
-Same model (a random ~10M-parameter Llama), same data (the `json` task), same batches (same indices,
+Same model (a random ~10M-parameter Llama), same data (the `json` task), same rows in batches (same lengths,
 same padding), same LoRA (r=8, alpha=16, q+v), same optimizer, schedule, clipping, steps and threads.
 Runs alternate plain / rayft, `repeats` times; figures are medians.
 
@@ -51,7 +51,7 @@ def plain_lora_run(model_dir: str, train_path: Path, eval_path: Path, steps: int
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-    from trainers.data import Example, collate, micro_batch_indices  # the same batches rayft draws
+    from trainers.ingest.stream import Example, collate  # the same padding and masks as rayft's batches
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def plain_lora_run(model_dir: str, train_path: Path, eval_path: Path, steps: int
     steady_tokens, steady_s = 0, 0.0
     for step in range(1, steps + 1):
         ts = time.perf_counter()
-        idx = micro_batch_indices(len(train), step_micro=step - 1, micro_batch_size=bs, world=1, rank=0, seed=0)
+        idx = [((step - 1) * bs + i) % len(train) for i in range(bs)]  # same rows and lengths, a fixed order
         batch = collate([train[i] for i in idx], tok.pad_token_id)
         loss = model(**batch).loss
         loss.backward()

@@ -143,7 +143,7 @@ def _steps(spec, model_dir: str, steps: int) -> None:
     """`train_func`'s inner loop on synthetic right-padded batches."""
     import torch
 
-    from trainers import data as data_mod
+    from trainers.ingest.stream import Example, collate
     from trainers import loop
 
     device = torch.device("cpu")
@@ -154,9 +154,9 @@ def _steps(spec, model_dir: str, steps: int) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     s, b = spec.data.max_seq_len, spec.training.micro_batch_size
-    examples = [data_mod.Example(input_ids=[5 + (i + j) % 40 for j in range(s - (1 if i == b - 1 else 0))],
+    examples = [Example(input_ids=[5 + (i + j) % 40 for j in range(s - (1 if i == b - 1 else 0))],
                                  labels=[5 + (i + j) % 40 for j in range(s - (1 if i == b - 1 else 0))]) for i in range(b)]
-    batch = data_mod.collate(examples, pad_id=0)
+    batch = collate(examples, pad_id=0)
     yield "loaded"
     for _ in range(steps):
         with loop._autocast(device, precision):

@@ -152,3 +152,58 @@ def test_two_workers_get_disjoint_shards_covering_the_data_in_the_same_order(ray
     assert [b for b in first[0][10:]] != first[0][:4]  # epoch 2 is reshuffled
     resumed = fit("b", 7, 7)  # a restarted worker skipping to micro-batch 7 sees what the first run saw
     assert [rank[7:14] for rank in first] == resumed
+
+
+def reverse_rows(n: int, seed: int) -> list[tuple[str, str]]:
+    from trainers.tiny import task_examples
+
+    return [(r["prompt"], r["completion"]) for r in task_examples("reverse", n, seed=seed)]
+
+
+@pytest.mark.slow
+def test_every_source_kind_and_row_format_trains(ray_session, tiny_model_dir, s3_uri, local_uri, tmp_path):
+    """One directory holding JSONL (prompt/completion), Parquet (OpenAI chat with weight 0), CSV (Alpaca) and a
+    datasets directory (ShareGPT); eval from the embedded S3 server. Training lowers the eval loss."""
+    import csv
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from storage.store import open_store
+    from tests.conftest import make_job
+    from trainers.ingest.prepare import prepare_for_job
+    from trainers.ingest.stream import read_examples
+    from trainers.loop import Precision, mean_loss
+    from trainers.run import run_training
+
+    d = tmp_path / "mixed"
+    rows = reverse_rows(160, seed=1)
+    write_rows(d / "a.jsonl", [{"prompt": p, "completion": c} for p, c in rows[:40]])
+    pq.write_table(pa.Table.from_pylist([{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "x", "weight": 0},
+                                                       {"role": "user", "content": p}, {"role": "assistant", "content": c.strip()}]}
+                                         for p, c in rows[40:80]]), d / "b.parquet")
+    with open(d / "c.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["instruction", "input", "output"])
+        w.writerows([(p, "", c.strip()) for p, c in rows[80:120]])
+    datasets.Dataset.from_list([{"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": c.strip()}]}
+                                for p, c in rows[120:]]).save_to_disk(str(d / "hf"))
+    open_store(s3_uri).put_bytes("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in reverse_rows(30, seed=2)).encode(),
+                                 "eval/reverse.jsonl")
+    spec = make_job(tiny_model_dir, d, local_uri, {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
+                    data={"eval": f"{s3_uri}/eval/*.jsonl", "eval_fraction": 0.0, "max_seq_len": 48},
+                    training={"max_steps": 16, "eval_every": 16, "checkpoint_every": 16})
+    result = run_training(spec, publish=False)
+    _, prepared = prepare_for_job(spec, local_uri)
+    assert prepared.reused and sorted(prepared.stats["formats"].values()) == ["alpaca", "messages", "prompt_completion", "sharegpt"]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = mean_loss(AutoModelForCausalLM.from_pretrained(tiny_model_dir), read_examples(prepared), 8, tok.pad_token_id,
+                     torch.device("cpu"), Precision("fp32", torch.float32, None))
+    assert result.metrics["eval_loss"] < base - 0.5, (result.metrics["eval_loss"], base)
+    with result.checkpoint.as_directory() as ckpt:
+        from trainers.state_io import load_state
+
+        assert load_state(ckpt, "trainer_state")["data"]["train_examples"] == 160

@@ -265,13 +265,14 @@ def test_cli_merges_and_refuses(registry, capsys):
 
 def task_loss(model, tokenizer, task: str) -> float:
     """Mean completion-token NLL on 60 rows of `task` drawn with a seed the training data did not use."""
-    from trainers import data as data_mod
-    from trainers.loop import Precision, evaluate
+    from trainers.ingest.formats import EncodeOptions, encode_rows, truncate
+    from trainers.ingest.stream import Example
+    from trainers.loop import Precision, mean_loss
     from trainers.tiny import task_examples
 
     rows = task_examples(task, 60, seed=99)
-    examples = [data_mod.encode_row(r, "prompt_completion", tokenizer, 48, False) for r in rows]
-    return evaluate(model, examples, 16, tokenizer.pad_token_id, torch.device("cpu"), Precision("fp32", torch.float32, None), 1, 0)
+    examples = [Example(**truncate(e, 48)[0]) for e in encode_rows(rows, "prompt_completion", tokenizer, EncodeOptions())]
+    return mean_loss(model, examples, 16, tokenizer.pad_token_id, torch.device("cpu"), Precision("fp32", torch.float32, None))
 
 
 @pytest.mark.slow

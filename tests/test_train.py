@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 from storage.registry import open_registry
 from storage.store import open_store
 from tests.conftest import make_job
-from trainers import data as data_mod
-from trainers.loop import PROBE_NAME, STATE_NAME, Precision, evaluate
+from trainers.ingest.prepare import prepare_for_job
+from trainers.ingest.stream import read_examples
+from trainers.loop import PROBE_NAME, STATE_NAME, Precision, mean_loss
 from trainers.run import TrainingFailed, run_training
 from trainers.state_io import load_state
 
@@ -46,9 +47,9 @@ def base_eval_loss(spec, model_dir) -> float:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ds = data_mod.build_datasets(spec.data, tok, spec.training.seed)
+    _, prepared = prepare_for_job(spec, spec.storage.uri)  # the run's own preprocessed data (reused)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return evaluate(model, ds.eval, 8, tok.pad_token_id, torch.device("cpu"), Precision("fp32", torch.float32, None), 1, 0)
+    return mean_loss(model, read_examples(prepared), 8, tok.pad_token_id, torch.device("cpu"), Precision("fp32", torch.float32, None))
 
 
 def peft_reference_count(model_dir, make_config) -> int:

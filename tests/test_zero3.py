@@ -39,13 +39,14 @@ def zero3_job(model_dir, data, uri, method: dict, name: str, **sections):
 def base_eval_loss(spec, model_dir) -> float:
     from transformers import AutoTokenizer
 
-    from trainers import data as data_mod
-    from trainers.loop import Precision, evaluate
+    from trainers.ingest.prepare import prepare_for_job
+from trainers.ingest.stream import read_examples
+    from trainers.loop import Precision, mean_loss
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ds = data_mod.build_datasets(spec.data, tok, spec.training.seed)
+    _, prepared = prepare_for_job(spec, spec.storage.uri)  # the run's own preprocessed data (reused)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return evaluate(model, ds.eval, 4, tok.pad_token_id, torch.device("cpu"), Precision("fp32", torch.float32, None), 1, 0)
+    return mean_loss(model, read_examples(prepared), 4, tok.pad_token_id, torch.device("cpu"), Precision("fp32", torch.float32, None))
 
 
 def fp32_weights_from_shards(step_dir: Path) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainers import data as data_mod
+from trainers.ingest.stream import WorkerData
 from trainers.loop import (
     ADAPTER_DIR,
     MODEL_DIR,
@@ -49,7 +49,6 @@ from trainers.loop import (
     decide_precision,
     evaluate,
     maybe_inject_fault,
-    micro_batch,
     newest_checkpoint,
     peak_rss_bytes,
     probe_logits,
@@ -370,7 +369,8 @@ def train_func_zero3(config: dict) -> None:
     model_dir = _model_dir(spec, config.get("storage_uri"), ctx.get_local_rank())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    datasets = data_mod.build_datasets(spec.data, tokenizer, tcfg.seed)
+    data = WorkerData(config, micro_batch_size=tcfg.micro_batch_size, grad_accum=tcfg.grad_accum, seed=tcfg.seed,
+                      world=world, rank=rank)
 
     t0 = time.perf_counter()
     model = load_model_zero3(spec, model_dir, precision, tcfg.max_steps)
@@ -395,6 +395,7 @@ def train_func_zero3(config: dict) -> None:
         start_step, history, resumes = state["step"], state["history"], state["resumes"] + [state["step"]]
         if rank == 0:
             say(f"[rayft] resumed from checkpoint at step {start_step}")
+    data.start(start_step)
     shares_init = [None] * world
     torch.distributed.all_gather_object(shares_init, after_init)
 
@@ -405,7 +406,7 @@ def train_func_zero3(config: dict) -> None:
             f"precision {precision.name}, workers {world}; rank 0 holds {mine['partition']:,} params "
             f"({mine['partition_bytes'] / 2**20:.2f} MiB) + {mine['gathered']:,} gathered; "
             f"deepspeed init {init_s:.1f} s, model build {build_s:.1f} s; "
-            f"train {len(datasets.train)} / eval {len(datasets.eval)} examples"
+            f"train {data.n_train} / eval {data.n_eval} examples (streamed)"
         )
     progress = Progress(tcfg.max_steps, start_step)
     running_loss, running_n, eval_loss = 0.0, 0, None
@@ -415,7 +416,7 @@ def train_func_zero3(config: dict) -> None:
         maybe_inject_fault(config.get("faults"), step, rank)
         step_t0, step_tokens0 = time.perf_counter(), progress.tokens
         for micro in range(tcfg.grad_accum):
-            batch = micro_batch(datasets.train, tcfg, step, micro, world, rank, pad_id, device)
+            batch = data.micro_batch(pad_id, device)
             loss = engine(**batch).loss
             engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
             engine.step()  # steps the optimizer (clip, AdamW, schedule) at the accumulation boundary only
@@ -434,8 +435,8 @@ def train_func_zero3(config: dict) -> None:
             continue
         shares = [None] * world  # between steps, before an eval pass fills DeepSpeed's parameter cache
         torch.distributed.all_gather_object(shares, rank_parameter_share(engine.module))
-        if do_eval and datasets.eval:
-            eval_loss = evaluate(engine, datasets.eval, tcfg.micro_batch_size, pad_id, device, precision, world, rank, lockstep=True)
+        if do_eval and data.n_eval:
+            eval_loss = evaluate(engine, data, tcfg.micro_batch_size, pad_id, device, precision, world, lockstep=True)
         history.append({"step": step, "train_loss": train_loss, "eval_loss": eval_loss if do_eval else None})
         running_loss, running_n = 0.0, 0
         metrics = {
@@ -453,11 +454,11 @@ def train_func_zero3(config: dict) -> None:
             continue
         final = None
         if step == tcfg.max_steps:
-            probe = probe_logits(engine, datasets, device, precision)
+            probe = probe_logits(engine, data, device, precision)
             weights = gathered_trainable_state(engine.module) if is_adapter else gathered_model_state(engine)
             final = {"is_adapter": is_adapter, "weights": weights, "probe": probe}
         state = {
-            "step": step, "history": history, "resumes": resumes,
+            "step": step, "history": history, "resumes": resumes, "data": data.stats,
             "zero3": {"after_init": shares_init, "now": shares, "step_time_s": metrics["step_time_s"], **timings},
         }
         _report_zero3_checkpoint(engine, metrics, state, final, rank, world)

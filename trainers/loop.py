@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainers import data as data_mod
+from trainers.ingest.formats import IGNORE
+from trainers.ingest.stream import WorkerData, collate
 from trainers.methods import method_module
 from storage.models import resolve_model_dir
 from trainers.spec import JobSpec, TrainingSpec
@@ -195,19 +196,40 @@ class Progress:
 
 
 def evaluate(
-    model, examples, batch_size: int, pad_id: int, device, precision: Precision, world: int, rank: int, lockstep: bool = False
+    model, data: WorkerData, batch_size: int, pad_id: int, device, precision: Precision, world: int, lockstep: bool = False
 ) -> float:
-    """Mean token loss on `examples`, each rank taking its share. `lockstep`: every rank runs the same number of
+    """Mean token loss on the eval rows, each rank taking its share. `lockstep`: every rank runs the same number of
     forward passes, topping up with passes that count nothing (ZeRO-3 gathers each layer from all ranks in forward)."""
+
+    def batches():
+        passes = 0
+        for batch in data.eval_batches(batch_size):
+            passes += 1
+            yield batch, True
+        while lockstep and passes < data.eval_passes(batch_size):
+            passes += 1
+            yield [data.probe_example()], False
+
+    total = loss_sums(model, batches(), pad_id, device, precision)
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def mean_loss(model, examples: list, batch_size: int, pad_id: int, device, precision: Precision) -> float:
+    """Mean token loss of `model` on a list of examples (one process; for tools and tests)."""
+    batches = ((examples[i:i + batch_size], True) for i in range(0, len(examples), batch_size))
+    total = loss_sums(model, batches, pad_id, device, precision)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def loss_sums(model, batches, pad_id: int, device, precision: Precision) -> torch.Tensor:
+    """(summed token loss, trained tokens) over (examples, counts) batches; batches that do not count only run."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    batches = [(batch, True) for batch in data_mod.eval_batches(examples, batch_size, world, rank)]
-    if lockstep:
-        most = math.ceil(math.ceil(len(examples) / world) / batch_size)
-        batches += [(examples[:1], False)] * (most - len(batches))
     with torch.no_grad():
         for batch, counts in batches:
-            b = {k: v.to(device) for k, v in data_mod.collate(batch, pad_id).items()}
+            b = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
             with _autocast(device, precision):
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             n_virtual = logits.shape[1] - b["input_ids"].shape[1]  # prefix tuning prepends none to logits, but be safe
@@ -216,14 +238,12 @@ def evaluate(
             shift_labels = b["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(
                 shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                ignore_index=data_mod.IGNORE, reduction="sum",
+                ignore_index=IGNORE, reduction="sum",
             )
             if counts:
-                total += torch.tensor([loss.item(), (shift_labels != data_mod.IGNORE).sum().item()], dtype=torch.float64, device=device)
-    if world > 1:
-        torch.distributed.all_reduce(total)
+                total += torch.tensor([loss.item(), (shift_labels != IGNORE).sum().item()], dtype=torch.float64, device=device)
     model.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+    return total
 
 
 def _autocast(device: torch.device, precision: Precision):
@@ -238,19 +258,6 @@ def build_scheduler(training: TrainingSpec, optimizer):
 
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[training.schedule]
     return get_scheduler(schedule, optimizer, num_warmup_steps=training.warmup_steps, num_training_steps=training.max_steps)
-
-
-def micro_batch(train: list, tcfg, step: int, micro: int, world: int, rank: int, pad_id: int,
-                device: torch.device) -> dict[str, torch.Tensor]:
-    """Rank `rank`'s micro-batch `micro` of optimizer step `step` (1-based), padded and on `device`.
-
-    A pure function of (seed, step, micro): a resumed run replays exactly the batches it would have seen.
-    """
-    idx = data_mod.micro_batch_indices(
-        len(train), step_micro=(step - 1) * tcfg.grad_accum + micro,
-        micro_batch_size=tcfg.micro_batch_size, world=world, rank=rank, seed=tcfg.seed,
-    )
-    return {k: v.to(device) for k, v in data_mod.collate([train[i] for i in idx], pad_id).items()}
 
 
 def maybe_inject_fault(faults: dict | None, step: int, rank: int) -> None:
@@ -362,7 +369,8 @@ def train_func(config: dict) -> None:
     model_dir = resolve_model_dir(spec.model.source, config.get("storage_uri"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    datasets = data_mod.build_datasets(spec.data, tokenizer, tcfg.seed)
+    data = WorkerData(config, micro_batch_size=tcfg.micro_batch_size, grad_accum=tcfg.grad_accum, seed=tcfg.seed,
+                      world=world, rank=rank)
 
     model = load_model(spec, model_dir, precision, device, tcfg.max_steps)
     trainable, total = count_parameters(model)
@@ -387,13 +395,14 @@ def train_func(config: dict) -> None:
         start_step, history, resumes = state["step"], state["history"], state["resumes"] + [state["step"]]
         if rank == 0:
             say(f"[rayft] resumed from checkpoint at step {start_step}")
+    data.start(start_step)
 
     if rank == 0:
         say(
             f"[rayft] {spec.method.name}: trainable {trainable:,} / {total:,} params "
             f"({100 * trainable / max(total, 1):.3f}%), precision {precision.name}, workers {world}, "
-            f"train {len(datasets.train)} / eval {len(datasets.eval)} examples"
-            + (f", {datasets.skipped_rows} bad rows skipped" if datasets.skipped_rows else "")
+            f"train {data.n_train} / eval {data.n_eval} examples (streamed)"
+            + (f", {data.stats['bad_rows_skipped']} bad rows skipped" if data.stats.get("bad_rows_skipped") else "")
         )
     progress = Progress(tcfg.max_steps, start_step)
     inner = _unwrap(model)
@@ -404,7 +413,7 @@ def train_func(config: dict) -> None:
         maybe_inject_fault(config.get("faults"), step, rank)
         step_t0, step_tokens0 = time.perf_counter(), progress.tokens
         for micro in range(tcfg.grad_accum):
-            batch = micro_batch(datasets.train, tcfg, step, micro, world, rank, pad_id, device)
+            batch = data.micro_batch(pad_id, device)
             sync = micro == tcfg.grad_accum - 1 or world == 1
             ctx_sync = contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
             with ctx_sync, _autocast(device, precision):
@@ -433,8 +442,8 @@ def train_func(config: dict) -> None:
         train_loss = running_loss / running_n
         do_eval = step % tcfg.eval_every == 0 or step == tcfg.max_steps
         do_ckpt = step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps
-        if do_eval and datasets.eval:
-            eval_loss = evaluate(model, datasets.eval, tcfg.micro_batch_size, pad_id, device, precision, world, rank)
+        if do_eval and data.n_eval:
+            eval_loss = evaluate(model, data, tcfg.micro_batch_size, pad_id, device, precision, world)
         if do_eval or do_ckpt:
             history.append({"step": step, "train_loss": train_loss, "eval_loss": eval_loss if do_eval else None})
             running_loss, running_n = 0.0, 0
@@ -445,17 +454,17 @@ def train_func(config: dict) -> None:
                 "steady_tokens_per_s": progress.steady_tokens_per_s(), "peak_rss_bytes": peak_rss_bytes(),
             }
             if do_ckpt:
-                probe = probe_logits(model, datasets, device, precision) if step == tcfg.max_steps else None
-                state = {"step": step, "history": history, "resumes": resumes}
+                probe = probe_logits(model, data, device, precision) if step == tcfg.max_steps else None
+                state = {"step": step, "history": history, "resumes": resumes, "data": data.stats}
                 _report_with_checkpoint(metrics, model, optimizer, scheduler, state, probe, is_adapter, rank, world)
             else:
                 ray.train.report(metrics)
 
 
-def probe_logits(model, datasets, device, precision: Precision) -> dict[str, torch.Tensor]:
+def probe_logits(model, data: WorkerData, device, precision: Precision) -> dict[str, torch.Tensor]:
     """Logits of the final model on one fixed example, kept with the last checkpoint so anyone
     can check that the published artifact reproduces the model as it was at the end of training."""
-    example = (datasets.eval or datasets.train)[0]
+    example = data.probe_example()
     ids = torch.tensor([example.input_ids], device=device)
     model.eval()
     with torch.no_grad(), _autocast(device, precision):

@@ -82,8 +82,11 @@ def stage_artifact(checkpoint_dir: Path, model_dir: str, is_adapter: bool, out: 
         for name in TOKENIZER_FILES:
             if (Path(model_dir) / name).exists() and not (out / name).exists():
                 shutil.copy2(Path(model_dir) / name, out / name)
-    history = load_state(checkpoint_dir, STATE_NAME)["history"]
+    state = load_state(checkpoint_dir, STATE_NAME)
+    history = state["history"]
     (out / "history.json").write_text(json.dumps(history, indent=1))
+    if state.get("data"):  # the preprocessing statistics of the data the run trained on
+        (out / "data_stats.json").write_text(json.dumps(state["data"], indent=1))
     plot_loss_curve(history, out / "loss_curve.png")
     return out
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from storage.errors import RayftError
 from storage.registry import Manifest, Registry
 from storage.store import default_storage_uri, open_store, pyarrow_filesystem
+from trainers.ingest.prepare import Prepared, prepare_for_job
+from trainers.ingest.stream import trainer_datasets
 from trainers.loop import train_func
 from storage.models import resolve_model_dir
 from trainers.publish import checkpoint_for_publishing, publish_run
@@ -94,15 +96,21 @@ def train_function(spec: JobSpec):
     return train_func
 
 
-def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, faults: dict | None = None, callbacks: list | None = None):
-    """A TorchTrainer for the job; `callbacks` are Ray Train callbacks (e.g. Tune's TuneReportCallback)."""
+def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, prepared: Prepared, faults: dict | None = None,
+                  callbacks: list | None = None):
+    """A TorchTrainer for the job, streaming the preprocessed data `prepared` into its workers;
+    `callbacks` are Ray Train callbacks (e.g. Tune's TuneReportCallback)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     fs, base_path = pyarrow_filesystem(storage_uri)
+    datasets, dataset_config = trainer_datasets(prepared, spec.training.seed)
     return TorchTrainer(
         train_function(spec),
-        train_loop_config={"spec": spec.model_dump(mode="json"), "storage_uri": storage_uri, "run_id": run_id, "faults": faults},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "storage_uri": storage_uri, "run_id": run_id, "faults": faults,
+                           "data": prepared.to_json()},
+        datasets=datasets,
+        dataset_config=dataset_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.resources.num_workers,
             use_gpu=use_gpu(spec),
@@ -135,10 +143,11 @@ def run_training(
     spec = with_resolved_cpus(with_absolute_paths(spec))
     print(f"[rayft] run {run_id}: {spec.method.name} on {spec.resources.num_workers} worker(s) "
           f"× {spec.resources.cpus_per_worker:g} CPU(s), storage {storage_uri}", flush=True)
+    spec, prepared = prepare_for_job(spec, storage_uri)
     import ray.train
 
     try:
-        result = build_trainer(spec, run_id, storage_uri, faults).fit()
+        result = build_trainer(spec, run_id, storage_uri, prepared, faults).fit()
     except ray.train.TrainingFailedError as exc:
         raise TrainingFailed(f"run {run_id} failed: {root_cause(exc)}") from None
     if result.error is not None:
@@ -183,6 +192,8 @@ def with_absolute_paths(spec: JobSpec) -> JobSpec:
         if value is None or "://" in value or value.startswith("registry:"):
             return value
         path = Path(value).expanduser()
+        if field.startswith("data.") and any(c in value for c in "*?["):
+            return str(path.absolute())  # a glob: trainers.ingest.sources says if it matches nothing
         if path.exists():
             return str(path.resolve())
         if field.startswith("data."):

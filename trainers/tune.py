@@ -216,6 +216,7 @@ class SearchContext:
     spec: JobSpec  # the base job, with absolute local paths
     run_id: str
     storage_uri: str
+    data: dict | None = None  # the preprocessed data every trial streams (trainers.ingest.prepare.Prepared as JSON)
 
 
 def train_run_id(run_id: str, trial_id: str) -> str:
@@ -235,7 +236,11 @@ def trial_driver(config: dict[str, Any], context: SearchContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     spec = trial_spec(context.spec, config, source=f"trial {trial_id}")
     run_id = train_run_id(context.run_id, trial_id)
-    result = build_trainer(spec, run_id, context.storage_uri, callbacks=[TuneReportCallback()]).fit()
+    from trainers.ingest.prepare import Prepared
+
+    # every trial streams the one dataset the search's driver preprocessed: no trial tokenizes again
+    result = build_trainer(spec, run_id, context.storage_uri, Prepared.from_json(context.data),
+                           callbacks=[TuneReportCallback()]).fit()
     # A retried or resumed trial whose Train run had already reached its last step reports
     # nothing in this attempt, and Tune fails the whole search on a trial without a result:
     # repeat the run's last report (the same step twice is harmless to ASHA and the records).
@@ -565,6 +570,7 @@ def run_search(
     source: str = "<spec>",
 ) -> SearchResult:
     """Run the job's search on Ray Tune, then publish the best trial's adapter."""
+    from trainers.ingest.prepare import prepare_for_job
     from trainers.run import ensure_ray, with_absolute_paths
 
     preflight(spec, source)
@@ -574,7 +580,8 @@ def run_search(
     run_id = run_id or new_search_id(spec)
     open_store(storage_uri).put_bytes(spec.model_dump_json(indent=1).encode(), f"{TUNE_DIR}/{run_id}/job.json")
     ensure_ray(address)
-    context = SearchContext(spec=spec, run_id=run_id, storage_uri=storage_uri)
+    spec, prepared = prepare_for_job(spec, storage_uri)
+    context = SearchContext(spec=spec, run_id=run_id, storage_uri=storage_uri, data=prepared.to_json())
     concurrent = concurrency(context)
     return _fit(context, _new_tuner(context, concurrent, on_progress), concurrent)
 
@@ -591,6 +598,7 @@ def resume_search(
     which case its saved result is returned as it is. Progress goes to the callback the
     search started with (Tune restores it with the experiment).
     """
+    from trainers.ingest.prepare import prepare_for_job
     from trainers.run import ensure_ray
 
     storage_uri = storage_uri or default_storage_uri()
@@ -606,7 +614,8 @@ def resume_search(
         )
     spec = parse_job_spec(json.loads(store.get_bytes(job_key)), store.uri_for(job_key))
     ensure_ray(address)
-    context = SearchContext(spec=spec, run_id=run_id, storage_uri=storage_uri)
+    spec, prepared = prepare_for_job(spec, storage_uri)  # reuses the preprocessing the search started with
+    context = SearchContext(spec=spec, run_id=run_id, storage_uri=storage_uri, data=prepared.to_json())
     path = f"{experiment_location(storage_uri)}/{run_id}"
     if not tune.Tuner.can_restore(path):
         raise NotFound(

@@ -184,16 +184,25 @@ def missing_columns(row: dict, columns: dict[str, str] | None) -> list[str]:
 # --- encoders -----------------------------------------------------------------------------------
 
 
+def token_ids(tok, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text without special tokens: the Rust tokenizer directly when there is one (the same ids
+    as `tok(texts, add_special_tokens=False)`, without transformers' per-row Python conversion)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tok(texts, add_special_tokens=False)["input_ids"]
+
+
 def _encode_text(rows: list[dict], tok, opts: EncodeOptions) -> list[dict[str, list[int]]]:
     eos = tok.eos_token_id
-    ids = tok([r["text"] for r in rows], add_special_tokens=False)["input_ids"]
+    ids = token_ids(tok, [r["text"] for r in rows])
     return [{"input_ids": list(i) + [eos], "labels": list(i) + [eos]} for i in ids]
 
 
 def _encode_prompt_completion(rows: list[dict], tok, opts: EncodeOptions) -> list[dict[str, list[int]]]:
     eos = tok.eos_token_id
-    prompts = tok([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
-    completions = tok([r["completion"] for r in rows], add_special_tokens=False)["input_ids"]
+    prompts = token_ids(tok, [r["prompt"] for r in rows])
+    completions = token_ids(tok, [r["completion"] for r in rows])
     out = []
     for p, c in zip(prompts, completions):
         c = list(c) + [eos]

@@ -325,7 +325,10 @@ def _run_pass(fs, files: list[SourceFile], formats: list[str], cfg: dict, split:
 
     # one read task per file: a file's blocks are then BLOCK_ROWS rows each (not split further for
     # parallelism), which keeps packing efficient; the map tasks still run in parallel over the blocks
-    ds = ray.data.read_datasource(make_row_source(fs, files, BLOCK_ROWS), override_num_blocks=len(files))
+    # reading is light (split lines); it gets a fraction of a CPU so Ray Data does not fuse it with the
+    # tokenizing map, which then runs as parallel tasks over the blocks of even a single file
+    ds = ray.data.read_datasource(make_row_source(fs, files, BLOCK_ROWS), override_num_blocks=len(files),
+                                  ray_remote_args={"num_cpus": 0.25})
     ds = ds.map_batches(
         prepare_block, batch_size=None, batch_format="pyarrow",
         fn_kwargs={"files": [asdict(f) for f in files], "formats": formats, "cfg": cfg, "split": split,
@@ -380,3 +383,34 @@ def stats_line(prepared: Prepared) -> str:
             f"{s['train_examples']:,} train / {s['eval_examples']:,} eval examples, {s['tokens']:,} train tokens "
             f"({s['trainable_tokens']:,} trained on){eff}; {s['rows_per_s']:,.0f} rows/s"
             + (" (reused)" if prepared.reused else ""))
+
+
+def prepare_for_job(spec, storage_uri: str):
+    """The job's data preprocessed (or reused) and the spec with `training.epochs` turned into `max_steps`.
+
+    Everything that can be wrong with the data is reported here, before any worker starts."""
+    from storage.models import resolve_model_dir
+    from trainers.ingest.stream import micro_batches_per_epoch, steps_per_epoch
+
+    model_dir = resolve_model_dir(spec.model.source, storage_uri)
+    prepared = prepare_data(spec.data, model_source=spec.model.source, model_dir=str(model_dir),
+                            storage_uri=storage_uri, seed=spec.training.seed)
+    print(stats_line(prepared), flush=True)
+    t, workers = spec.training, spec.resources.num_workers
+    if micro_batches_per_epoch(prepared.n_train, workers, t.micro_batch_size) < 1:
+        raise DataError(f"{spec.data.train}: {prepared.n_train} training examples are too few for {workers} worker(s) × "
+                        f"training.micro_batch_size {t.micro_batch_size}; add data or lower micro_batch_size")
+    if t.epochs is not None:
+        per_epoch = steps_per_epoch(prepared.n_train, workers, t.micro_batch_size, t.grad_accum)
+        steps = int(per_epoch * t.epochs)
+        if steps < 1:
+            raise DataError(f"training.epochs: {t.epochs} epoch(s) of {prepared.n_train} examples is less than one optimizer step "
+                            f"({workers} worker(s) × micro_batch_size {t.micro_batch_size} × grad_accum {t.grad_accum}); "
+                            "raise epochs or lower the batch size")
+        if t.warmup_steps >= steps:
+            raise DataError(f"training.warmup_steps: got {t.warmup_steps}, must be < the {steps} steps that "
+                            f"training.epochs={t.epochs} makes")
+        print(f"[rayft] data: {t.epochs:g} epoch(s) = {steps} steps of {per_epoch} per epoch", flush=True)
+        training = t.model_copy(update={"max_steps": steps, "epochs": None})
+        spec = spec.model_copy(update={"training": training})
+    return spec, prepared

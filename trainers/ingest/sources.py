@@ -18,7 +18,6 @@ from storage.errors import RayftError
 
 #: File kinds by extension.
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-HF_MARKERS = ("dataset_info.json", "state.json")
 GLOB_CHARS = "*?["
 
 
@@ -108,22 +107,30 @@ def _source(fs, uri: str, path: str, field: str, strict: bool = False, kind: str
 
 
 def _directory(fs, uri: str, path: str, field: str) -> list[SourceFile]:
+    """Every supported file under `path`, sorted; a `datasets` directory inside (or `path` itself) counts as its
+    Arrow shards in their own order, and its metadata files are not data."""
     import pyarrow.fs
 
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
-    names = {i.path.rsplit("/", 1)[-1] for i in infos if i.type == pyarrow.fs.FileType.File}
-    if "dataset_dict.json" in names:
+    infos = [i for i in fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True)) if i.type == pyarrow.fs.FileType.File]
+    by_dir: dict[str, set[str]] = {}
+    for i in infos:
+        parent, _, name = i.path.rpartition("/")
+        by_dir.setdefault(parent, set()).add(name)
+    if "dataset_dict.json" in by_dir.get(path, set()):
         raise DataError(f"{field}: {uri} is a DatasetDict with several splits; point {field} at one split's "
                         "directory (e.g. .../train)")
-    if any(m in names for m in HF_MARKERS):
-        arrows = _hf_arrow_files(fs, path)
+    hf_dirs = sorted(d for d, names in by_dir.items() if "state.json" in names and "dataset_info.json" in names)
+    out: list[tuple[str, SourceFile]] = []
+    for d in hf_dirs:
+        arrows = _hf_arrow_files(fs, d)
         if not arrows:
-            raise DataError(f"{field}: {uri} looks like a datasets directory but has no .arrow files")
-        return [_source(fs, uri, p, field, kind="arrow") for p in arrows]
-    files = sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.File and _kind(i.path))
-    if not files:
-        raise DataError(f"{field}: {uri} holds no .jsonl, .json, .parquet or .csv files")
-    return [_source(fs, uri, p, field) for p in files]
+            raise DataError(f"{field}: {d} looks like a datasets directory but has no .arrow files")
+        out += [(d, _source(fs, uri, p, field, kind="arrow")) for p in arrows]
+    inside_hf = lambda p: any(p.startswith(d + "/") for d in hf_dirs)
+    out += [(i.path, _source(fs, uri, i.path, field)) for i in infos if _kind(i.path) and not inside_hf(i.path)]
+    if not out:
+        raise DataError(f"{field}: {uri} holds no .jsonl, .json, .parquet or .csv files and no datasets directory")
+    return [f for _, f in sorted(out, key=lambda x: x[0])]
 
 
 def _hf_arrow_files(fs, path: str) -> list[str]:

@@ -74,6 +74,21 @@ def trainer_datasets(prepared, seed: int) -> tuple[dict, object]:
     return datasets, config
 
 
+def read_examples(prepared, part: str = EVAL) -> list[Example]:
+    """Every preprocessed example of `part` in file order, in memory: for tools and tests on small data
+    (training never does this; it streams)."""
+    import pyarrow.parquet as pq
+
+    from trainers.ingest.sources import filesystem_for
+
+    fs, _ = filesystem_for(prepared.uri)
+    out: list[Example] = []
+    for path in prepared.train_files if part == TRAIN else prepared.eval_files:
+        table = pq.read_table(path, filesystem=fs, columns=["input_ids", "labels"])
+        out += [Example(i, l) for i, l in zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist())]
+    return out
+
+
 def _examples(batch: dict) -> list[Example]:
     return [Example([int(t) for t in ids], [int(t) for t in labels]) for ids, labels in zip(batch["input_ids"], batch["labels"])]
 
@@ -124,3 +139,67 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
         attn[i, : len(e.input_ids)] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+
+
+class WorkerData:
+    """One worker's view of the job's data: its streaming train shard, the eval rows it evaluates, the counts.
+
+    `config["data"]` is the driver's `Prepared` (trainers.ingest.prepare) as JSON; the shards come from
+    `ray.train.get_dataset_shard`. Call `start(step)` once the step to continue from is known."""
+
+    def __init__(self, config: dict, *, micro_batch_size: int, grad_accum: int, seed: int, world: int, rank: int):
+        import ray.train
+
+        from trainers.ingest.prepare import Prepared
+
+        self.prepared = Prepared.from_json(config["data"])
+        self.micro_batch_size, self.grad_accum, self.seed = micro_batch_size, grad_accum, seed
+        self.world, self.rank = world, rank
+        self.train_shard = ray.train.get_dataset_shard(TRAIN)
+        self.eval_shard = ray.train.get_dataset_shard(EVAL) if self.prepared.eval_files else None
+        self._batches: Iterator[list[Example]] | None = None
+        self.last_example: Example | None = None
+
+    @property
+    def n_train(self) -> int:
+        return self.prepared.n_train
+
+    @property
+    def n_eval(self) -> int:
+        return self.prepared.n_eval if self.eval_shard is not None else 0
+
+    @property
+    def stats(self) -> dict:
+        return self.prepared.stats
+
+    def start(self, step: int) -> None:
+        """Position the train stream after optimizer step `step` (0: the beginning)."""
+        self._batches = train_micro_batches(
+            self.train_shard, n_train=self.n_train, world=self.world, micro_batch_size=self.micro_batch_size,
+            seed=self.seed, start_micro=step * self.grad_accum,
+        )
+
+    def micro_batch(self, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """The next micro-batch of this worker, padded and on `device`."""
+        if self._batches is None:
+            self.start(0)
+        examples = next(self._batches)
+        self.last_example = examples[0]
+        return {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+
+    def eval_batches(self, batch_size: int) -> Iterator[list[Example]]:
+        if self.eval_shard is None:
+            return iter(())
+        return eval_batches(self.eval_shard, batch_size, self.world, self.rank)
+
+    def eval_passes(self, batch_size: int) -> int:
+        """Forward passes the busiest worker makes over its eval rows (ZeRO-3 ranks run in lockstep)."""
+        return -(-(-(-self.n_eval // self.world)) // batch_size)
+
+    def probe_example(self) -> Example:
+        """A fixed example for the final-model probe: the first eval row, else the last trained one."""
+        if self.eval_shard is not None:
+            for batch in eval_batches(self.eval_shard, 1, 1, 0):
+                return batch[0]
+        assert self.last_example is not None, "no eval rows and no step taken"
+        return self.last_example
