@@ -328,7 +328,7 @@ def _run_pass(fs, files: list[SourceFile], formats: list[str], cfg: dict, split:
     # reading is light (split lines); it gets a fraction of a CPU so Ray Data does not fuse it with the
     # tokenizing map, which then runs as parallel tasks over the blocks of even a single file
     ds = ray.data.read_datasource(make_row_source(fs, files, BLOCK_ROWS), override_num_blocks=len(files),
-                                  ray_remote_args={"num_cpus": 0.25})
+                                  num_cpus=0.25)
     ds = ds.map_batches(
         prepare_block, batch_size=None, batch_format="pyarrow",
         fn_kwargs={"files": [asdict(f) for f in files], "formats": formats, "cfg": cfg, "split": split,

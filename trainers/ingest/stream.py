@@ -2,6 +2,9 @@
 (`TorchTrainer(datasets=...)` → `ray.train.get_dataset_shard`), and these helpers turn it into
 micro-batches in a known, seeded order.
 
+Eval rows are read by each worker straight from the preprocessed Parquet files (`iter_examples`): an eval
+pass is small and frequent, and starting a Ray Data execution for each would cost more than the pass.
+
 Order and resume: the train dataset is the preprocessed Parquet files in a seeded file order, executed
 with `preserve_order`, so Ray Data's streaming split hands each worker the same rows every time
 (equal shards of `n_train // world` rows). Each epoch shuffles them locally with a seed of (seed, epoch).
@@ -49,44 +52,27 @@ def train_dataset(prepared, seed: int):
     files = list(prepared.train_files)
     random.Random(seed).shuffle(files)
     fs, _ = filesystem_for(prepared.uri)
-    return ray.data.read_parquet(files, filesystem=fs, columns=["input_ids", "labels"])
-
-
-def eval_dataset(prepared):
-    import ray.data
-
-    from trainers.ingest.sources import filesystem_for
-
-    fs, _ = filesystem_for(prepared.uri)
-    return ray.data.read_parquet(list(prepared.eval_files), filesystem=fs, columns=["input_ids", "labels"])
+    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(["input_ids", "labels"])
+    # the workers' console shows training progress; Ray Data's bars for each epoch's read would drown it
+    ds.context.enable_progress_bars = False
+    return ds
 
 
 def trainer_datasets(prepared, seed: int) -> tuple[dict, object]:
-    """`datasets=` and `dataset_config=` for the TorchTrainer: train split across workers in a fixed order,
-    eval read whole by every worker (each takes its own rows)."""
+    """`datasets=` and `dataset_config=` for the TorchTrainer: the train examples, split across the workers in a
+    fixed order. (Eval rows are read by each worker straight from the preprocessed Parquet files: an eval pass is
+    small and frequent, and a Ray Data execution per pass would cost more than the pass.)"""
     import ray.train
     from ray.data import ExecutionOptions
 
-    datasets = {TRAIN: train_dataset(prepared, seed)}
-    if prepared.eval_files:
-        datasets[EVAL] = eval_dataset(prepared)
     config = ray.train.DataConfig(datasets_to_split=[TRAIN], execution_options=ExecutionOptions(preserve_order=True))
-    return datasets, config
+    return {TRAIN: train_dataset(prepared, seed)}, config
 
 
 def read_examples(prepared, part: str = EVAL) -> list[Example]:
     """Every preprocessed example of `part` in file order, in memory: for tools and tests on small data
     (training never does this; it streams)."""
-    import pyarrow.parquet as pq
-
-    from trainers.ingest.sources import filesystem_for
-
-    fs, _ = filesystem_for(prepared.uri)
-    out: list[Example] = []
-    for path in prepared.train_files if part == TRAIN else prepared.eval_files:
-        table = pq.read_table(path, filesystem=fs, columns=["input_ids", "labels"])
-        out += [Example(i, l) for i, l in zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist())]
-    return out
+    return list(iter_examples(prepared, part))
 
 
 def _examples(batch: dict) -> list[Example]:
@@ -112,18 +98,29 @@ def train_micro_batches(shard, *, n_train: int, world: int, micro_batch_size: in
         epoch, skip = epoch + 1, 0
 
 
-def eval_batches(shard, batch_size: int, world: int, rank: int) -> Iterator[list[Example]]:
+def iter_examples(prepared, part: str = EVAL, chunk: int = 1024) -> Iterator[Example]:
+    """The preprocessed examples of `part` in file order, streamed from the Parquet files (bounded memory)."""
+    import pyarrow.parquet as pq
+
+    from trainers.ingest.sources import filesystem_for
+
+    fs, _ = filesystem_for(prepared.uri)
+    for path in prepared.train_files if part == TRAIN else prepared.eval_files:
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk, columns=["input_ids", "labels"]):
+                for ids, labels in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                    yield Example(ids, labels)
+
+
+def eval_batches(prepared, batch_size: int, world: int, rank: int) -> Iterator[list[Example]]:
     """This worker's share of the eval set (every `world`-th row from `rank`), in file order."""
     mine: list[Example] = []
-    seen = 0
-    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
-        for ex in _examples(batch):
-            if seen % world == rank:
-                mine.append(ex)
-                if len(mine) == batch_size:
-                    yield mine
-                    mine = []
-            seen += 1
+    for seen, ex in enumerate(iter_examples(prepared, EVAL)):
+        if seen % world == rank:
+            mine.append(ex)
+            if len(mine) == batch_size:
+                yield mine
+                mine = []
     if mine:
         yield mine
 
@@ -156,7 +153,6 @@ class WorkerData:
         self.micro_batch_size, self.grad_accum, self.seed = micro_batch_size, grad_accum, seed
         self.world, self.rank = world, rank
         self.train_shard = ray.train.get_dataset_shard(TRAIN)
-        self.eval_shard = ray.train.get_dataset_shard(EVAL) if self.prepared.eval_files else None
         self._batches: Iterator[list[Example]] | None = None
         self.last_example: Example | None = None
 
@@ -166,7 +162,7 @@ class WorkerData:
 
     @property
     def n_eval(self) -> int:
-        return self.prepared.n_eval if self.eval_shard is not None else 0
+        return self.prepared.n_eval
 
     @property
     def stats(self) -> dict:
@@ -188,9 +184,7 @@ class WorkerData:
         return {k: v.to(device) for k, v in collate(examples, pad_id).items()}
 
     def eval_batches(self, batch_size: int) -> Iterator[list[Example]]:
-        if self.eval_shard is None:
-            return iter(())
-        return eval_batches(self.eval_shard, batch_size, self.world, self.rank)
+        return eval_batches(self.prepared, batch_size, self.world, self.rank)
 
     def eval_passes(self, batch_size: int) -> int:
         """Forward passes the busiest worker makes over its eval rows (ZeRO-3 ranks run in lockstep)."""
@@ -198,8 +192,7 @@ class WorkerData:
 
     def probe_example(self) -> Example:
         """A fixed example for the final-model probe: the first eval row, else the last trained one."""
-        if self.eval_shard is not None:
-            for batch in eval_batches(self.eval_shard, 1, 1, 0):
-                return batch[0]
+        for example in iter_examples(self.prepared, EVAL):
+            return example
         assert self.last_example is not None, "no eval rows and no step taken"
         return self.last_example
