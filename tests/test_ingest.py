@@ -207,3 +207,24 @@ def test_every_source_kind_and_row_format_trains(ray_session, tiny_model_dir, s3
         from trainers.state_io import load_state
 
         assert load_state(ckpt, "trainer_state")["data"]["train_examples"] == 160
+
+
+def test_epochs_become_steps_before_training(ray_session, tiny_model_dir, tmp_path, capsys):
+    from tests.conftest import make_job
+    from trainers.ingest.prepare import prepare_for_job
+
+    path = write_rows(tmp_path / "t.jsonl", [{"text": f"apple {i}"} for i in range(50)])
+    from trainers.spec import parse_job_spec
+
+    raw = make_job(tiny_model_dir, path, str(tmp_path / "store"), {"name": "lora"}, data={"eval_fraction": 0.0},
+                   resources={"num_workers": 2}).model_dump(mode="json", exclude_unset=True)
+    raw["training"] = {"epochs": 2.5, "micro_batch_size": 4, "grad_accum": 2}
+    spec = parse_job_spec(raw)
+    resolved, prepared = prepare_for_job(spec, str(tmp_path / "store"))
+    # 50 examples, 2 workers: 25 each = 6 micro-batches of 4 = 3 steps of 2 per epoch; 2.5 epochs = 7 steps
+    assert (prepared.n_train, resolved.training.max_steps, resolved.training.epochs) == (50, 7, None)
+    assert "2.5 epoch(s) = 7 steps of 3 per epoch" in capsys.readouterr().out
+    too_big = make_job(tiny_model_dir, path, str(tmp_path / "store"), {"name": "lora"}, data={"eval_fraction": 0.0},
+                       training={"micro_batch_size": 64})
+    with pytest.raises(DataError, match="50 training examples are too few for 1 worker"):
+        prepare_for_job(too_big, str(tmp_path / "store"))

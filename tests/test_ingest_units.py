@@ -188,3 +188,16 @@ def test_bad_rows_in_a_block(tok, tmp_path):
     assert (len(done["examples"]), done["bad"]) == (1, 2)  # bad JSON, and a prompt that fills max_seq_len
     with pytest.raises(DataError, match=r"b.jsonl:3: no trainable tokens after masking and truncation to max_seq_len=8"):
         encode_block(rows[2:], files, {0: "prompt_completion"}, cfg, tok)
+
+
+def test_spec_data_fields_are_checked():
+    from trainers.spec import SpecError, parse_job_spec
+
+    raw = {"model": {"source": "m"}, "data": {"train": "t.jsonl", "format": "csvish", "columns": {"prompt": 3}},
+           "method": {"name": "lora"}, "training": {"epochs": 2, "max_steps": 10}, "output": {"name": "x"}}
+    with pytest.raises(SpecError) as err:
+        parse_job_spec(raw)
+    text = "\n".join(err.value.problems)
+    assert "data.format" in text and "unknown format 'csvish'" in text and "sharegpt" in text
+    assert "data.columns.prompt" in text
+    assert "training.epochs: set together with training.max_steps" in text

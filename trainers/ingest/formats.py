@@ -96,12 +96,12 @@ def _check_messages(row: dict) -> str | None:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             return f'messages[{i}] must be {{"role": system|user|assistant, "content": string}}'
-        if "weight" in m:
+        if m.get("weight") is not None:  # columnar files (Parquet, Arrow) give every message every field, None if unset
             if m["role"] != "assistant":
                 return f'messages[{i}]: "weight" is only allowed on assistant messages'
             if m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
                 return f'messages[{i}].weight must be 0 or 1, got {m["weight"]!r}'
-    if not any(m["role"] == "assistant" and m.get("weight", 1) != 0 for m in msgs):
+    if not any(m["role"] == "assistant" and m.get("weight") != 0 for m in msgs):
         return "no assistant message with weight 1: nothing to learn from this row"
     return None
 
@@ -228,7 +228,7 @@ def _encode_messages(rows: list[dict], tok, opts: EncodeOptions) -> list[dict[st
     out: list[dict[str, list[int]] | str] = []
     for row, ids, mask in zip(rows, enc["input_ids"], enc["assistant_masks"]):
         ids, mask = list(ids), list(mask)
-        weights = [m.get("weight", 1) for m in row["messages"] if m["role"] == "assistant"]
+        weights = [0 if m.get("weight") == 0 else 1 for m in row["messages"] if m["role"] == "assistant"]
         spans = assistant_spans(mask)
         keep = [1] * len(ids) if opts.train_on_prompt else list(mask)
         if any(w == 0 for w in weights):
