@@ -13,7 +13,14 @@ from trainers.methods._lora import LoraFamilyConfig
 from trainers.methods._traits import Traits
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("cluster", "trainers", "serve", "storage")
+
+
+def packages() -> list[str]:
+    """rayft's top-level packages, as pyproject.toml lists them for setuptools (`cluster*`, `trainers*`, ...)."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    return sorted({pattern.rstrip("*") for pattern in include})
 _NAME = "|".join(re.escape(n) for n in METHODS)
 _LIT = rf"""["']({_NAME})["']"""
 #: A comparison with a method-name literal: `x == "lora"`, `"full" != x`, `x in ("lora", ...)`, `x not in {...}`.
@@ -24,7 +31,7 @@ COMPARISON = re.compile(
 
 def method_name_comparisons() -> list[str]:
     found = []
-    for package in PACKAGES:
+    for package in packages():
         for path in sorted((ROOT / package).rglob("*.py")):
             if path.is_relative_to(ROOT / "trainers" / "methods"):
                 continue
@@ -36,6 +43,7 @@ def method_name_comparisons() -> list[str]:
 
 def test_no_method_name_comparison_outside_methods():
     """Code outside trainers/methods/ asks a method's traits and hooks; it never compares the method's name."""
+    assert {"cluster", "trainers", "serve", "storage"} <= set(packages())
     assert method_name_comparisons() == []
 
 
