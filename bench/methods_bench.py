@@ -276,23 +276,16 @@ def base_eval_loss(base_dir: Path, spec) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainers.ingest.formats import IGNORE, EncodeOptions, encode_rows, truncate
-    from trainers.ingest.stream import Example, collate
+    from trainers.ingest.formats import EncodeOptions, encode_rows, truncate
+    from trainers.ingest.stream import Example
+    from trainers.loop import mean_loss
+    from trainers.precision import Precision
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     rows = [json.loads(line) for line in Path(spec.data.eval).read_text().splitlines() if line.strip()]
-    encoded = [truncate(e, spec.data.max_seq_len)[0] for e in encode_rows(rows, "prompt_completion", tok, EncodeOptions())]
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(encoded), 16):
-            b = collate([Example(e["input_ids"], e["labels"]) for e in encoded[i:i + 16]], tok.pad_token_id)
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-            labels = b["labels"][:, 1:]
-            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                       ignore_index=IGNORE, reduction="sum").item()
-            count += int((labels != IGNORE).sum())
-    return total / max(count, 1)
+    examples = [Example(**truncate(e, spec.data.max_seq_len)[0]) for e in encode_rows(rows, "prompt_completion", tok, EncodeOptions())]
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return mean_loss(model, examples, 16, tok.pad_token_id, torch.device("cpu"), Precision("fp32", torch.float32, None))
 
 
 # ----------------------------------------------------------------------------------- the runs

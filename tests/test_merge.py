@@ -267,7 +267,8 @@ def task_loss(model, tokenizer, task: str) -> float:
     """Mean completion-token NLL on 60 rows of `task` drawn with a seed the training data did not use."""
     from trainers.ingest.formats import EncodeOptions, encode_rows, truncate
     from trainers.ingest.stream import Example
-    from trainers.loop import Precision, mean_loss
+    from trainers.loop import mean_loss
+    from trainers.precision import Precision
     from trainers.tiny import task_examples
 
     rows = task_examples(task, 60, seed=99)

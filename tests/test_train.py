@@ -13,9 +13,11 @@ from transformers import AutoModelForCausalLM
 from storage.registry import open_registry
 from storage.store import open_store
 from tests.conftest import make_job
+from trainers.checkpoints import PROBE_NAME, STATE_NAME
 from trainers.ingest.prepare import prepare_for_job
 from trainers.ingest.stream import read_examples
-from trainers.loop import PROBE_NAME, STATE_NAME, Precision, mean_loss
+from trainers.loop import mean_loss
+from trainers.precision import Precision
 from trainers.run import TrainingFailed, run_training
 from trainers.state_io import load_state
 
@@ -100,7 +102,8 @@ def test_method_trains_publishes_and_reloads(method, ray_session, tiny_model_dir
 def test_qlora_trains_on_4bit_base_and_merges(ray_session, tiny_model_dir, reverse_data, s3_uri):
     import bitsandbytes as bnb
 
-    from trainers.loop import decide_precision, load_model
+    from trainers.precision import decide_precision
+    from trainers.strategy import load_model
 
     block, reference = METHODS["qlora"]
     spec = make_job(tiny_model_dir, reverse_data, s3_uri, block, name="rev-qlora", output={"name": "rev-qlora", "merge": True})

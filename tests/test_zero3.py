@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from storage.registry import open_registry
 from tests.conftest import make_job
-from trainers.loop import PROBE_NAME, SHARDS_NAME, STATE_NAME, checkpoint_complete
+from trainers.checkpoints import PROBE_NAME, SHARDS_NAME, STATE_NAME, checkpoint_complete
 from trainers.spec import DEEPSPEED_OWNED_KEYS, DEEPSPEED_OWNED_ZERO_KEYS, SpecError
 from trainers.state_io import load_state
 
@@ -40,8 +40,9 @@ def base_eval_loss(spec, model_dir) -> float:
     from transformers import AutoTokenizer
 
     from trainers.ingest.prepare import prepare_for_job
-from trainers.ingest.stream import read_examples
-    from trainers.loop import Precision, mean_loss
+    from trainers.ingest.stream import read_examples
+    from trainers.loop import mean_loss
+    from trainers.precision import Precision
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     _, prepared = prepare_for_job(spec, spec.storage.uri)  # the run's own preprocessed data (reused)

@@ -138,23 +138,21 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": attn}
 
 
-class WorkerData:
-    """One worker's view of the job's data: its streaming train shard, the eval rows it evaluates, the counts.
+class WorkerStream:
+    """One worker's view of the job's data: its streaming train shard (`ray.train.get_dataset_shard`), the eval
+    rows it evaluates, the counts. `data` is the driver's `Prepared` (trainers.ingest.prepare) as JSON."""
 
-    `config["data"]` is the driver's `Prepared` (trainers.ingest.prepare) as JSON; the shards come from
-    `ray.train.get_dataset_shard`. Call `start(step)` once the step to continue from is known."""
-
-    def __init__(self, config: dict, *, micro_batch_size: int, grad_accum: int, seed: int, world: int, rank: int):
+    def __init__(self, data: dict, *, micro_batch_size: int, seed: int, world: int, rank: int):
         import ray.train
 
         from trainers.ingest.prepare import Prepared
 
-        self.prepared = Prepared.from_json(config["data"])
-        self.micro_batch_size, self.grad_accum, self.seed = micro_batch_size, grad_accum, seed
-        self.world, self.rank = world, rank
+        self.prepared = Prepared.from_json(data)
+        self.micro_batch_size, self.seed, self.world, self.rank = micro_batch_size, seed, world, rank
         self.train_shard = ray.train.get_dataset_shard(TRAIN)
         self._batches: Iterator[list[Example]] | None = None
-        self.last_example: Example | None = None
+        self._next = 0  # the run-wide index of the micro-batch `_batches` yields next
+        self._probe: Example | None = None
 
     @property
     def n_train(self) -> int:
@@ -168,31 +166,27 @@ class WorkerData:
     def stats(self) -> dict:
         return self.prepared.stats
 
-    def start(self, step: int) -> None:
-        """Position the train stream after optimizer step `step` (0: the beginning)."""
-        self._batches = train_micro_batches(
-            self.train_shard, n_train=self.n_train, world=self.world, micro_batch_size=self.micro_batch_size,
-            seed=self.seed, start_micro=step * self.grad_accum,
-        )
-
-    def micro_batch(self, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """The next micro-batch of this worker, padded and on `device`."""
-        if self._batches is None:
-            self.start(0)
-        examples = next(self._batches)
-        self.last_example = examples[0]
-        return {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+    def micro_batch(self, index: int) -> list[Example]:
+        """This worker's micro-batch number `index` (0-based, over the whole run). Asked in order, it streams;
+        asked out of order (a resumed run's first batch), the stream is positioned there first."""
+        if self._batches is None or index != self._next:
+            self._batches = train_micro_batches(
+                self.train_shard, n_train=self.n_train, world=self.world, micro_batch_size=self.micro_batch_size,
+                seed=self.seed, start_micro=index,
+            )
+        self._next = index + 1
+        return next(self._batches)
 
     def eval_batches(self, batch_size: int) -> Iterator[list[Example]]:
         return eval_batches(self.prepared, batch_size, self.world, self.rank)
 
     def eval_passes(self, batch_size: int) -> int:
-        """Forward passes the busiest worker makes over its eval rows (ZeRO-3 ranks run in lockstep)."""
+        """Eval batches the busiest worker has (ZeRO-3 ranks run in lockstep)."""
         return -(-(-(-self.n_eval // self.world)) // batch_size)
 
     def probe_example(self) -> Example:
-        """A fixed example for the final-model probe: the first eval row, else the last trained one."""
-        for example in iter_examples(self.prepared, EVAL):
-            return example
-        assert self.last_example is not None, "no eval rows and no step taken"
-        return self.last_example
+        """A fixed example for the final-model probe and lockstep fillers: the first eval row, else the first train row."""
+        if self._probe is None:
+            part = EVAL if self.n_eval else TRAIN
+            self._probe = next(iter_examples(self.prepared, part))
+        return self._probe

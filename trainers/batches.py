@@ -1,0 +1,81 @@
+"""Where a worker's batches come from (the worker loop's data seam).
+
+The loop asks a `Batches` object for exactly three things: rank `rank`'s micro-batch `micro` of optimizer
+step `step`, this rank's eval batches, and one fixed example for the probe. `StreamingBatches` draws them from
+the job's preprocessed data (trainers.ingest): the train micro-batches from this worker's Ray Data shard
+(`ray.train.get_dataset_shard`), in an order that is a pure function of (seed, step), the eval rows straight
+from the preprocessed files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+from trainers.ingest.stream import Example, WorkerStream, collate
+
+
+class Batches(Protocol):
+    #: Examples in the train / eval sets and rows skipped as malformed (for the start-up line).
+    train_size: int
+    eval_size: int
+    skipped_rows: int
+    #: The preprocessing statistics of the data (kept in the checkpoints: the run's history).
+    stats: dict
+
+    def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        """This rank's micro-batch `micro` (0-based) of optimizer step `step` (1-based), padded, on the device.
+        A restarted run asks again from its checkpoint's step and must get the same batches."""
+
+    def eval_batches(self, lockstep: bool) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+        """This rank's eval batches, each with whether it counts. `lockstep`: every rank yields the same number
+        of batches, topping up with ones that count nothing (ZeRO-3 gathers each layer from all ranks)."""
+
+    def probe_input_ids(self) -> torch.Tensor:
+        """One fixed example's input ids, shape (1, n), on the device: the final checkpoint's probe."""
+
+
+class StreamingBatches:
+    """The worker's streaming shard of the preprocessed data (see trainers.ingest.stream for the order)."""
+
+    def __init__(self, stream: WorkerStream, batch_size: int, grad_accum: int, pad_id: int, device: torch.device):
+        self.stream, self.batch_size, self.grad_accum = stream, batch_size, grad_accum
+        self.pad_id, self.device = pad_id, device
+        self.train_size, self.eval_size = stream.n_train, stream.n_eval
+        self.skipped_rows = stream.stats.get("bad_rows_skipped", 0)
+        self.stats = stream.stats
+
+    def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        return _on(collate(self.stream.micro_batch((step - 1) * self.grad_accum + micro), self.pad_id), self.device)
+
+    def eval_batches(self, lockstep: bool) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+        passes = 0
+        for batch in self.stream.eval_batches(self.batch_size):
+            passes += 1
+            yield _on(collate(batch, self.pad_id), self.device), True
+        while lockstep and passes < self.stream.eval_passes(self.batch_size):
+            passes += 1
+            yield _on(collate([self.stream.probe_example()], self.pad_id), self.device), False
+
+    def probe_input_ids(self) -> torch.Tensor:
+        return torch.tensor([self.stream.probe_example().input_ids], device=self.device)
+
+
+def worker_batches(spec, config: dict, world: int, rank: int, pad_id: int, device: torch.device) -> Batches:
+    """The batch source of one worker of the job; `config["data"]` is the driver's preprocessed data."""
+    t = spec.training
+    stream = WorkerStream(config["data"], micro_batch_size=t.micro_batch_size, seed=t.seed, world=world, rank=rank)
+    return StreamingBatches(stream, t.micro_batch_size, t.grad_accum, pad_id, device)
+
+
+def examples_batches(examples: list[Example], batch_size: int, pad_id: int, device: torch.device
+                     ) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+    """A list of examples as padded batches that all count (for tools and tests, in one process)."""
+    for i in range(0, len(examples), batch_size):
+        yield _on(collate(examples[i:i + batch_size], pad_id), device), True
+
+
+def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
