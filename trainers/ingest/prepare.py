@@ -189,7 +189,7 @@ def prepare_block(batch, *, files: list[dict], formats: list[str], cfg: dict, sp
 # --- the driver side -------------------------------------------------------------------------------
 
 
-def detect_file_formats(fs, files: list[SourceFile], data, tok, field: str) -> list[str]:
+def detect_file_formats(fs, files: list[SourceFile], data, tok) -> list[str]:
     """Each file's format (given, or detected from its first rows), after checking those rows up front."""
     formats = []
     opts_cfg = _cfg(data, "", None, 0)
@@ -299,8 +299,8 @@ def prepare_data(data, *, model_source: str, model_dir: str, storage_uri: str, s
         print(f"[rayft] data: reusing preprocessed {uri} ({prepared.n_train} train / {prepared.n_eval} eval examples)", flush=True)
         return prepared
 
-    train_formats = detect_file_formats(fs, train_files, data, tok, "data.train")
-    eval_formats = detect_file_formats(eval_fs, eval_files, data, tok, "data.eval") if eval_files else []
+    train_formats = detect_file_formats(fs, train_files, data, tok)
+    eval_formats = detect_file_formats(eval_fs, eval_files, data, tok) if eval_files else []
     out_fs.delete_dir_contents(out_dir, missing_dir_ok=True)
     for part in ("train", "eval"):
         out_fs.create_dir(f"{out_dir}/{part}", recursive=True)

@@ -80,7 +80,7 @@ def resolve(uri: str, field: str = "data.train"):
             return fs, files
         info = fs.get_file_info(path)
         if info.type == File:
-            return fs, [_source(fs, uri, path, field, strict=True)]
+            return fs, [_source(fs, uri, path, field)]
         if info.type == Dir:
             return fs, _directory(fs, uri, path, field)
     except OSError as exc:
@@ -95,7 +95,7 @@ def _kind(path: str) -> str | None:
     return None
 
 
-def _source(fs, uri: str, path: str, field: str, strict: bool = False, kind: str | None = None) -> SourceFile:
+def _source(fs, uri: str, path: str, field: str, kind: str | None = None) -> SourceFile:
     kind = kind or _kind(path)
     if kind is None:
         raise DataError(f"{field}: {uri}: unsupported file type; use .jsonl, .json, .parquet, .csv, "
