@@ -87,11 +87,13 @@ def adapter_problems(
     base_digest: str,
     shapes: dict[str, tuple[int, int]],
     policy: AdapterPolicy | None,
+    vllm_max_rank: int | None = None,
 ) -> list[str]:
     """Why this adapter cannot be served on this base (empty if it can).
 
     `policy` None checks for a merge at load (any weight-based peft method); otherwise
-    for multiplexing (LoRA family only, within the policy's limits).
+    for multiplexing (LoRA family only, within the policy's limits). `vllm_max_rank` set:
+    for vLLM's LoRA kernels instead (plain LoRA up to that rank; `policy` is then unused).
     """
     problems = []
     if manifest.base_config_digest != base_digest:
@@ -103,15 +105,17 @@ def adapter_problems(
     method = manifest.method or peft_type.lower() or "unknown"
     if peft_type in _PROMPT_LEARNING:
         problems.append(f"method {method} ({peft_type}) works through the prompt and cannot be merged or multiplexed")
+    elif vllm_max_rank is not None:
+        problems += _vllm_problems(config, method, peft_type, vllm_max_rank, manifest.ref)
     elif policy is not None and peft_type != "LORA":
         problems.append(
             f"method {method} ({peft_type or 'no peft_type'}) cannot be multiplexed (peft mixes LoRA-family adapters only): "
             "publish it merged (`rayft train --merge`) and serve it under `merged:`"
         )
-    if policy is not None and peft_type == "LORA":
-        ranks = [config.get("r", 0)] + list((config.get("rank_pattern") or {}).values())
-        if max(int(r) for r in ranks) > policy.max_rank:
-            problems.append(f"LoRA rank {max(ranks)} is above adapters.max_rank ({policy.max_rank}) of this deployment")
+    if policy is not None and vllm_max_rank is None and peft_type == "LORA":
+        rank = lora_rank(config)
+        if rank > policy.max_rank:
+            problems.append(f"LoRA rank {rank} is above adapters.max_rank ({policy.max_rank}) of this deployment")
         if config.get("use_dora") and not policy.allow_dora:
             problems.append("it is a DoRA adapter and this deployment has adapters.allow_dora: false")
         if config.get("modules_to_save"):
@@ -123,6 +127,38 @@ def adapter_problems(
         problems.append(f"it has no {ADAPTER_WEIGHTS} (only safetensors weights are loaded)")
     elif manifest.base_config_digest == base_digest:  # on another base, shape mismatches only repeat that
         problems += _weight_problems(weights, shapes)
+    return problems
+
+
+def lora_rank(config: dict[str, Any]) -> int:
+    """The largest LoRA rank of an adapter_config.json (its `r`, or a larger one in `rank_pattern`)."""
+    ranks = [config.get("r", 0)] + list((config.get("rank_pattern") or {}).values())
+    try:
+        return max(int(r) for r in ranks)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _vllm_problems(config: dict[str, Any], method: str, peft_type: str, max_rank: int, ref: str) -> list[str]:
+    """What vLLM's LoRA kernels cannot run (it refuses these itself, later and less clearly), with the alternatives."""
+    problems = []
+    if peft_type != "LORA":
+        problems.append(f"method {method} ({peft_type or 'no peft_type'}) is not served by vLLM, which runs LoRA adapters only")
+    else:
+        if config.get("use_dora"):
+            problems.append("it is a DoRA adapter, which vLLM does not serve")
+        if config.get("modules_to_save"):
+            problems.append(f"it carries full copies of {config['modules_to_save']} (modules_to_save), which vLLM does not serve")
+        rank = lora_rank(config)
+        if rank > max_rank:
+            problems.append(f"its LoRA rank {rank} is above vllm.max_lora_rank ({max_rank}) of this deployment "
+                            "(set vllm.max_lora_rank, at most 512, and redeploy)")
+    if problems:
+        problems.append(
+            f"to serve it anyway: the transformers engine (`engine: transformers`) serves it as it is, or serve it merged "
+            f"into the base (`merged: [{{name: ..., adapter: '{ref}'}}]` in the serve spec, or a model published by "
+            "`rayft merge --full` / `rayft train --merge`)"
+        )
     return problems
 
 
