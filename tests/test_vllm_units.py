@@ -143,3 +143,11 @@ def test_each_version_gets_its_own_folder_and_a_tampered_folder_is_replaced(tmp_
     (v1 / "adapter_model.safetensors").write_bytes(b"evil")  # tampered on disk after it was laid out
     again = materialize_adapter(src1, manifest1, root)
     assert again == v1 and (v1 / "adapter_model.safetensors").read_bytes() == b"one"
+
+
+@needs_vllm
+def test_example_vllm_serve_spec_is_valid():
+    from serve.spec import load_serve_spec
+
+    spec = load_serve_spec(Path(__file__).resolve().parents[1] / "examples" / "serve-vllm.yaml")
+    assert spec.engine == "vllm" and spec.vllm.max_lora_rank is None
