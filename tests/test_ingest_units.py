@@ -201,3 +201,10 @@ def test_spec_data_fields_are_checked():
     assert "data.format" in text and "unknown format 'csvish'" in text and "sharegpt" in text
     assert "data.columns.prompt" in text
     assert "training.epochs: set together with training.max_steps" in text
+
+
+def test_messages_from_columnar_files_have_weight_none_for_unset(tok):
+    # Parquet/Arrow rows give every message every field: weight None means "not set", not "weight 0"
+    msgs = [{"role": "user", "content": "hi", "weight": None}, {"role": "assistant", "content": "yo", "weight": None}]
+    assert FORMATS["messages"].check({"messages": msgs}) is None
+    assert tok.decode(learned(tok, one(tok, "messages", {"messages": msgs}))) == "yo</s>"
