@@ -58,3 +58,19 @@ class AlreadyExists(RayftError):
     """An exclusive write (a version claim, a manifest) found its target already there."""
 
     http_status = 409
+
+
+# Exception class names end with one of these; a line starting with such a name (optionally dotted,
+# `ray.exceptions.RayTaskError: ...`) is an error line.
+_ERROR_NAME_ENDINGS = ("Error", "Exception", "Failed", "Interrupt", "NotFound", "NotServable")
+
+
+def root_cause(error: BaseException | str) -> str:
+    """The innermost error line of a wrapped error (a Ray Train worker's, a Serve replica's, a Tune trial's):
+    e.g. `DataError: file:3: ...` out of Ray's multi-line wrapping with its tracebacks."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.rsplit(".", 1)[-1].endswith(_ERROR_NAME_ENDINGS) or head.startswith("trainers."):
+            return line
+    return lines[-1] if lines else repr(error)

@@ -28,22 +28,11 @@ import pytest
 import yaml
 
 from cluster.cli import main
-from cluster.submit import (
-    DEFAULT_EXCLUDES,
-    AuthToken,
-    ClusterAuthError,
-    JobsClient,
-    SubmitError,
-    SubmitOptions,
-    WorkingDirTooLarge,
-    check_package_size,
-    endpoint_notes,
-    find_auth_token,
-    jobs_api_address,
-    last_error_line,
-    packed_paths,
-    prepare_submission,
-)
+from cluster.auth import AuthToken, ClusterAuthError, find_auth_token
+from cluster.follow import last_error_line
+from cluster.jobs_client import JobsClient, SubmitError, jobs_api_address
+from cluster.packaging import DEFAULT_EXCLUDES, WorkingDirTooLarge, check_package_size, packed_paths
+from cluster.submission import SubmitOptions, endpoint_notes, prepare_submission
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage.errors import RayftError
+from storage.errors import RayftError, root_cause
 from storage.registry import Manifest, Registry
 from storage.store import default_storage_uri, open_store, pyarrow_filesystem
 from trainers.loop import train_func
@@ -196,13 +196,3 @@ def with_absolute_paths(spec: JobSpec) -> JobSpec:
 
 class DataNotFound(RayftError):
     """A local data file named by the job spec does not exist."""
-
-
-def root_cause(error: BaseException) -> str:
-    """The worker's own error line (e.g. `DataError: file:3: ...`), without Ray's wrapping."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in reversed(lines):
-        head = line.split(":", 1)[0]
-        if head.endswith(("Error", "Exception", "Failed", "Interrupt")) or head.startswith("trainers."):
-            return line
-    return lines[-1] if lines else repr(error)

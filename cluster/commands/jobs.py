@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.submit import JobsClient
+    from cluster.jobs_client import JobsClient
 
     client = JobsClient.connect(args.address)
     if args.action == "list":
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_status(info) -> str:
-    from cluster.submit import format_time
+    from cluster.jobs_client import format_time
 
     rows = [
         ("job", info.submission_id or info.job_id or "-"),
@@ -61,7 +61,7 @@ def format_status(info) -> str:
 
 
 def format_jobs(jobs) -> str:
-    from cluster.submit import format_time
+    from cluster.jobs_client import format_time
 
     if not jobs:
         return "(no jobs)"

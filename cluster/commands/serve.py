@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 
-from storage.errors import RayftError
+from storage.errors import RayftError, root_cause
 
 
 class DeployFailed(RayftError):
@@ -128,13 +128,3 @@ def deploy(spec, *, host: str = "127.0.0.1", port: int = 8000, name: str = "rayf
         raise DeployFailed(f"application {name!r} did not start: {root_cause(exc)}") from None
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}"
-
-
-def root_cause(error: BaseException) -> str:
-    """The replica's own error line (e.g. `NotFound: no published version ...`), without Serve's wrapping."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in reversed(lines):
-        head = line.split(":", 1)[0]
-        if head.rsplit(".", 1)[-1].endswith(("Error", "Exception", "NotFound", "NotServable", "Failed")):
-            return line
-    return lines[-1] if lines else repr(error)

@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.submit import JobsClient, SubmitOptions, endpoint_notes, prepare_submission, submit_job
+    from cluster.jobs_client import JobsClient
+    from cluster.submission import SubmitOptions, endpoint_notes, prepare_submission, submit_job
 
     extra = shlex.split(args.args) + (["--merge"] if args.merge else []) + (["--force"] if args.force else [])
     job = prepare_submission(SubmitOptions(
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 def follow_and_report(client, job_id: str) -> int:
     """Stream the job to the end and print its outcome; Ctrl-C stops following, not the job."""
-    from cluster.submit import follow_job
+    from cluster.follow import follow_job
 
     try:
         outcome = follow_job(client, job_id)
