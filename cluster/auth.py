@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.errors import RayftError
+from storage.errors import RayftError, first_line
 
 class ClusterAuthError(RayftError):
     """The cluster wants a token that was not found, or refused the one sent."""
@@ -72,8 +72,3 @@ def refused_token_error(address: str, token: AuthToken, detail: str) -> ClusterA
         f"({first_line(detail)}); it is not this cluster's token: set RAY_AUTH_TOKEN to the right one "
         "(`ray get-auth-token` on the head prints it)"
     )
-
-
-def first_line(exc: BaseException | str) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__

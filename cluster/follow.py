@@ -8,8 +8,8 @@ import sys
 from dataclasses import dataclass
 from typing import IO
 
-from cluster.auth import first_line
 from cluster.jobs_client import TERMINAL_STATUSES, JobsClient
+from storage.errors import first_line
 
 @dataclass(frozen=True)
 class JobOutcome:

@@ -7,8 +7,8 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 
-from cluster.auth import AuthToken, ClusterUnreachable, find_auth_token, first_line, missing_token_error, refused_token_error
-from storage.errors import NotFound, RayftError
+from cluster.auth import AuthToken, ClusterUnreachable, find_auth_token, missing_token_error, refused_token_error
+from storage.errors import NotFound, RayftError, first_line
 
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 

@@ -32,6 +32,35 @@ FORWARDED_ENV_VARS: tuple[str, ...] = (
 AWS_CREDENTIAL_VARS: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
+#: Printed by the entrypoint when the cluster's Python cannot import rayft; `rayft submit` shows it as the job's error.
+NOT_INSTALLED = (
+    "rayft is not importable by the cluster's Python ({python}): install rayft there (the k8s/Dockerfile image, "
+    "the setup_commands of cluster/ray-cluster.yaml, or --pip 'rayft @ URL' for this job)"
+)
+
+
+def cluster_python_entrypoint(python_args: list[str]) -> str:
+    """A shell entrypoint running `PYTHON ARGS` with the interpreter Ray runs on in the cluster.
+
+    The Jobs API runs an entrypoint with `/bin/sh -c` in the environment of its job supervisor,
+    whose PATH need not hold that interpreter (a head started as `.venv/bin/ray start` without
+    activating the venv) and no variable names it. The interpreter is, in order: the job's
+    virtualenv (Ray activates one for `--pip`), the one the node's raylet starts Python workers
+    with (its `--python_worker_command`; the job supervisor is a worker, the raylet its parent),
+    else python3 on PATH (a container image). If rayft does not import there, one line says so
+    and the job fails with status 3.
+    """
+    find = (
+        'py="${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}"; '
+        '[ -x "$py" ] || py=$(tr "\\0" "\\n" < "/proc/$(awk \'/^PPid:/{print $2}\' /proc/$PPID/status 2>/dev/null)/cmdline" '
+        '2>/dev/null | sed -n "s/^--python_worker_command=\\([^ ]*\\).*/\\1/p"); '
+        '[ -x "$py" ] || py=$(command -v python3 || command -v python); '
+    )
+    missing = shlex.quote("rayft setup: error: " + NOT_INSTALLED.replace("{python}", "%s")) + ' "$py"'
+    check = f'"$py" -c "import cluster.cli" 2>/dev/null || {{ printf {missing} >&2; echo >&2; exit 3; }}; '
+    return find + check + 'exec "$py" ' + shlex.join(python_args)
+
+
 class JobSubmission(BaseModel):
     """One job for the Jobs API, checked on this machine before anything is uploaded."""
 
@@ -48,8 +77,13 @@ class JobSubmission(BaseModel):
     submission_id: str = Field(description="The job id on the cluster.")
     notes: list[str] = Field(default_factory=list, description="Things the user should know before it runs.")
 
-    def entrypoint(self) -> str:
+    def command_line(self) -> str:
+        """What runs on the cluster, as a person would type it."""
         return shlex.join(["rayft", self.command, self.job_file, *self.args])
+
+    def entrypoint(self) -> str:
+        """The job's shell entrypoint: `python -m cluster.cli COMMAND ...` with the Python Ray runs on there."""
+        return cluster_python_entrypoint(["-m", "cluster.cli", self.command, self.job_file, *self.args])
 
     def runtime_env(self) -> dict:
         env: dict = {"env_vars": dict(self.env_vars)}
@@ -63,7 +97,7 @@ class JobSubmission(BaseModel):
         return env
 
     def metadata(self) -> dict[str, str]:
-        return {"rayft_command": self.command, "rayft_job": self.job_file}
+        return {"rayft_command": self.command, "rayft_job": self.job_file, "rayft_command_line": self.command_line()}
 
 
 class SubmitOptions(BaseModel):
@@ -85,8 +119,15 @@ class SubmitOptions(BaseModel):
     storage: str | None = Field(None, description="Storage URI passed to the command as --storage.")
 
 
-def prepare_submission(opts: SubmitOptions, environ: Mapping[str, str] = os.environ, cwd: Path | None = None) -> JobSubmission:
-    """Check everything that can be checked here; raise one SubmitError listing every problem."""
+def prepare_submission(
+    opts: SubmitOptions, environ: Mapping[str, str] = os.environ, cwd: Path | None = None, *, check_storage: bool = False
+) -> JobSubmission:
+    """Check everything that can be checked here; raise one SubmitError listing every problem.
+
+    With `check_storage`, the job's registry model and output name are also looked up in its S3
+    storage from here (`trainers.inputs`), so a typo fails before anything is uploaded; storage this
+    machine cannot reach is only a note (the cluster may reach it).
+    """
     cwd = (cwd or Path.cwd()).resolve()
     problems: list[str] = []
     notes: list[str] = []
@@ -107,6 +148,8 @@ def prepare_submission(opts: SubmitOptions, environ: Mapping[str, str] = os.envi
         raise SubmitError("cannot submit: " + "; ".join(problems))
     storage = opts.storage or (spec.storage.uri if spec is not None else None) or env_vars.get("RAYFT_STORAGE")
     notes += _storage_notes(storage)
+    if check_storage and spec is not None and storage and storage.startswith("s3://"):
+        notes += _inputs_from_here(spec, storage)
     if opts.image_uri:
         notes.append(f"nothing is uploaded with --image-uri: {opts.job} and the files it names must be in the image")
     args = [*opts.args, *(["--storage", opts.storage] if opts.storage else [])]
@@ -116,6 +159,18 @@ def prepare_submission(opts: SubmitOptions, environ: Mapping[str, str] = os.envi
         env_vars=env_vars, pip=pip, image_uri=opts.image_uri, submission_id=new_submission_id(opts.command, name),
         notes=notes,
     )
+
+
+def _inputs_from_here(spec, storage: str) -> list[str]:
+    """The job's storage-side inputs, checked from this machine: notes for what could not be checked."""
+    from trainers.inputs import InputError, resolve_inputs
+
+    spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"uri": storage})})
+    try:
+        inputs = resolve_inputs(spec, local_paths=False, storage_required=False)
+    except InputError as err:
+        raise SubmitError("cannot submit: " + "; ".join(err.problems)) from None
+    return [f"not checked from here: {note}" for note in inputs.notes]
 
 
 def new_submission_id(command: str, name: str) -> str:

@@ -12,6 +12,16 @@ class RayftError(Exception):
 
     #: HTTP status the serve layer answers with for this kind of error.
     http_status: int = 400
+    #: Exit status of the CLI: 2 for bad input or usage (the caller's to fix before running), 1 for a run
+    #: that failed while running (`RunFailed`).
+    exit_code: int = 2
+
+
+class RunFailed(RayftError):
+    """Work that had started failed (a training run, a deployment); the message carries the original error."""
+
+    http_status = 500
+    exit_code = 1
 
 
 class InvalidName(RayftError):
@@ -74,3 +84,9 @@ def root_cause(error: BaseException | str) -> str:
         if head.rsplit(".", 1)[-1].endswith(_ERROR_NAME_ENDINGS) or head.startswith("trainers."):
             return line
     return lines[-1] if lines else repr(error)
+
+
+def first_line(error: BaseException | str) -> str:
+    """The first non-empty line of an error's message (its type name when it has none)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

@@ -111,7 +111,9 @@ def test_runtime_env_forwards_storage_settings_but_credentials_only_when_asked(t
     assert ".venv" in env["excludes"] and ".git" in env["excludes"]
     assert env["env_vars"] == {"RAYFT_STORAGE": "s3://bucket/prefix", "AWS_ENDPOINT_URL": "http://minio:9000",
                                "AWS_REGION": "eu-west-1", "PYTHONUNBUFFERED": "1"}
-    assert plain.entrypoint() == "rayft train job.yaml"
+    assert plain.command_line() == "rayft train job.yaml"
+    # Run by the cluster's own Python (rayft need not be on the cluster's PATH).
+    assert plain.entrypoint().endswith('exec "$py" -m cluster.cli train job.yaml')
     assert plain.submission_id.startswith("rayft-train-an-adapter-")
 
     asked = prepare_submission(
@@ -123,7 +125,7 @@ def test_runtime_env_forwards_storage_settings_but_credentials_only_when_asked(t
     assert env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "shh" and env["env_vars"]["HF_TOKEN"] == "hf_x"
     assert env["env_vars"]["LOG_LEVEL"] == "debug" and "OTHER" not in env["env_vars"]
     assert env["pip"] == ["peft==0.21.2"]
-    assert asked.entrypoint() == "rayft train job.yaml --merge --storage s3://other/p"
+    assert asked.command_line() == "rayft train job.yaml --merge --storage s3://other/p"
     assert any("credentials" in note for note in asked.notes)
 
     own = prepare_submission(SubmitOptions(job="job.yaml", forward_env=False), environ=environ, cwd=tmp_path)
@@ -386,7 +388,7 @@ def test_submit_runs_a_lora_job_with_auth_on_and_publishes_its_adapter(
     # The job ran with what `rayft submit` gave it, and nothing more.
     job_id = out.split("[rayft] submitted job ", 1)[1].split()[0]
     details = ray_head.client().info(job_id)
-    assert details.entrypoint == "rayft train job.yaml"
+    assert details.entrypoint.endswith('-m cluster.cli train job.yaml') and details.metadata["rayft_command_line"] == "rayft train job.yaml"
     assert details.runtime_env["env_vars"]["RAYFT_STORAGE"] == jobs_storage
 
 

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage.errors import RayftError, root_cause
+from storage.errors import RayftError, RunFailed, root_cause
 from storage.registry import Manifest, Registry
 from storage.store import default_storage_uri, open_store, pyarrow_filesystem
 from trainers.loop import train_func
@@ -19,10 +19,8 @@ from trainers.spec import JobSpec
 from trainers.state_io import load_state
 
 
-class TrainingFailed(RayftError):
+class TrainingFailed(RunFailed):
     """The run ended in error after its allowed restarts; the message carries the original error."""
-
-    http_status = 500
 
 
 @dataclass
@@ -140,9 +138,9 @@ def run_training(
     try:
         result = build_trainer(spec, run_id, storage_uri, faults).fit()
     except ray.train.TrainingFailedError as exc:
-        raise TrainingFailed(f"run {run_id} failed: {root_cause(exc)}") from None
+        raise TrainingFailed(f"run {run_id} failed: {root_cause(exc)}") from exc  # the cause: for --verbose
     if result.error is not None:
-        raise TrainingFailed(f"run {run_id} failed: {root_cause(result.error)}")
+        raise TrainingFailed(f"run {run_id} failed: {root_cause(result.error)}") from result.error
     if result.checkpoint is None:
         raise TrainingFailed(f"run {run_id} finished without a checkpoint")
     checkpoint, metrics = final_checkpoint(result, storage_uri, run_id)

@@ -64,8 +64,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_demo_adapters(storage: str, steps: int, lr: float):
+    from cluster.ray_connect import prepare
     from trainers.run import run_training
     from trainers.spec import load_job_spec
+
+    prepare(None)  # a local Ray; only rayft's lines of what its workers print reach the console
 
     manifests = []
     for job in ("examples/lora.yaml", "examples/upper-lora.yaml"):

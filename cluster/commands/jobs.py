@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         if args.follow:
             from cluster.commands.submit import follow_and_report
 
-            return follow_and_report(client, args.job_id)
+            return follow_and_report(client, args.job_id, "jobs")
         sys.stdout.write(client.logs(args.job_id))
     elif args.action == "stop":
         if client.stop(args.job_id):
