@@ -52,8 +52,14 @@ def quiet_ray_driver() -> None:
     """Ray's own INFO lines in this process ("Started a local Ray instance", Serve's deploy steps)."""
     if _verbose:
         return
-    for name in ("ray", "ray.serve", "ray.train", "ray.tune", "ray.data"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # Some Ray modules pin their own logger at INFO (the Jobs SDK's "Uploading package ..."): every Ray
+    # logger that exists by now is lowered, not only the parent.
+    names = {"ray", "ray.serve", "ray.train", "ray.tune", "ray.data"}
+    names |= {name for name in logging.root.manager.loggerDict if name.startswith("ray.")}
+    for name in names:
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)
 
 
 def keep_rayft_lines_only() -> None:

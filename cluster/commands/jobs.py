@@ -23,9 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cluster import console
     from cluster.jobs_client import JobsClient
 
     client = JobsClient.connect(args.address)
+    console.quiet_ray_driver()  # Ray's INFO lines about uploads
     if args.action == "list":
         print(format_jobs(client.list()))
     elif args.action == "status":

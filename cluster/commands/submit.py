@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cluster import console
     from cluster.jobs_client import JobsClient
     from cluster.submission import SubmitOptions, endpoint_notes, prepare_submission, submit_job
 
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         image_uri=args.image_uri, storage=args.storage,
     ), check_storage=True)
     client = JobsClient.connect(args.address)
+    console.quiet_ray_driver()  # Ray's INFO lines about uploads
     for note in [*job.notes, *endpoint_notes(job.env_vars, client.address)]:
         print(f"[rayft] note: {note}", flush=True)
     job_id = submit_job(client, job)

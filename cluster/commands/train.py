@@ -24,15 +24,15 @@ def run(args: argparse.Namespace) -> int:
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"merge": True})})
     if args.storage:
         spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"uri": args.storage})})
+    from cluster.ray_connect import prepare
     from trainers.inputs import resolve_inputs
 
     spec = resolve_inputs(spec).spec  # model, data, storage and output name, before Ray starts
+    prepare(args.address)  # the cluster's token checked and set up (Ray not started); Ray's output kept quiet
     preflight(spec, force=args.force, remote=bool(args.address or os.environ.get("RAY_ADDRESS")))
 
-    from cluster.ray_connect import prepare
     from trainers.run import run_training
 
-    prepare(args.address)  # the cluster's token checked and sent; Ray's own output kept out of the console
     result = run_training(spec, address=args.address)
     print_summary(result)
     return 0
