@@ -60,6 +60,9 @@ def quiet_ray_driver() -> None:
         logger = logging.getLogger(name)
         if logger.level < logging.WARNING:
             logger.setLevel(logging.WARNING)
+    # "Token authentication is enabled for this Ray cluster": Ray's default for a new local instance,
+    # announced at every start. rayft keeps it on; nothing for the user to do.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 def keep_rayft_lines_only() -> None:

@@ -43,11 +43,9 @@ def prepare(address: str | None = None) -> str | None:
         return address
     # Each ray.train.report() waits for the controller's poll; a short interval keeps reports cheap.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    if address in (None, "local"):
-        # Ray's default for a new local instance, said explicitly so that Ray does not warn about it.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-    else:
+    if address not in (None, "local"):
         prepare_auth(address)
+    # (A new local instance gets Ray's default, token auth on; Ray's note saying so is kept off the console.)
     console.quiet_ray_driver()
     console.keep_rayft_lines_only()
     return address
