@@ -28,6 +28,7 @@ COMMANDS = [
     "merge",
     "serve",
     "registry",
+    "inspect",
     "submit",
     "jobs",
     "demo",
