@@ -80,6 +80,26 @@ def local_uri(tmp_path: Path) -> str:
     return str(tmp_path / "store")
 
 
+@pytest.fixture
+def enforced_auth(s3_server: S3Server) -> Iterator[None]:
+    """Make the S3 server check credentials (it accepts any by default), then restore."""
+    import json
+    import urllib.request
+
+    def set_free_requests(count: str) -> None:
+        request = urllib.request.Request(
+            f"{s3_server.endpoint_url}/moto-api/reset-auth", data=count.encode(), method="POST", headers={"Content-Type": "text/plain"}
+        )
+        with urllib.request.urlopen(request) as response:
+            json.load(response)
+
+    set_free_requests("0")
+    try:
+        yield
+    finally:
+        set_free_requests("inf")
+
+
 # ============================ end of storage fixtures ========================
 
 

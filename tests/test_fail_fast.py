@@ -10,13 +10,10 @@ credentials, or an endpoint where nothing listens), a port something listens on,
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import stat
 import sys
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,23 +47,6 @@ def local_registry(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
     uri = str(tmp_path_factory.mktemp("ff-store") / "store")
     push_directory(open_registry(uri), str(tiny_model_dir), "tiny-base", "model", None)
     return uri
-
-
-@pytest.fixture
-def s3_refusing_credentials(s3_server) -> Iterator[None]:
-    """The S3 API server checks credentials (it accepts any by default) until the test ends."""
-
-    def free_requests(count: str) -> None:
-        request = urllib.request.Request(f"{s3_server.endpoint_url}/moto-api/reset-auth", data=count.encode(), method="POST",
-                                         headers={"Content-Type": "text/plain"})
-        with urllib.request.urlopen(request) as response:
-            json.load(response)
-
-    free_requests("0")
-    try:
-        yield
-    finally:
-        free_requests("inf")
 
 
 def _closed_port() -> int:
@@ -116,7 +96,7 @@ def test_bad_input_fails_in_one_line_before_ray_starts(
         case = Case(case_name, 2, ["storage.uri s3://ff-bucket/store", f"{endpoint} is unreachable", "AWS_ENDPOINT_URL"])
     elif case_name == "wrong S3 credentials":
         s3_server.ensure_bucket("ff-creds")
-        request.getfixturevalue("s3_refusing_credentials")
+        request.getfixturevalue("enforced_auth")
         args = ["train", str(_job(tmp_path, source="registry:tiny-base", train=data, storage="s3://ff-creds/store"))]
         case = Case(case_name, 2, ["storage.uri s3://ff-creds/store", "rejected the credentials", "AWS_ACCESS_KEY_ID"])
     else:  # port in use
