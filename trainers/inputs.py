@@ -21,7 +21,7 @@ from storage.models import REGISTRY_PREFIX
 from storage.registry import Registry
 from storage.safety import validate_name
 from storage.store import S3Options, default_storage_uri, open_store
-from trainers.methods import ADAPTER_METHODS
+from trainers.methods import traits
 from trainers.spec import JobSpec
 
 # A check, not a transfer: fail in seconds when an endpoint does not answer.
@@ -156,7 +156,7 @@ def _check_data(where: str, value: str, local_paths: bool, problems: list[str], 
 
 def _check_output(spec: JobSpec, registry: Registry, problems: list[str]) -> None:
     """The names the run will publish: valid, and not already names of another kind of artifact."""
-    is_adapter = spec.method.name in ADAPTER_METHODS
+    is_adapter = traits(spec.method.name).is_adapter
     wanted = [(spec.output.name, "adapter" if is_adapter else "model", "output.name")]
     if spec.output.merge and is_adapter:
         wanted.append((spec.output.name + MERGED_SUFFIX, "model", "output.merge"))
