@@ -1,0 +1,136 @@
+"""From a model and a batch to an objective's loss: the forward passes, and where the reference comes from.
+
+The reference is never a second copy of the weights: for adapter methods it is the same model inside
+`reference_context` (peft's `disable_adapter()`, given by the loop); for full fine-tuning it is a table of the frozen
+base's log-probabilities computed before the first step (`reference_table`) and carried in the batch (`ref_sums`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from types import ModuleType
+from typing import ContextManager
+
+import torch
+import torch.nn.functional as F
+
+from trainers.objectives import objective_module
+from trainers.objectives._common import SequenceLogps
+
+IGNORE = -100
+
+#: A zero-argument callable whose context makes the policy model act as the reference (or None: precomputed).
+ReferenceContext = Callable[[], ContextManager] | None
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the log-probabilities of the label tokens, number of label tokens) for each row."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = logits[:, logits.shape[1] - input_ids.shape[1]:, :]  # prompt-learning adapters prepend virtual tokens
+    shift_logits, shift_labels = logits[:, :-1, :].float(), labels[:, 1:]
+    nll = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none")
+    return -nll.sum(-1), (shift_labels != IGNORE).sum(-1)
+
+
+def batch_logps(model, batch: dict[str, torch.Tensor], kl: bool) -> SequenceLogps:
+    """The batch's sequences (and, for KTO, its mismatched KL sequences, without gradient) under `model`."""
+    sums, tokens = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    out = SequenceLogps(sums, tokens, labels=batch.get("kto_labels"))
+    if kl:
+        with torch.no_grad():
+            out.kl_sums = sequence_logps(model, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"])[0]
+    return out
+
+
+def reference_logps(model, batch: dict[str, torch.Tensor], reference_context: ReferenceContext, kl: bool) -> SequenceLogps:
+    """The reference's log-probabilities: precomputed in the batch, else `model` inside `reference_context`."""
+    if "ref_sums" in batch:
+        return SequenceLogps(batch["ref_sums"], batch["labels"][:, 1:].ne(IGNORE).sum(-1), batch.get("kto_labels"),
+                             batch.get("ref_kl_sums"))
+    if reference_context is None:
+        raise RuntimeError("this objective needs reference log-probabilities: none in the batch and no reference model")
+    with torch.no_grad(), reference_context():
+        return batch_logps(model, batch, kl)
+
+
+def make_loss_fn(objective_cfg, reference_context: ReferenceContext) -> Callable[[object, dict], tuple[torch.Tensor, dict]]:
+    """`loss_fn(model, batch) -> (loss, metrics)` for the objective. SFT is the model's own token loss."""
+    module = objective_module(objective_cfg.name)
+    if module.DATA == "text":
+        return lambda model, batch: (model(**batch).loss, {})
+    kl = module.DATA == "unpaired"
+
+    def loss_fn(model, batch):
+        policy = batch_logps(model, batch, kl)
+        # the reference pass needs no gradient sync: it runs on the unwrapped module
+        reference = reference_logps(_inner(model), batch, reference_context, kl) if module.REFERENCE else None
+        return module.loss(objective_cfg, policy, reference)
+
+    return loss_fn
+
+
+def _inner(model):
+    """The module under a DDP or DeepSpeed wrapper."""
+    return model.module if hasattr(model, "module") and not hasattr(model, "peft_config") else model
+
+
+def needs_reference_table(objective_cfg, is_adapter: bool) -> bool:
+    """Full fine-tuning has no adapter to switch off: its reference is precomputed from the base before training."""
+    return objective_module(objective_cfg.name).REFERENCE and not is_adapter
+
+
+def adapter_reference(model) -> ReferenceContext:
+    """The base model under a peft adapter: the adapter switched off (no second copy of the weights)."""
+    return _inner(model).disable_adapter
+
+
+@torch.no_grad()
+def reference_table(model, examples: list, collate: Callable[[list], dict], batch_size: int, world: int, rank: int,
+                    device: torch.device, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                    lockstep: bool = False) -> dict[str, torch.Tensor]:
+    """Every example's reference log-probabilities under `model` as it is now (the frozen base, before step 1).
+
+    Each rank scores its share (`examples[rank::world]`) and the shares are gathered, so every rank holds the whole
+    table, indexed like `examples`: {"sums": [N, k], "kl_sums": [N]} (k = 2 for pairs: chosen, rejected).
+    `lockstep`: every rank runs the same number of forward passes (ZeRO-3 gathers each layer from all ranks).
+    """
+    was_training = model.training
+    model.eval()
+    kl = "kl_input_ids" in collate(examples[:1])
+    width = collate(examples[:1])["input_ids"].shape[0]  # rows per example: 2 for pairs, 1 for KTO
+    mine = list(range(rank, len(examples), world))
+    passes = math.ceil(math.ceil(len(examples) / world) / batch_size) if lockstep else math.ceil(len(mine) / batch_size)
+    sums, kl_sums = [], []
+    for i in range(passes):
+        idx = mine[i * batch_size:(i + 1) * batch_size]
+        batch = {k: v.to(device) for k, v in collate([examples[j] for j in (idx or [0])]).items()}
+        with autocast():
+            out = batch_logps(model, batch, kl)
+        if not idx:
+            continue  # a pass that only keeps ZeRO-3's ranks in step
+        rows = out.sums.float().cpu().reshape(width, len(idx)).T  # pairs: [chosen; rejected] -> one row per example
+        sums.append(rows)
+        if kl:
+            kl_sums.append(out.kl_sums.float().cpu())
+    local = torch.cat(sums) if sums else torch.zeros(0, width)
+    table = {"sums": _gather_rows(local, mine, len(examples), world)}
+    if kl:
+        table["kl_sums"] = _gather_rows(torch.cat(kl_sums).unsqueeze(1), mine, len(examples), world)[:, 0]
+    if was_training:
+        model.train()
+    return table
+
+
+def _gather_rows(local: torch.Tensor, indices: list[int], n: int, world: int) -> torch.Tensor:
+    """The full [n, k] table from every rank's rows at `indices`."""
+    out = torch.zeros(n, local.shape[1], dtype=torch.float32)
+    if world == 1:
+        out[indices] = local
+        return out
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, (indices, local))
+    for idx, rows in parts:
+        out[idx] = rows
+    return out
