@@ -268,3 +268,20 @@ def test_kto_rows_carry_a_mismatched_kl_sequence(models, tmp_path):
 def test_synthetic_preference_task_prefers_the_right_answer():
     rows = preference_examples("reverse", 20, seed=3)
     assert all(r["chosen"] == " " + r["prompt"].split()[1][::-1] and r["rejected"] != r["chosen"] for r in rows)
+
+
+@pytest.mark.parametrize("objective,data,expected", [
+    ("dpox", {}, ["objective.name: got 'dpox'", "'kto'"]),
+    ({"name": "dpo", "beta": 0}, {}, ["objective.dpo.beta: got 0, must be > 0"]),
+    ({"name": "kto", "desirable_weight": -1}, {}, ["objective.kto.desirable_weight"]),
+    ("orpo", {"packing": True, "format": "text"}, ["data.packing: objective orpo", "data.format: got 'text', objective orpo reads"]),
+])
+def test_objective_spec_problems_are_named(objective, data, expected):
+    from trainers.spec import SpecError, parse_job_spec
+
+    raw = {"model": {"source": "m"}, "data": {"train": "t.jsonl", **data}, "method": {"name": "lora"},
+           "objective": objective, "output": {"name": "x"}}
+    with pytest.raises(SpecError) as err:
+        parse_job_spec(raw, "job.yaml")
+    for part in expected:
+        assert part in str(err.value)

@@ -8,6 +8,11 @@ import torch
 import torch.nn.functional as F
 
 
+#: Every metric an objective may report (each objective reports a subset).
+METRIC_KEYS = ("rewards_chosen", "rewards_rejected", "reward_margin", "preference_accuracy", "logp_accuracy", "kl", "nll",
+               "log_odds_ratio")
+
+
 @dataclass
 class SequenceLogps:
     """Log-probabilities of a batch of sequences under one model, summed over each sequence's response tokens.

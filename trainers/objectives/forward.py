@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from trainers.objectives import objective_module
-from trainers.objectives._common import SequenceLogps
+from trainers.objectives._common import METRIC_KEYS, SequenceLogps
 
 IGNORE = -100
 
@@ -66,7 +66,10 @@ def make_loss_fn(objective_cfg, reference_context: ReferenceContext) -> Callable
         policy = batch_logps(model, batch, kl)
         # the reference pass needs no gradient sync: it runs on the unwrapped module
         reference = reference_logps(_inner(model), batch, reference_context, kl) if module.REFERENCE else None
-        return module.loss(objective_cfg, policy, reference)
+        loss, metrics = module.loss(objective_cfg, policy, reference)
+        if not kl:  # does the model itself give the chosen response the higher likelihood (whatever the reference)?
+            metrics["logp_accuracy"] = (policy.chosen > policy.rejected).float().mean().detach()
+        return loss, metrics
 
     return loss_fn
 
@@ -134,3 +137,53 @@ def _gather_rows(local: torch.Tensor, indices: list[int], n: int, world: int) ->
     for idx, rows in parts:
         out[idx] = rows
     return out
+
+
+class MetricMeter:
+    """Running means of an objective's per-batch metrics between two reports (each key over the batches that had it)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: dict) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{k}": self.sums[k] / self.counts[k] for k in self.sums}
+
+    def reset(self) -> None:
+        self.sums, self.counts = {}, {}
+
+
+@torch.no_grad()
+def evaluate_objective(loss_fn: Callable, model, examples: list, collate: Callable[[list], dict], batch_size: int,
+                       device: torch.device, world: int, rank: int, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                       lockstep: bool = False) -> dict[str, float]:
+    """The objective's loss and metrics on `examples` (each rank its share), weighted by examples, all ranks combined:
+    {"eval_loss", "eval_preference_accuracy", "eval_reward_margin", ...}. `lockstep` as in `reference_table`."""
+    was_training = model.training
+    model.eval()
+    mine = examples[rank::world]
+    passes = math.ceil(math.ceil(len(examples) / world) / batch_size) if lockstep else math.ceil(len(mine) / batch_size)
+    totals: dict[str, float] = {}
+    for i in range(passes):
+        chunk = mine[i * batch_size:(i + 1) * batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk or examples[:1]).items()}
+        with autocast():
+            loss, metrics = loss_fn(model, batch)
+        if not chunk:
+            continue
+        for key, value in {"loss": loss, **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * len(chunk)
+            totals[f"{key}__n"] = totals.get(f"{key}__n", 0.0) + len(chunk)
+    keys = ["loss", *METRIC_KEYS]  # the same vector on every rank, whatever each one's batches reported
+    vec = torch.tensor([totals.get(k, 0.0) for k in keys] + [totals.get(f"{k}__n", 0.0) for k in keys], dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(vec)
+    if was_training:
+        model.train()
+    n = len(keys)
+    return {f"eval_{k}": (vec[i] / vec[n + i]).item() for i, k in enumerate(keys) if vec[n + i] > 0}
