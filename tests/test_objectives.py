@@ -285,3 +285,19 @@ def test_objective_spec_problems_are_named(objective, data, expected):
         parse_job_spec(raw, "job.yaml")
     for part in expected:
         assert part in str(err.value)
+
+
+def test_plan_counts_both_sequences_of_a_pair_and_the_reference_pass(tiny_model_dir):
+    from trainers.plan import PlanRequest, plan
+
+    def planned(objective, batch, method="lora"):
+        return plan(PlanRequest(model=str(tiny_model_dir), method={"name": method}, hardware={"device": "cpu"},
+                                seq_len=32, micro_batch=batch, objective=objective))
+
+    sft2, dpo1 = planned("sft", 2), planned("dpo", 1)
+    assert dpo1.per_device.activations == sft2.per_device.activations  # a pair is two sequences
+    assert dpo1.per_device.transient > sft2.per_device.transient  # + the reference pass's logits (adapter off)
+    assert any("adapter off" in n for n in dpo1.notes)
+    # no reference model: ORPO holds the pair's activations and nothing more; full FT precomputes the reference
+    assert planned("orpo", 1).per_device.transient == sft2.per_device.transient
+    assert any("computed once by the frozen base" in n for n in planned("dpo", 1, "full").notes)
