@@ -23,6 +23,7 @@ import torch
 
 from trainers import data as data_mod
 from trainers.methods import method_module
+from trainers.objectives.runtime import ObjectiveRuntime, first_sequence
 from storage.models import resolve_model_dir
 from trainers.spec import JobSpec, TrainingSpec
 from trainers.state_io import load_state, save_state
@@ -241,7 +242,7 @@ def build_scheduler(training: TrainingSpec, optimizer):
 
 
 def micro_batch(train: list, tcfg, step: int, micro: int, world: int, rank: int, pad_id: int,
-                device: torch.device) -> dict[str, torch.Tensor]:
+                device: torch.device, collate=None) -> dict[str, torch.Tensor]:
     """Rank `rank`'s micro-batch `micro` of optimizer step `step` (1-based), padded and on `device`.
 
     A pure function of (seed, step, micro): a resumed run replays exactly the batches it would have seen.
@@ -250,7 +251,9 @@ def micro_batch(train: list, tcfg, step: int, micro: int, world: int, rank: int,
         len(train), step_micro=(step - 1) * tcfg.grad_accum + micro,
         micro_batch_size=tcfg.micro_batch_size, world=world, rank=rank, seed=tcfg.seed,
     )
-    return {k: v.to(device) for k, v in data_mod.collate([train[i] for i in idx], pad_id).items()}
+    examples = [train[i] for i in idx]
+    batch = collate(examples) if collate is not None else data_mod.collate(examples, pad_id)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def maybe_inject_fault(faults: dict | None, step: int, rank: int) -> None:
@@ -362,9 +365,11 @@ def train_func(config: dict) -> None:
     model_dir = resolve_model_dir(spec.model.source, config.get("storage_uri"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    datasets = data_mod.build_datasets(spec.data, tokenizer, tcfg.seed)
+    objective = ObjectiveRuntime(spec, tokenizer, pad_id)
+    datasets = objective.datasets
 
     model = load_model(spec, model_dir, precision, device, tcfg.max_steps)
+    objective.bind(model)
     trainable, total = count_parameters(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -375,11 +380,15 @@ def train_func(config: dict) -> None:
                                               parallel_strategy_kwargs={"find_unused_parameters": spec.method.name == "adalora"})
     scaler = torch.amp.GradScaler("cuda") if precision.name == "fp16" else None
 
-    start_step, history, resumes = 0, [], []
+    start_step, history, resumes, state = 0, [], [], None
     with resume_checkpoint(config) as ckpt_dir:
         if ckpt_dir is not None:
             load_trainable_weights(model, ckpt_dir, is_adapter)
             state = load_state(ckpt_dir, STATE_NAME)
+    autocast = lambda: _autocast(device, precision)
+    # before any step (or from the checkpoint): a full model's reference log-probabilities come from the base as loaded
+    reference = objective.prepare_reference(_unwrap(model), state and state.get("reference"), device,
+                                            tcfg.micro_batch_size, world, rank, autocast)
     if ckpt_dir is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -398,17 +407,22 @@ def train_func(config: dict) -> None:
     progress = Progress(tcfg.max_steps, start_step)
     inner = _unwrap(model)
     running_loss, running_n = 0.0, 0
-    eval_loss = None
+    eval_loss, eval_metrics = None, {}
+    if objective.preference and start_step == 0 and datasets.eval:
+        eval_metrics = objective.evaluate(model, tcfg.micro_batch_size, device, world, rank, autocast)
+        history.append({"step": 0, "train_loss": None, **eval_metrics})
+        if rank == 0:
+            say(f"[rayft] before training: {format_eval(eval_metrics)}")
 
     for step in range(start_step + 1, tcfg.max_steps + 1):
         maybe_inject_fault(config.get("faults"), step, rank)
         step_t0, step_tokens0 = time.perf_counter(), progress.tokens
         for micro in range(tcfg.grad_accum):
-            batch = micro_batch(datasets.train, tcfg, step, micro, world, rank, pad_id, device)
+            batch = micro_batch(datasets.train, tcfg, step, micro, world, rank, pad_id, device, objective.collate)
             sync = micro == tcfg.grad_accum - 1 or world == 1
             ctx_sync = contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
             with ctx_sync, _autocast(device, precision):
-                loss = model(**batch).loss / tcfg.grad_accum
+                loss = objective.loss(model, batch) / tcfg.grad_accum
             (scaler.scale(loss) if scaler else loss).backward()
             running_loss += loss.item()
             progress.tokens += int(batch["attention_mask"].sum().item()) * world
@@ -429,16 +443,25 @@ def train_func(config: dict) -> None:
         progress.add_step(step, progress.tokens - step_tokens0, time.perf_counter() - step_t0)
 
         if rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.max_steps):
-            say(progress.line(step, running_loss / running_n, scheduler.get_last_lr()[0]))
+            say(progress.line(step, running_loss / running_n, scheduler.get_last_lr()[0]) + objective.progress_suffix())
         train_loss = running_loss / running_n
         do_eval = step % tcfg.eval_every == 0 or step == tcfg.max_steps
         do_ckpt = step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps
         if do_eval and datasets.eval:
-            eval_loss = evaluate(model, datasets.eval, tcfg.micro_batch_size, pad_id, device, precision, world, rank)
+            if objective.preference:
+                eval_metrics = objective.evaluate(model, tcfg.micro_batch_size, device, world, rank, autocast)
+                eval_loss = eval_metrics["eval_loss"]
+                if rank == 0:
+                    say(f"[rayft] step {step} {format_eval(eval_metrics)}")
+            else:
+                eval_loss = evaluate(model, datasets.eval, tcfg.micro_batch_size, pad_id, device, precision, world, rank)
         if do_eval or do_ckpt:
-            history.append({"step": step, "train_loss": train_loss, "eval_loss": eval_loss if do_eval else None})
+            train_metrics = objective.train_metrics()
+            history.append({"step": step, "train_loss": train_loss, **train_metrics,
+                            **({"eval_loss": eval_loss, **eval_metrics} if do_eval else {"eval_loss": None})})
             running_loss, running_n = 0.0, 0
             metrics = {
+                **train_metrics, **eval_metrics,
                 "step": step, "train_loss": train_loss, "eval_loss": eval_loss,
                 "trainable_params": trainable, "total_params": total,
                 "tokens_per_s": progress.tokens / max(time.perf_counter() - progress.t0, 1e-9),
@@ -446,16 +469,24 @@ def train_func(config: dict) -> None:
             }
             if do_ckpt:
                 probe = probe_logits(model, datasets, device, precision) if step == tcfg.max_steps else None
-                state = {"step": step, "history": history, "resumes": resumes}
+                state = {"step": step, "history": history, "resumes": resumes,
+                         **({"reference": reference} if reference is not None else {})}
                 _report_with_checkpoint(metrics, model, optimizer, scheduler, state, probe, is_adapter, rank, world)
             else:
                 ray.train.report(metrics)
 
 
+def format_eval(metrics: dict) -> str:
+    """An eval result on one line: loss, preference accuracy, reward margin (what the objective reports)."""
+    labels = (("eval_loss", "eval loss"), ("eval_preference_accuracy", "preference accuracy"),
+              ("eval_logp_accuracy", "chosen more likely"), ("eval_reward_margin", "reward margin"), ("eval_kl", "kl"))
+    return ", ".join(f"{label} {metrics[key]:.4f}" for key, label in labels if metrics.get(key) is not None)
+
+
 def probe_logits(model, datasets, device, precision: Precision) -> dict[str, torch.Tensor]:
     """Logits of the final model on one fixed example, kept with the last checkpoint so anyone
     can check that the published artifact reproduces the model as it was at the end of training."""
-    example = (datasets.eval or datasets.train)[0]
+    example = first_sequence((datasets.eval or datasets.train)[0])
     ids = torch.tensor([example.input_ids], device=device)
     model.eval()
     with torch.no_grad(), _autocast(device, precision):

@@ -172,7 +172,7 @@ def preference_examples(task: str, n: int, seed: int = 0, kto: bool = False) -> 
     for row in task_examples(task, n, seed):
         word = row["prompt"].split()[1]
         other = rng.choice([w for w in WORDS[:20] if w != word])
-        wrong = rng.choice([" " + word, " " + other[::-1], row["completion"][:-1]])
+        wrong = " " + word if rng.random() < 0.5 else " " + other[::-1]
         if kto:
             good = rng.random() < 0.5
             rows.append({"prompt": row["prompt"], "completion": row["completion"] if good else wrong, "label": good})
