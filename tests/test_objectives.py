@@ -301,3 +301,22 @@ def test_plan_counts_both_sequences_of_a_pair_and_the_reference_pass(tiny_model_
     # no reference model: ORPO holds the pair's activations and nothing more; full FT precomputes the reference
     assert planned("orpo", 1).per_device.transient == sft2.per_device.transient
     assert any("computed once by the frozen base" in n for n in planned("dpo", 1, "full").notes)
+
+
+def test_tune_space_takes_objective_and_beta():
+    from trainers.spec import SpecError, parse_job_spec
+    from trainers.tune import param_space, trial_spec
+
+    raw = {"model": {"source": "m"}, "data": {"train": "t.jsonl"}, "method": {"name": "lora"}, "output": {"name": "x"},
+           "objective": {"name": "dpo", "loss_type": "ipo"}, "training": {"max_steps": 20, "eval_every": 5},
+           "tune": {"space": {"objective": ["dpo", "simpo"], "beta": [0.1, 0.5]}}}
+    spec = parse_job_spec(raw, "job.yaml")
+    assert spec.tune.space.ranking() == ("eval_preference_accuracy", "max")
+    assert param_space(spec.tune) == {"objective": {"grid_search": ["dpo", "simpo"]}, "beta": {"grid_search": [0.1, 0.5]}}
+    dpo_trial = trial_spec(spec, {"objective": "dpo", "beta": 0.5})
+    assert (dpo_trial.objective.name, dpo_trial.objective.beta, dpo_trial.objective.loss_type) == ("dpo", 0.5, "ipo")
+    assert trial_spec(spec, {"objective": "simpo", "beta": 0.1}).objective.model_dump() == {"name": "simpo", "beta": 0.1, "gamma": 0.5}
+    one = {**raw, "tune": {"space": {"beta": [0.1, 0.5]}}}
+    assert parse_job_spec(one, "job.yaml").tune.space.ranking() == ("eval_loss", "min")
+    with pytest.raises(SpecError, match="tune.space.beta: sft has no beta"):
+        parse_job_spec({**one, "objective": "sft"}, "job.yaml")
