@@ -78,3 +78,35 @@ def test_full_kto_killed_worker_resumes_like_an_uninterrupted_run(ray_session, t
     clean = run_training(_resume_job(tiny_model_dir, kto_data, local_uri, "kto-b", 0), publish=False)
     for key in ("train_loss", "eval_loss", "eval_kl", "train_rewards_chosen"):
         assert crashed.metrics[key] == pytest.approx(clean.metrics[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "alpha": 8}], ids=["full", "lora"])
+def test_dpo_under_zero3_on_two_workers_publishes_a_loadable_result(method, ray_session, tiny_model_dir, prefs, local_uri):
+    from tests.test_zero3 import zero3_job
+
+    name = f"dpo-z3-{method['name']}"
+    spec = zero3_job(tiny_model_dir, prefs, local_uri, method, name, objective={"name": "dpo", "beta": 0.5},
+                     training={"max_steps": 4, "checkpoint_every": 4, "eval_every": 4, "lr": 0.005 if method["name"] == "lora" else 0.001})
+    result = run_training(spec)
+
+    assert result.metrics["step"] == 4 and result.metrics["eval_preference_accuracy"] is not None
+    with result.checkpoint.as_directory() as d:
+        state, probe = load_state(d, STATE_NAME), load_state(d, PROBE_NAME)
+    # before step 1 the policy is the reference: a precomputed table (full) or the adapter switched off (LoRA) gives
+    # the sharded model's own log-probabilities, so every reward is 0
+    assert state["history"][0]["step"] == 0 and abs(state["history"][0]["eval_reward_margin"]) < 1e-4
+    assert ("reference" in state) == (method["name"] == "full")
+    published = open_registry(local_uri).download(name)
+    base = AutoModelForCausalLM.from_pretrained(published if method["name"] == "full" else tiny_model_dir)
+    model = (base if method["name"] == "full" else peft.PeftModel.from_pretrained(base, str(published))).eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_qlora_dpo_runs(ray_session, tiny_model_dir, prefs, local_uri):
+    spec = pref_job(tiny_model_dir, prefs, local_uri, "rev-qlora-dpo", method={"name": "qlora", "r": 4, "alpha": 8},
+                    training={"max_steps": 4, "eval_every": 4, "checkpoint_every": 4, "log_every": 2})
+    result = run_training(spec)
+    assert result.metrics["step"] == 4 and 0 <= result.metrics["eval_preference_accuracy"] <= 1
+    assert result.manifests[0].params["objective"]["name"] == "dpo"

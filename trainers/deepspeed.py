@@ -48,6 +48,7 @@ from trainers.loop import (
     build_scheduler,
     decide_precision,
     evaluate,
+    format_eval,
     maybe_inject_fault,
     micro_batch,
     newest_checkpoint,
@@ -58,6 +59,7 @@ from trainers.loop import (
     set_rng_state,
 )
 from trainers.methods import method_module
+from trainers.objectives.runtime import ObjectiveRuntime
 from trainers.spec import JobSpec, deepspeed_extra_problems
 from trainers.state_io import load_state, save_state
 from storage.models import resolve_model_dir
@@ -370,10 +372,12 @@ def train_func_zero3(config: dict) -> None:
     model_dir = _model_dir(spec, config.get("storage_uri"), ctx.get_local_rank())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    datasets = data_mod.build_datasets(spec.data, tokenizer, tcfg.seed)
+    objective = ObjectiveRuntime(spec, tokenizer, pad_id)
+    datasets = objective.datasets
 
     t0 = time.perf_counter()
     model = load_model_zero3(spec, model_dir, precision, tcfg.max_steps)
+    objective.bind(model)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     engine, _, _, _ = deepspeed.initialize(
@@ -390,6 +394,9 @@ def train_func_zero3(config: dict) -> None:
 
     start_step, history, resumes = 0, [], []
     state = restore(engine, config, rank, world)
+    # full fine-tuning: the reference log-probabilities of the sharded base, every rank in lock-step, before step 1
+    reference = objective.prepare_reference(engine.module, state and state.get("reference"), device, tcfg.micro_batch_size,
+                                            world, rank, lockstep=True)
     if state is not None:
         set_rng_state(state["rng"][rank])
         start_step, history, resumes = state["step"], state["history"], state["resumes"] + [state["step"]]
@@ -408,15 +415,20 @@ def train_func_zero3(config: dict) -> None:
             f"train {len(datasets.train)} / eval {len(datasets.eval)} examples"
         )
     progress = Progress(tcfg.max_steps, start_step)
-    running_loss, running_n, eval_loss = 0.0, 0, None
+    running_loss, running_n, eval_loss, eval_metrics = 0.0, 0, None, {}
     step_s: list[float] = []
+    if objective.preference and start_step == 0 and datasets.eval:
+        eval_metrics = objective.evaluate(engine, tcfg.micro_batch_size, device, world, rank, lockstep=True)
+        history.append({"step": 0, "train_loss": None, **eval_metrics})
+        if rank == 0:
+            say(f"[rayft] before training: {format_eval(eval_metrics)}")
 
     for step in range(start_step + 1, tcfg.max_steps + 1):
         maybe_inject_fault(config.get("faults"), step, rank)
         step_t0, step_tokens0 = time.perf_counter(), progress.tokens
         for micro in range(tcfg.grad_accum):
-            batch = micro_batch(datasets.train, tcfg, step, micro, world, rank, pad_id, device)
-            loss = engine(**batch).loss
+            batch = micro_batch(datasets.train, tcfg, step, micro, world, rank, pad_id, device, objective.collate)
+            loss = objective.loss(engine, batch)
             engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
             engine.step()  # steps the optimizer (clip, AdamW, schedule) at the accumulation boundary only
             running_loss += loss.item() / tcfg.grad_accum
@@ -426,7 +438,7 @@ def train_func_zero3(config: dict) -> None:
         progress.add_step(step, progress.tokens - step_tokens0, step_s[-1])
 
         if rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.max_steps):
-            say(progress.line(step, running_loss / running_n, engine.get_lr()[0]))
+            say(progress.line(step, running_loss / running_n, engine.get_lr()[0]) + objective.progress_suffix())
         train_loss = running_loss / running_n
         do_eval = step % tcfg.eval_every == 0 or step == tcfg.max_steps
         do_ckpt = step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps
@@ -434,11 +446,19 @@ def train_func_zero3(config: dict) -> None:
             continue
         shares = [None] * world  # between steps, before an eval pass fills DeepSpeed's parameter cache
         torch.distributed.all_gather_object(shares, rank_parameter_share(engine.module))
-        if do_eval and datasets.eval:
+        if do_eval and datasets.eval and objective.preference:
+            eval_metrics = objective.evaluate(engine, tcfg.micro_batch_size, device, world, rank, lockstep=True)
+            eval_loss = eval_metrics["eval_loss"]
+            if rank == 0:
+                say(f"[rayft] step {step} {format_eval(eval_metrics)}")
+        elif do_eval and datasets.eval:
             eval_loss = evaluate(engine, datasets.eval, tcfg.micro_batch_size, pad_id, device, precision, world, rank, lockstep=True)
-        history.append({"step": step, "train_loss": train_loss, "eval_loss": eval_loss if do_eval else None})
+        train_metrics = objective.train_metrics()
+        history.append({"step": step, "train_loss": train_loss, **train_metrics,
+                        **({"eval_loss": eval_loss, **eval_metrics} if do_eval else {"eval_loss": None})})
         running_loss, running_n = 0.0, 0
         metrics = {
+            **train_metrics, **eval_metrics,
             "step": step, "train_loss": train_loss, "eval_loss": eval_loss,
             "trainable_params": trainable, "total_params": total,
             "tokens_per_s": progress.tokens / max(time.perf_counter() - progress.t0, 1e-9),
@@ -457,7 +477,7 @@ def train_func_zero3(config: dict) -> None:
             weights = gathered_trainable_state(engine.module) if is_adapter else gathered_model_state(engine)
             final = {"is_adapter": is_adapter, "weights": weights, "probe": probe}
         state = {
-            "step": step, "history": history, "resumes": resumes,
+            "step": step, "history": history, "resumes": resumes, **({"reference": reference} if reference is not None else {}),
             "zero3": {"after_init": shares_init, "now": shares, "step_time_s": metrics["step_time_s"], **timings},
         }
         _report_zero3_checkpoint(engine, metrics, state, final, rank, world)
