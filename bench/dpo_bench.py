@@ -34,7 +34,7 @@ MAX_SEQ_LEN = 64
 INSTRUCTION = "Spell the word backwards, letter by letter, and answer with that word only. "
 
 FULL = {"model": {"hidden_size": 384, "num_layers": 6, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1024},
-        "steps": 60, "repeats": 3, "n_train": 512}
+        "steps": 40, "repeats": 3, "n_train": 512}
 QUICK = {"model": {}, "steps": 6, "repeats": 1, "n_train": 64}
 
 
