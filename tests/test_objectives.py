@@ -184,17 +184,15 @@ def test_loss_fn_with_adapter_reference_equals_explicit_reference(models, tiny_m
     the loss computed from a separate base model."""
     import peft
 
-    from trainers.objectives.forward import adapter_reference
-
     _, ref, tok = models
     torch.manual_seed(0)
     model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), peft.LoraConfig(r=4, init_lora_weights=False))
     batch = collate_preference([encode_pair(r, tok, 64) for r in ROWS], tok.pad_token_id)
     cfg = dpo.Config(beta=0.5)
-    loss, _ = make_loss_fn(cfg, adapter_reference(model))(model, batch)
+    loss, _ = make_loss_fn(cfg, live_reference=True)(model, batch)
     expected, _ = dpo.loss(cfg, logps(model, batch), logps(ref, batch))
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
-    assert loss.requires_grad
+    assert loss.requires_grad and model.active_adapters == ["default"]  # the adapter is back on after the reference pass
     # precomputed reference (full fine-tuning): the same loss from the table carried in the batch
     from trainers.preference_data import attach_reference
 
@@ -203,7 +201,7 @@ def test_loss_fn_with_adapter_reference_equals_explicit_reference(models, tiny_m
     attach_reference(examples, table)
     batch = collate_preference(examples, tok.pad_token_id)
     assert "ref_sums" in batch
-    precomputed, _ = make_loss_fn(cfg, None)(model, batch)
+    precomputed, _ = make_loss_fn(cfg, live_reference=False)(model, batch)
     assert precomputed.item() == pytest.approx(expected.item(), abs=1e-5)
 
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from storage.registry import open_registry
 from tests.conftest import make_job
-from trainers.loop import PROBE_NAME, STATE_NAME
+from trainers.checkpoints import PROBE_NAME, STATE_NAME
 from trainers.run import run_training
 from trainers.state_io import load_state
 from trainers.tiny import preference_examples, write_jsonl

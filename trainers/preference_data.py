@@ -195,13 +195,3 @@ def attach_reference(examples: list, table: dict[str, torch.Tensor]) -> None:
         if "kl_sums" in table:
             e.ref_kl = float(table["kl_sums"][i])
 
-
-def objective_datasets(spec, tokenizer, seed: int):
-    """(datasets, collate(examples, pad_id)) for the job's objective: the SFT shapes, or preference rows."""
-    from trainers import data as data_mod
-    from trainers.objectives import objective_module
-
-    kind = objective_module(spec.objective.name).DATA
-    if kind == "text":
-        return data_mod.build_datasets(spec.data, tokenizer, seed), data_mod.collate
-    return build_preference_datasets(spec.data, tokenizer, seed, kind), collate_preference

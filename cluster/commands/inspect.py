@@ -7,6 +7,9 @@ import re
 
 from evaluation.inspect import DEFAULT_ENERGY, DEFAULT_EPSILON, DEFAULT_TOP_K
 
+#: How the console line names the modules of a report's kind (an adapter adapts them, a fine-tune changes them).
+_MODULES_WORD = {"lora": "adapted", "full": "changed"}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(report.model_dump_json(indent=1))
     else:
-        print(f"[rayft] {report.target}: {report.kind}, {len(report.modules)} {'adapted' if report.kind == 'lora' else 'changed'} module(s), base {report.base or '-'}")
+        print(f"[rayft] {report.target}: {report.kind}, {len(report.modules)} {_MODULES_WORD.get(report.kind, 'changed')} module(s), base {report.base or '-'}")
         print(report.table())
     for note in report.notes:
         print(f"[rayft] note: {note}")

@@ -6,8 +6,9 @@ Each objective is one module of the same shape:
     "unpaired" ({prompt, completion, label}, KTO);
   - `REFERENCE`: whether it compares against a frozen reference model;
   - `loss(cfg, policy, reference)`: (scalar loss, metrics) from `SequenceLogps` of the policy (and the reference).
-An objective knows nothing of methods, strategies or models: the loop computes the log-probabilities
-(trainers/objectives/forward.py) and chooses where the reference comes from. Adding an objective is adding one
+An objective knows nothing of methods, strategies or models: `objective_for(spec)` gives the worker loop a
+`(model, batch) -> (loss, metrics)` callable that computes the log-probabilities (forward.py) and takes the
+reference from the model with its adapter off, or from the batch (precomputed for full fine-tuning; runtime.py). Adding an objective is adding one
 module and one line below.
 """
 
@@ -37,3 +38,12 @@ PREFERENCE_OBJECTIVES = frozenset(name for name, m in OBJECTIVES.items() if m.DA
 
 def objective_module(name: str) -> ModuleType:
     return OBJECTIVES[name]
+
+
+def objective_for(spec):
+    """The job's objective as the worker loop's loss seam: `(model, batch) -> (loss, metrics)`
+    (trainers/objectives/forward.py computes the log-probabilities; the reference is the adapter switched off, or
+    precomputed and carried in the batch)."""
+    from trainers.objectives.runtime import loss_function
+
+    return loss_function(spec)

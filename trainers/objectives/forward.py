@@ -55,21 +55,29 @@ def reference_logps(model, batch: dict[str, torch.Tensor], reference_context: Re
         return batch_logps(model, batch, kl)
 
 
-def make_loss_fn(objective_cfg, reference_context: ReferenceContext) -> Callable[[object, dict], tuple[torch.Tensor, dict]]:
-    """`loss_fn(model, batch) -> (loss, metrics)` for the objective. SFT is the model's own token loss."""
+def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Supervised fine-tuning: transformers' causal-LM loss (labels = input ids, IGNORE where no loss is taken)."""
+    return model(**batch).loss, {}
+
+
+def make_loss_fn(objective_cfg, live_reference: bool) -> Callable[[object, dict], tuple[torch.Tensor, dict[str, float]]]:
+    """`loss_fn(model, batch) -> (loss, metrics)` for the objective (the worker loop's objective seam). SFT is the
+    model's own token loss. `live_reference`: the reference is `model` with its adapter switched off (adapter methods);
+    otherwise it is precomputed and carried in the batch (`ref_sums`)."""
     module = objective_module(objective_cfg.name)
     if module.DATA == "text":
-        return lambda model, batch: (model(**batch).loss, {})
+        return sft_loss
     kl = module.DATA == "unpaired"
 
     def loss_fn(model, batch):
         policy = batch_logps(model, batch, kl)
-        # the reference pass needs no gradient sync: it runs on the unwrapped module
-        reference = reference_logps(_inner(model), batch, reference_context, kl) if module.REFERENCE else None
+        inner = _inner(model)  # the reference pass needs no gradient sync: it runs on the unwrapped module
+        context = adapter_reference(model) if live_reference else None
+        reference = reference_logps(inner, batch, context, kl) if module.REFERENCE else None
         loss, metrics = module.loss(objective_cfg, policy, reference)
         if not kl:  # does the model itself give the chosen response the higher likelihood (whatever the reference)?
-            metrics["logp_accuracy"] = (policy.chosen > policy.rejected).float().mean().detach()
-        return loss, metrics
+            metrics["logp_accuracy"] = (policy.chosen > policy.rejected).float().mean()
+        return loss, {key: float(value) for key, value in metrics.items()}
 
     return loss_fn
 
@@ -79,12 +87,7 @@ def _inner(model):
     return model.module if hasattr(model, "module") and not hasattr(model, "peft_config") else model
 
 
-def needs_reference_table(objective_cfg, is_adapter: bool) -> bool:
-    """Full fine-tuning has no adapter to switch off: its reference is precomputed from the base before training."""
-    return objective_module(objective_cfg.name).REFERENCE and not is_adapter
-
-
-def adapter_reference(model) -> ReferenceContext:
+def adapter_reference(model) -> Callable[[], ContextManager]:
     """The base model under a peft adapter: the adapter switched off (no second copy of the weights)."""
     return _inner(model).disable_adapter
 
@@ -159,26 +162,23 @@ class MetricMeter:
 
 
 @torch.no_grad()
-def evaluate_objective(loss_fn: Callable, model, examples: list, collate: Callable[[list], dict], batch_size: int,
-                       device: torch.device, world: int, rank: int, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                       lockstep: bool = False) -> dict[str, float]:
-    """The objective's loss and metrics on `examples` (each rank its share), weighted by examples, all ranks combined:
-    {"eval_loss", "eval_preference_accuracy", "eval_reward_margin", ...}. `lockstep` as in `reference_table`."""
+def evaluate_objective(loss_fn: Callable, model, batches, device: torch.device, world: int,
+                       autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
+    """The objective's loss and metrics over `batches` ((batch, counts) pairs: this rank's share of the eval set, as
+    the worker's batch source yields them), weighted by examples, all ranks combined:
+    {"eval_loss", "eval_preference_accuracy", "eval_reward_margin", ...}."""
     was_training = model.training
     model.eval()
-    mine = examples[rank::world]
-    passes = math.ceil(math.ceil(len(examples) / world) / batch_size) if lockstep else math.ceil(len(mine) / batch_size)
     totals: dict[str, float] = {}
-    for i in range(passes):
-        chunk = mine[i * batch_size:(i + 1) * batch_size]
-        batch = {k: v.to(device) for k, v in collate(chunk or examples[:1]).items()}
+    for batch, counts in batches:
         with autocast():
             loss, metrics = loss_fn(model, batch)
-        if not chunk:
-            continue
+        if not counts:
+            continue  # a pass that only keeps ZeRO-3's ranks in step
+        n = len(batch["kto_labels"]) if "kto_labels" in batch else len(batch["input_ids"]) // 2
         for key, value in {"loss": loss, **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + float(value) * len(chunk)
-            totals[f"{key}__n"] = totals.get(f"{key}__n", 0.0) + len(chunk)
+            totals[key] = totals.get(key, 0.0) + float(value) * n
+            totals[f"{key}__n"] = totals.get(f"{key}__n", 0.0) + n
     keys = ["loss", *METRIC_KEYS]  # the same vector on every rank, whatever each one's batches reported
     vec = torch.tensor([totals.get(k, 0.0) for k in keys] + [totals.get(f"{k}__n", 0.0) for k in keys], dtype=torch.float64, device=device)
     if world > 1:

@@ -1,8 +1,7 @@
-"""The objective inside a training worker: its data, its loss function, its reference and its metrics.
+"""The objective inside a training worker, for the worker loop (trainers/loop.py): its loss function, its reference
+log-probabilities when they are precomputed, its eval figures and what it adds to the progress line.
 
-The worker loop (single/DDP in trainers/loop.py, ZeRO-3 in trainers/deepspeed.py) owns the step; it asks this object
-for the examples and how to batch them, for the loss of a batch, for the eval figures, and for what goes on the
-progress line and into the history. For `sft` everything is what the loop did before: the model's own loss.
+For `sft` everything is what the loop does anyway: the model's own loss, no reference, no extra metrics.
 """
 
 from __future__ import annotations
@@ -14,74 +13,63 @@ from typing import ContextManager
 import torch
 
 from trainers.objectives import objective_module
-from trainers.objectives.forward import (
-    MetricMeter,
-    adapter_reference,
-    evaluate_objective,
-    make_loss_fn,
-    needs_reference_table,
-    reference_table,
-)
-from trainers.preference_data import attach_reference, objective_datasets
+from trainers.objectives.forward import evaluate_objective, make_loss_fn, reference_table
 
 #: Metrics shown on the progress line, with their short labels.
 PROGRESS_METRICS = (("preference_accuracy", "acc"), ("reward_margin", "margin"), ("kl", "kl"))
+#: Eval figures on an eval line, with their labels.
+EVAL_LABELS = (("eval_loss", "eval loss"), ("eval_preference_accuracy", "preference accuracy"),
+               ("eval_logp_accuracy", "chosen more likely"), ("eval_reward_margin", "reward margin"), ("eval_kl", "kl"))
 
 
-class ObjectiveRuntime:
-    """One worker's view of the job's objective (see the module doc)."""
+def _is_adapter(spec) -> bool:
+    from trainers.methods import traits
 
-    def __init__(self, spec, tokenizer, pad_id: int):
-        self.cfg = spec.objective
-        self.module = objective_module(self.cfg.name)
-        self.preference = self.module.DATA != "text"
-        self.is_adapter = spec.method.name != "full"
-        self.datasets, collate = objective_datasets(spec, tokenizer, spec.training.seed)
-        self.collate: Callable[[list], dict] = lambda examples: collate(examples, pad_id)
-        self.meter = MetricMeter()
-        self.loss_fn = None
+    return traits(spec.method.name).is_adapter
 
-    def bind(self, model) -> None:
-        """Build the loss function for `model` (the PeftModel or plain model, before any DDP/DeepSpeed wrapper)."""
-        live = self.module.REFERENCE and self.is_adapter
-        self.loss_fn = make_loss_fn(self.cfg, adapter_reference(model) if live else None)
 
-    def prepare_reference(self, model, saved: dict | None, device: torch.device, batch_size: int, world: int, rank: int,
-                          autocast: Callable[[], ContextManager] = contextlib.nullcontext, lockstep: bool = False) -> dict | None:
-        """Full fine-tuning with a reference objective: every example's reference log-probabilities, from a resumed
-        checkpoint (`saved`) or computed now by the model as loaded (the frozen base, before step 1); attached to the
-        examples so their batches carry them. Returns the table to keep in checkpoints (None when not needed)."""
-        if not needs_reference_table(self.cfg, self.is_adapter):
-            return None
-        examples = self.datasets.train + self.datasets.eval
-        table = saved
-        if table is None:
-            table = reference_table(model, examples, self.collate, batch_size, world, rank, device, autocast, lockstep)
-        attach_reference(examples, table)
-        return table
+def loss_function(spec):
+    """The job's objective as the loop calls it: `(model, batch) -> (loss, metrics)`."""
+    live = objective_module(spec.objective.name).REFERENCE and _is_adapter(spec)
+    return make_loss_fn(spec.objective, live_reference=live)
 
-    def loss(self, model, batch: dict) -> torch.Tensor:
-        """The batch's loss (what backward runs on); its metrics go into the running means."""
-        loss, metrics = self.loss_fn(model, batch)
-        self.meter.add(metrics)
-        return loss
 
-    def evaluate(self, model, batch_size: int, device: torch.device, world: int, rank: int,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext, lockstep: bool = False) -> dict[str, float]:
-        """{"eval_loss", "eval_preference_accuracy", ...} of a preference objective on the eval set."""
-        return evaluate_objective(self.loss_fn, model, self.datasets.eval, self.collate, batch_size, device, world, rank,
-                                  autocast, lockstep)
+def is_preference(spec) -> bool:
+    return objective_module(spec.objective.name).DATA != "text"
 
-    def train_metrics(self) -> dict[str, float]:
-        """Means of the metrics since the last call, as `train_<name>`; then starts over."""
-        out = self.meter.means("train_")
-        self.meter.reset()
-        return out
 
-    def progress_suffix(self) -> str:
-        """The running metrics for the progress line, e.g. ` acc 0.875 margin 0.412`."""
-        means = self.meter.means()
-        return "".join(f" {label} {means[key]:.3f}" for key, label in PROGRESS_METRICS if key in means)
+def prepare_reference(spec, model, datasets, saved: dict | None, collate: Callable[[list], dict], device: torch.device,
+                      world: int, rank: int, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                      lockstep: bool = False) -> dict:
+    """Full fine-tuning with a reference objective: every example's reference log-probabilities, from the resumed
+    checkpoint's state (`saved`) or computed now by `model` as loaded (the frozen base, before step 1), attached to the
+    examples so that their batches carry them. Returns what the checkpoints must keep ({} when nothing)."""
+    from trainers.preference_data import attach_reference
+
+    if not objective_module(spec.objective.name).REFERENCE or _is_adapter(spec):
+        return {}
+    examples = datasets.train + datasets.eval
+    table = (saved or {}).get("reference")
+    if table is None:
+        table = reference_table(model, examples, collate, spec.training.micro_batch_size, world, rank, device, autocast, lockstep)
+    attach_reference(examples, table)
+    return {"reference": table}
+
+
+def evaluate(loss_fn, model, batches, device: torch.device, world: int,
+             autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
+    """{"eval_loss", "eval_preference_accuracy", ...} of a preference objective over this rank's eval batches."""
+    return evaluate_objective(loss_fn, model, batches, device, world, autocast)
+
+
+def progress_suffix(running: dict[str, float], steps: int) -> str:
+    """The objective's running metrics for the progress line, e.g. ` acc 0.875 margin 0.412`."""
+    return "".join(f" {label} {running[key] / steps:.3f}" for key, label in PROGRESS_METRICS if key in running and steps)
+
+
+def format_eval(metrics: dict) -> str:
+    """An eval result on one line: loss, preference accuracy, reward margin (what the objective reports)."""
+    return ", ".join(f"{label} {metrics[key]:.4f}" for key, label in EVAL_LABELS if metrics.get(key) is not None)
 
 
 def first_sequence(example):
