@@ -22,6 +22,7 @@ COMMANDS = [
     "merge",
     "serve",
     "registry",
+    "eval",
     "submit",
     "jobs",
     "demo",

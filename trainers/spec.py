@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from storage.configs import ConfigError, raw_get, read_yaml, short as _short, validation_problems
 from storage.errors import RayftError
 from storage.safety import validate_name
+from trainers.eval_spec import EvalSpec, eval_problems
 from trainers.methods import MethodConfig
 from trainers.tune_spec import TuneSpec, tune_problems
 
@@ -203,6 +204,11 @@ def _zero_extra_problems(zero: Any) -> list[str]:
 class OutputSpec(_Strict):
     name: str = Field(description="Registry name the result is published under (a new version each run).")
     merge: bool = Field(False, description="Also publish the merged full model as `<name>-merged`.")
+    require: dict[str, str] = Field(
+        default_factory=dict,
+        description='Gates on eval metrics, e.g. {exact_match: ">= 0.8"}: publish only if every one holds (needs an eval: '
+        "section); otherwise the run fails with the figure and the threshold, and the adapter stays under runs/.",
+    )
 
 
 class StorageSpec(_Strict):
@@ -223,6 +229,9 @@ class JobSpec(_Strict):
     output: OutputSpec
     storage: StorageSpec = Field(default_factory=StorageSpec)
     tune: TuneSpec | None = Field(None, description="The search `rayft tune` runs over this job (trainers/tune_spec.py); ignored by `rayft train`.")
+    eval: EvalSpec | None = Field(
+        None, description="Score generations after training (trainers/eval_spec.py); results go into the published manifest and the run's folder."
+    )
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "JobSpec":
@@ -301,6 +310,7 @@ def cross_field_problems(raw: dict) -> list[str]:
             f"not {method}; use one of those methods, or strategy ddp for {method}"
         )
     problems += tune_problems(raw)
+    problems += eval_problems(raw)
     return problems
 
 
