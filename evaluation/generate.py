@@ -238,15 +238,22 @@ def run_group(group: ModelGroup, items: list[dict], settings: dict[str, Any], *,
 class Progress:
     """`[rayft] eval: done/total answers, rows/s` lines, about ten per run."""
 
-    def __init__(self, total: int, what: str):
-        self.total, self.what, self.done = total, what, 0
+    def __init__(self, total: int, what: str, quiet: bool = False):
+        self.total, self.what, self.done, self.quiet = total, what, 0, quiet
         self.step = max(1, total // 10)
         self.started = time.perf_counter()
+        self.first: float | None = None  # seconds to the first result: actor start-up and model load
+        self.last: float | None = None
         self.lock = threading.Lock()  # model groups report from threads of their own
 
     def __call__(self, n: int) -> None:
         with self.lock:
+            now = time.perf_counter() - self.started
+            self.first = now if self.first is None else self.first
+            self.last = now
             self.done += n
+            if self.quiet:
+                return
             if self.done % self.step == 0 or self.done == self.total:
                 rate = self.done / max(time.perf_counter() - self.started, 1e-9)
                 print(f"[rayft] eval: {self.done}/{self.total} {self.what} ({rate:.1f}/s)", flush=True)

@@ -55,6 +55,8 @@ class EvalReport:
     wall_s: float = 0.0
     data: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
+    #: seconds from the start of generation to the first and the last result (the first includes actor start-up)
+    timings: dict[str, Any] = field(default_factory=dict)
 
     def values(self, label: str) -> dict[str, float]:
         """metric key → value of one ref (what gates compare)."""
@@ -239,7 +241,7 @@ def evaluate(refs: list[str], spec: EvalSpec, *, storage_uri: str, data: str | N
     wants = [_wants(row, spec.metrics) for row in rows]
     groups = group_targets(targets, storage_uri)
     total = sum(len(g.labels) for g in groups) * sum(1 for w in wants if w)
-    progress = None if quiet else Progress(total, "rows scored")
+    progress = Progress(total, "rows scored", quiet)
     if not quiet:
         print(f"[rayft] eval: {len(rows)} rows × {len(labels)} ref(s) on {len(groups)} model group(s), "
               f"{spec.actors} actor(s) each", flush=True)
@@ -266,4 +268,5 @@ def evaluate(refs: list[str], spec: EvalSpec, *, storage_uri: str, data: str | N
         for lab in labels[1:]
     }
     return EvalReport(labels, spec.metrics, rows, outputs, summaries, differences, time.perf_counter() - started, source,
-                      {k: v for k, v in settings.items() if k in ("max_tokens", "stop", "temperature")})
+                      {k: v for k, v in settings.items() if k in ("max_tokens", "stop", "temperature")},
+                      {"first_result_s": progress.first, "last_result_s": progress.last, "results": progress.done})
