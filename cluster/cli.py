@@ -23,6 +23,7 @@ COMMANDS = [
     "serve",
     "registry",
     "eval",
+    "inspect",
     "submit",
     "jobs",
     "demo",

@@ -25,7 +25,6 @@ from trainers.eval_spec import EvalSpec, MetricSpec
 
 #: Metrics that read a generated answer (the others only need log-likelihoods).
 _SCORING_ONLY = {"choice_accuracy", "perplexity"}
-_PROMPT_LEARNING = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT"}
 
 
 class EvalError(RayftError):
@@ -177,7 +176,11 @@ def resolve_target(ref: str, registry: Registry, base: str | None = None) -> Tar
 
 
 def _check_peft_type(ref: str, config: dict) -> None:
-    if str(config.get("peft_type", "")).upper() in _PROMPT_LEARNING:
+    """Prompt-learning adapters (peft's PromptLearningConfig family) change the prompt, which the engine does not build."""
+    from peft import PromptLearningConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    if issubclass(PEFT_TYPE_TO_CONFIG_MAPPING.get(str(config.get("peft_type", "")).upper(), object), PromptLearningConfig):
         raise EvalError(f"{ref}: {config['peft_type']} adapters work through the prompt and are not evaluated by the serving engine")
 
 
