@@ -74,11 +74,12 @@ def gate_and_publish(spec: JobSpec, result):
 def evaluate_run(spec: JobSpec, result, storage_uri: str, label: str) -> EvalReport:
     """Score the run's final checkpoint (and the base first, as the baseline, when eval.compare_base)."""
     from storage.models import resolve_model_dir
+    from trainers.methods import traits
     from trainers.publish import checkpoint_for_publishing, stage_artifact
 
     assert spec.eval is not None
     model_dir = resolve_model_dir(spec.model.source, storage_uri)
-    is_adapter = spec.method.name != "full"
+    is_adapter = traits(spec.method.name).is_adapter
     with checkpoint_for_publishing(result.checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="rayft-eval-run-") as work:
         # The same directory publishing would upload (a full model gets the base's tokenizer files).
         staged = stage_artifact(Path(ckpt), model_dir, is_adapter, Path(work) / "artifact")
