@@ -68,7 +68,8 @@ class ModelActor:
     def __init__(self, group: ModelGroup, settings: dict[str, Any]):
         import torch
 
-        from serve.deployments import AdapterPool, linear_shapes, load_model
+        from serve.adapters import AdapterPool, linear_shapes
+        from serve.deployments import load_model
         from serve.generation import Engine
         from serve.metrics import ModelMetrics
         from serve.spec import AdapterPolicy
