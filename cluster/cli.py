@@ -28,6 +28,7 @@ COMMANDS = [
     "merge",
     "serve",
     "registry",
+    "eval",
     "inspect",
     "submit",
     "jobs",

@@ -137,12 +137,19 @@ def run_training(
     checkpoint, metrics = final_checkpoint(result, storage_uri, run_id)
     out = TrainResult(run_id=run_id, metrics=metrics, checkpoint_path=checkpoint.path, checkpoint=checkpoint)
     if publish:
-        registry = Registry(open_store(storage_uri))
-        model_dir = resolve_model_dir(spec.model.source, storage_uri)
-        with checkpoint_for_publishing(checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="rayft-publish-") as work:
-            out.manifests = publish_run(spec, registry, Path(ckpt), model_dir, metrics, run_id, Path(work))
+        out.manifests = publish_result(spec, out, storage_uri)
     out.wall_s = time.perf_counter() - t0
     return out
+
+
+def publish_result(spec: JobSpec, result: TrainResult, storage_uri: str, extra_metrics: dict | None = None) -> list[Manifest]:
+    """Publish a finished run's final checkpoint (a run trained with publish=False, e.g. one that had to pass its
+    gates first); `extra_metrics` join the training metrics in the manifest."""
+    registry = Registry(open_store(storage_uri))
+    model_dir = resolve_model_dir(spec.model.source, storage_uri)
+    metrics = {**result.metrics, **(extra_metrics or {})}
+    with checkpoint_for_publishing(result.checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="rayft-publish-") as work:
+        return publish_run(spec, registry, Path(ckpt), model_dir, metrics, result.run_id, Path(work))
 
 
 def final_checkpoint(result, storage_uri: str, run_id: str):

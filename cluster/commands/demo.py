@@ -1,7 +1,8 @@
 """`rayft demo`: the whole flow on local Ray against an embedded S3 server.
 
-Builds a tiny base model, publishes it, fine-tunes two adapters on Ray Train, shows the
-registry, then serves both adapters multiplexed and queries them through the OpenAI client.
+Builds a tiny base model, publishes it, fine-tunes two adapters on Ray Train, scores them against
+the base on held-out rows (`rayft eval`), shows the registry, then serves both adapters multiplexed
+and queries them through the OpenAI client.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
         banner(f"2. tiny base model published as {base.name}@{base.version} ({base.total_size:,} bytes)")
 
         adapters = train_demo_adapters(storage, args.steps, args.lr)
+        eval_demo_adapters(storage, base.ref, [m.ref for m in adapters], work)
         merged = merge_demo_adapters(registry, [m.name for m in adapters])
-        banner("5. registry")
+        banner("6. registry")
         print(format_table(registry.list()), flush=True)
         if not args.no_serve:
             serve_and_query(storage, [m.name for m in adapters] + [merged.name])
@@ -86,10 +88,23 @@ def train_demo_adapters(storage: str, steps: int, lr: float):
     return manifests
 
 
+def eval_demo_adapters(storage: str, base: str, adapters: list[str], work: Path) -> None:
+    """The base and both adapters on the same held-out rows (half reverse, half upper): one actor, one base load."""
+    from evaluation.runner import evaluate
+    from trainers.eval_spec import EvalSpec
+
+    data = "examples/data/demo-heldout.jsonl"
+    banner(f"4. rayft eval: {base} vs {' vs '.join(adapters)} on {data}")
+    spec = EvalSpec.model_validate({"data": data, "metrics": ["exact_match", "chrf"], "max_tokens": 8})
+    report = evaluate([base, *adapters], spec, storage_uri=storage)
+    print(report.table(), flush=True)
+    print(f"(each adapter knows its own task: half the rows; plot: {report.plot(work / 'eval.png')})", flush=True)
+
+
 def merge_demo_adapters(registry, names: list[str]):
     from trainers.merge import merge_adapters, parse_merge_options
 
-    banner(f"4. merging {' + '.join(names)} with TIES into one adapter")
+    banner(f"5. merging {' + '.join(names)} with TIES into one adapter")
     options = parse_merge_options({"sources": names, "into": "reverse-upper-ties", "method": "ties", "density": 0.5})
     result = merge_adapters(options, registry)
     print(f"published {result.manifest.name}@{result.manifest.version} (r={result.rank})", flush=True)
@@ -99,5 +114,5 @@ def merge_demo_adapters(registry, names: list[str]):
 def serve_and_query(storage: str, adapter_names: list[str]) -> None:
     from cluster.serve_demo import run_demo_queries
 
-    banner("6. Ray Serve: base model + multiplexed adapters behind the OpenAI API")
+    banner("7. Ray Serve: base model + multiplexed adapters behind the OpenAI API")
     run_demo_queries(storage, base="tiny-llama", adapters=adapter_names)

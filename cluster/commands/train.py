@@ -31,9 +31,10 @@ def run(args: argparse.Namespace) -> int:
     prepare(args.address)  # the cluster's token checked and set up (Ray not started); Ray's output kept quiet
     preflight(spec, force=args.force, remote=bool(args.address or os.environ.get("RAY_ADDRESS")))
 
-    from trainers.run import run_training
+    # The top floor runs the job: training, then (with an eval: section) evaluation and the output.require gates.
+    from evaluation.pipeline import train_and_publish
 
-    result = run_training(spec, address=args.address)
+    result = train_and_publish(spec, address=args.address)
     print_summary(result)
     return 0
 
