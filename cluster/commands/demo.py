@@ -68,17 +68,18 @@ def run(args: argparse.Namespace) -> int:
 def train_demo_adapters(storage: str, steps: int, lr: float):
     from cluster.ray_connect import prepare
     from trainers.run import run_training
-    from trainers.spec import load_job_spec
+    from trainers.spec import JobSpec, load_job_spec
 
     prepare(None)  # a local Ray; only rayft's lines of what its workers print reach the console
 
     manifests = []
     for job in ("examples/lora.yaml", "examples/upper-lora.yaml"):
-        spec = load_job_spec(job)
-        training = spec.training.model_copy(update={
-            "max_steps": steps, "lr": lr, "eval_every": steps // 2, "checkpoint_every": steps // 2, "log_every": steps // 4,
-        })
-        spec = spec.model_copy(update={"training": training, "storage": spec.storage.model_copy(update={"uri": storage})})
+        raw = load_job_spec(job).model_dump(mode="json")
+        # warmup must stay below max_steps when --steps is small (a 4-step smoke run)
+        raw["training"].update(max_steps=steps, lr=lr, eval_every=max(1, steps // 2), checkpoint_every=max(1, steps // 2),
+                               log_every=max(1, steps // 4), warmup_steps=min(raw["training"]["warmup_steps"], steps // 10))
+        raw["storage"]["uri"] = storage
+        spec = JobSpec.model_validate(raw)  # the edited spec is validated like the file was
         banner(f"3. fine-tuning {spec.output.name} ({spec.method.name}) on Ray Train: {job}")
         result = run_training(spec)
         from cluster.commands.train import print_summary
