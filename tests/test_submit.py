@@ -254,8 +254,9 @@ def test_a_failing_job_exits_non_zero_and_shows_why(
 
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "note: data.train is the absolute path /nonexistent/rayft-test/train.jsonl" in result.stdout
-    assert "FAILED" in result.stderr
-    assert "rayft train: error: data.train: '/nonexistent/rayft-test/train.jsonl' does not exist" in result.stderr
+    # One line: the worker's own error, without its `rayft train: error:` prefix, after the job's state.
+    assert "rayft submit: error: job " in result.stderr
+    assert " FAILED: data.train: '/nonexistent/rayft-test/train.jsonl' does not exist" in result.stderr
     job_id = result.stdout.split("[rayft] submitted job ", 1)[1].split()[0]
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head.token)
