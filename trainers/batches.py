@@ -14,7 +14,9 @@ from typing import Protocol
 
 import torch
 
-from trainers.ingest.stream import Example, WorkerStream, collate
+from trainers.ingest.stream import (
+    EVAL, TRAIN, WorkerStream, collate, collate_for, first_sequence, iter_examples, part_keys,
+)
 
 
 class Batches(Protocol):
@@ -46,33 +48,61 @@ class StreamingBatches:
         self.train_size, self.eval_size = stream.n_train, stream.n_eval
         self.skipped_rows = stream.stats.get("bad_rows_skipped", 0)
         self.stats = stream.stats
+        #: examples -> padded batch: the SFT collate, or preference pairs / KTO rows with their own
+        self.collate = collate_for(stream.kind, pad_id)
+        self._reference: dict[str, tuple[dict[str, torch.Tensor], dict[int, int]]] = {}
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        return _on(collate(self.stream.micro_batch((step - 1) * self.grad_accum + micro), self.pad_id), self.device)
+        examples = self.stream.micro_batch((step - 1) * self.grad_accum + micro)
+        return _on(self.collate(self._with_reference(TRAIN, examples)), self.device)
 
     def eval_batches(self, lockstep: bool) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
         passes = 0
         for batch in self.stream.eval_batches(self.batch_size):
             passes += 1
-            yield _on(collate(batch, self.pad_id), self.device), True
+            yield _on(self.collate(self._with_reference(EVAL, batch)), self.device), True
         while lockstep and passes < self.stream.eval_passes(self.batch_size):
             passes += 1
-            yield _on(collate([self.stream.probe_example()], self.pad_id), self.device), False
+            yield _on(self.collate(self._with_reference(EVAL, [self.stream.probe_example()])), self.device), False
 
     def probe_input_ids(self) -> torch.Tensor:
-        return torch.tensor([self.stream.probe_example().input_ids], device=self.device)
+        return torch.tensor([first_sequence(self.stream.probe_example()).input_ids], device=self.device)
+
+    # --- a precomputed reference (full fine-tuning with a reference objective) -----------------------------
+
+    def examples(self, part: str) -> tuple[Iterator, int]:
+        """Every example of `part` ("train" or "eval") in file order, streamed, and how many there are."""
+        return iter_examples(self.stream.prepared, part), (self.train_size if part == TRAIN else self.eval_size)
+
+    def attach_reference(self, part: str, table: dict[str, torch.Tensor]) -> None:
+        """`table` holds the reference log-probabilities of `part`'s examples in file order; from now on each batch
+        carries those of its examples."""
+        index = {key: i for i, key in enumerate(part_keys(self.stream.prepared, part))}
+        self._reference[part] = (table, index)
+
+    def _with_reference(self, part: str, examples: list) -> list:
+        if part not in self._reference:
+            return examples
+        table, index = self._reference[part]
+        for e in examples:
+            i = index[e.key]
+            e.ref = tuple(table["sums"][i].tolist())
+            if "kl_sums" in table:
+                e.ref_kl = float(table["kl_sums"][i])
+        return examples
 
 
 def worker_batches(spec, config: dict, world: int, rank: int, pad_id: int, device: torch.device) -> Batches:
-    """The batch source of one worker of the job; `config["data"]` is the driver's preprocessed data."""
+    """The batch source of one worker of the job; `config["data"]` is the driver's preprocessed data (SFT rows, or
+    the preference rows of a preference objective: the same pipeline)."""
     t = spec.training
     stream = WorkerStream(config["data"], micro_batch_size=t.micro_batch_size, seed=t.seed, world=world, rank=rank)
     return StreamingBatches(stream, t.micro_batch_size, t.grad_accum, pad_id, device)
 
 
-def examples_batches(examples: list[Example], batch_size: int, pad_id: int, device: torch.device
+def examples_batches(examples: list, batch_size: int, pad_id: int, device: torch.device
                      ) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
-    """A list of examples as padded batches that all count (for tools and tests, in one process)."""
+    """A list of SFT examples as padded batches that all count (for tools and tests, in one process)."""
     for i in range(0, len(examples), batch_size):
         yield _on(collate(examples[i:i + batch_size], pad_id), device), True
 

@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from storage.configs import ConfigError, raw_get, read_yaml, short as _short, validation_problems
 from storage.errors import RayftError
 from storage.safety import validate_name
+from trainers.eval_spec import EvalSpec, eval_problems
 from trainers.methods import MethodConfig, known_traits, method_problems, traits
+from trainers.objectives import OBJECTIVES, PREFERENCE_OBJECTIVES, ObjectiveConfig
 from trainers.tune_spec import TuneSpec, tune_problems
 
 
@@ -66,10 +68,11 @@ class DataSpec(_Strict):
     @field_validator("format")
     @classmethod
     def _known_format(cls, value: str) -> str:
-        from trainers.ingest.formats import FORMATS
+        from trainers.ingest.formats import formats_of
 
-        if value != "auto" and value not in FORMATS:
-            raise ValueError(f"unknown format {value!r}; use auto or one of {', '.join(FORMATS)}")
+        # the preference formats are not named here: a preference objective reads its own rows (format auto)
+        if value != "auto" and value not in formats_of("text"):
+            raise ValueError(f"unknown format {value!r}; use auto or one of {', '.join(formats_of('text'))}")
         return value
 
 
@@ -226,6 +229,11 @@ def _zero_extra_problems(zero: Any) -> list[str]:
 class OutputSpec(_Strict):
     name: str = Field(description="Registry name the result is published under (a new version each run).")
     merge: bool = Field(False, description="Also publish the merged full model as `<name>-merged`.")
+    require: dict[str, str] = Field(
+        default_factory=dict,
+        description='Gates on eval metrics, e.g. {exact_match: ">= 0.8"}: publish only if every one holds (needs an eval: '
+        "section); otherwise the run fails with the figure and the threshold, and the adapter stays under runs/.",
+    )
 
 
 class StorageSpec(_Strict):
@@ -240,12 +248,26 @@ class JobSpec(_Strict):
     model: ModelSpec
     data: DataSpec
     method: MethodConfig = Field(description="Fine-tuning method and its parameters, chosen by `name`.")
+    objective: ObjectiveConfig = Field(
+        default_factory=lambda: OBJECTIVES["sft"].Config(),
+        description="What the loss is, chosen by `name` (trainers/objectives/): sft (next-token, the default), dpo, orpo, "
+        "simpo (pairs {prompt, chosen, rejected}) or kto ({prompt, completion, label}); `objective: dpo` is short for "
+        "`{name: dpo}`. Any objective works with any method and strategy.",
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     output: OutputSpec
     storage: StorageSpec = Field(default_factory=StorageSpec)
     tune: TuneSpec | None = Field(None, description="The search `rayft tune` runs over this job (trainers/tune_spec.py); ignored by `rayft train`.")
+    eval: EvalSpec | None = Field(
+        None, description="Score generations after training (trainers/eval_spec.py); results go into the published manifest and the run's folder."
+    )
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "JobSpec":
@@ -307,7 +329,26 @@ def cross_field_problems(raw: dict) -> list[str]:
     if ds_extra and strategy != "deepspeed_zero3" and not auto_zero3:
         problems.append("deepspeed.extra: set, but the job does not use strategy deepspeed_zero3; remove it or set the strategy")
     problems += deepspeed_extra_problems(ds_extra)
+    problems += objective_problems(raw)
     problems += tune_problems(raw)
+    problems += eval_problems(raw)
+    return problems
+
+
+def objective_problems(raw: dict) -> list[str]:
+    """Data options that mean nothing for a preference objective (its rows are pairs or labelled completions)."""
+    objective = raw_get(raw, "objective")
+    name = objective if isinstance(objective, str) else raw_get(raw, "objective", "name")
+    if name not in PREFERENCE_OBJECTIVES:
+        return []
+    rows = "{prompt, completion, label}" if name == "kto" else "{prompt, chosen, rejected}"
+    problems = []
+    if raw_get(raw, "data", "format") not in (None, "auto"):
+        problems.append(f"data.format: got {raw_get(raw, 'data', 'format')!r}, objective {name} reads {rows} rows; remove data.format")
+    if raw_get(raw, "data", "packing"):
+        problems.append(f"data.packing: objective {name} compares whole responses, which packing would mix; remove data.packing")
+    if raw_get(raw, "data", "train_on_prompt"):
+        problems.append(f"data.train_on_prompt: objective {name} scores the responses only; remove data.train_on_prompt")
     return problems
 
 

@@ -24,11 +24,17 @@ def run(args: argparse.Namespace) -> int:
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"merge": True})})
     if args.storage:
         spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"uri": args.storage})})
+    from cluster.ray_connect import prepare
+    from trainers.inputs import resolve_inputs
+
+    spec = resolve_inputs(spec).spec  # model, data, storage and output name, before Ray starts
+    prepare(args.address)  # the cluster's token checked and set up (Ray not started); Ray's output kept quiet
     preflight(spec, force=args.force, remote=bool(args.address or os.environ.get("RAY_ADDRESS")))
 
-    from trainers.run import run_training
+    # The top floor runs the job: training, then (with an eval: section) evaluation and the output.require gates.
+    from evaluation.pipeline import train_and_publish
 
-    result = run_training(spec, address=args.address)
+    result = train_and_publish(spec, address=args.address)
     print_summary(result)
     return 0
 
@@ -57,6 +63,10 @@ def print_summary(result) -> None:
     if m.get("eval_loss") is not None:
         print(f"  final eval loss  : {m['eval_loss']:.4f}")
     print(f"  final train loss : {m.get('train_loss', float('nan')):.4f}")
+    if m.get("eval_preference_accuracy") is not None:
+        margin = m.get("eval_reward_margin")
+        print(f"  eval preference  : accuracy {m['eval_preference_accuracy']:.4f}"
+              + (f", reward margin {margin:.4f}" if margin is not None else ""))
     print(f"  checkpoint       : {result.checkpoint_path}")
     for manifest in result.manifests:
         print(f"  published        : {manifest.name}@{manifest.version} ({manifest.kind})")

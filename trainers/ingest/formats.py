@@ -7,8 +7,10 @@ tests call them directly. Two small registries keep this open to new shapes:
   `sharegpt`, `alpaca`, ...). A format names the fields that detect it, checks a row, and maps it onto
   one of the encoders' canonical shapes.
 - `ENCODERS`: canonical shape → a function that tokenizes a batch of canonical rows into columns
-  (`input_ids` and `labels` for SFT). Another objective (e.g. preference pairs) adds its own format and
-  encoder with its own columns; truncation and packing apply to encoders whose kind is "sft".
+  (`input_ids` and `labels` for SFT). An encoder's kind is the rows an objective reads (its `DATA`):
+  "text" (the SFT shapes), "paired" or "unpaired" (preference rows, `trainers.ingest.preference`, with
+  their own columns: `chosen_input_ids`, `kl_labels`, ...). `format: auto` only detects formats of the
+  job objective's kind; packing applies to "text" only.
 
 Loss masks: labels are -100 (IGNORE) on prompt / user / system tokens, on `weight: 0` assistant turns
 and on padding; assistant and completion tokens keep their ids.
@@ -46,7 +48,7 @@ class Encoder:
     """Tokenizes canonical rows. `encode(rows, tokenizer, options)` returns one dict of columns per row."""
 
     name: str
-    kind: str  # "sft": input_ids + labels (truncated and packed by the pipeline)
+    kind: str  # the rows an objective reads (its DATA): "text" (input_ids + labels; packable), "paired", "unpaired"
     encode: Callable[[list[dict], Any, "EncodeOptions"], list[dict[str, list[int]] | str]]
     #: The tokenizer needs a chat template with {% generation %} markers.
     needs_chat_template: bool = False
@@ -55,6 +57,8 @@ class Encoder:
 @dataclass
 class EncodeOptions:
     train_on_prompt: bool = False
+    #: Tokens per sequence (an encoder that builds several sequences per row truncates each; None: the pipeline does)
+    max_seq_len: int | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -151,18 +155,23 @@ register_format(Format("prompt_completion", ("prompt", "completion"), _check_pro
 register_format(Format("text", ("text",), _check_text, "text", lambda r: r, "plain text (loss on every token)"))
 
 
-def detect_format(row: Any) -> str | None:
-    """The first registered format whose detect fields are all in `row` (registration order = priority)."""
+def formats_of(kind: str) -> list[str]:
+    """The formats whose rows an objective of data kind `kind` reads ("text", "paired", "unpaired")."""
+    return [name for name, f in FORMATS.items() if ENCODERS[f.encoder].kind == kind]
+
+
+def detect_format(row: Any, kind: str = "text") -> str | None:
+    """The first registered format of `kind` whose detect fields are all in `row` (registration order = priority)."""
     if not isinstance(row, dict):
         return None
-    for fmt in FORMATS.values():
-        if all(f in row for f in fmt.detect_fields):
-            return fmt.name
+    for name in formats_of(kind):
+        if all(f in row for f in FORMATS[name].detect_fields):
+            return name
     return None
 
 
-def detect_hint() -> str:
-    return "expected one of: " + "; ".join(f"{name} ({'+'.join(f.detect_fields)})" for name, f in FORMATS.items())
+def detect_hint(kind: str = "text") -> str:
+    return "expected one of: " + "; ".join(f"{name} ({'+'.join(FORMATS[name].detect_fields)})" for name in formats_of(kind))
 
 
 def apply_columns(row: dict, columns: dict[str, str] | None) -> dict:
@@ -243,9 +252,9 @@ def _encode_messages(rows: list[dict], tok, opts: EncodeOptions) -> list[dict[st
     return out
 
 
-register_encoder(Encoder("text", "sft", _encode_text))
-register_encoder(Encoder("prompt_completion", "sft", _encode_prompt_completion))
-register_encoder(Encoder("messages", "sft", _encode_messages, needs_chat_template=True))
+register_encoder(Encoder("text", "text", _encode_text))
+register_encoder(Encoder("prompt_completion", "text", _encode_prompt_completion))
+register_encoder(Encoder("messages", "text", _encode_messages, needs_chat_template=True))
 
 
 def has_generation_markers(tok) -> bool:
@@ -266,11 +275,20 @@ def encoder_of(fmt: str) -> Encoder:
     return ENCODERS[FORMATS[fmt].encoder]
 
 
-def truncate(example: dict[str, list[int]], max_len: int) -> tuple[dict[str, list[int]], bool]:
-    """Keep the first `max_len` tokens; returns (example, whether anything was cut)."""
-    if len(example["input_ids"]) <= max_len:
+def sequences(example: dict) -> list[str]:
+    """The column prefixes of an example's token sequences: "" (input_ids/labels), "chosen_", "kl_", ..."""
+    return [k[: -len("input_ids")] for k in example if k.endswith("input_ids")]
+
+
+def truncate(example: dict, max_len: int) -> tuple[dict, bool]:
+    """Keep the first `max_len` tokens of each sequence; returns (example, whether anything was cut)."""
+    long = [p for p in sequences(example) if len(example[p + "input_ids"]) > max_len]
+    if not long:
         return example, False
-    return {"input_ids": example["input_ids"][:max_len], "labels": example["labels"][:max_len]}, True
+    out = dict(example)
+    for p in long:
+        out[p + "input_ids"], out[p + "labels"] = example[p + "input_ids"][:max_len], example[p + "labels"][:max_len]
+    return out, True
 
 
 def pack(examples: list[dict[str, list[int]]], block: int) -> list[dict[str, list[int]]]:
@@ -282,3 +300,7 @@ def pack(examples: list[dict[str, list[int]]], block: int) -> list[dict[str, lis
         labels += ex["labels"]
     n = len(ids) // block
     return [{"input_ids": ids[i * block:(i + 1) * block], "labels": labels[i * block:(i + 1) * block]} for i in range(n)]
+
+
+# the preference shapes register themselves in the same registries (kept in their own module)
+import trainers.ingest.preference  # noqa: E402,F401

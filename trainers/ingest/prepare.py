@@ -28,14 +28,14 @@ from typing import Any
 
 from trainers.ingest.formats import (
     FORMATS, IGNORE, EncodeOptions, apply_columns, detect_format, detect_hint, encode_rows, encoder_of,
-    has_generation_markers, missing_columns, pack, truncate,
+    formats_of, has_generation_markers, missing_columns, pack, sequences, truncate,
 )
 from trainers.ingest.sources import DataError, SourceFile, make_row_source, preview, resolve
 
 #: Rows per block read from a file (and per preprocessed Parquet file).
 BLOCK_ROWS = 4096
 #: Bumped whenever preprocessing changes what it writes, so old caches are not reused.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 SKIP_HINT = "(set data.on_bad_row: skip to skip such rows)"
 
 
@@ -51,6 +51,10 @@ class Prepared:
     n_eval: int
     stats: dict[str, Any] = field(default_factory=dict)
     reused: bool = False
+    #: The rows' kind, as the objective reads them: "text" (SFT), "paired" or "unpaired" (preference rows)
+    kind: str = "text"
+    #: The example columns in the Parquet files (besides `_src`/`_row`, each example's source file and row)
+    columns: list[str] = field(default_factory=lambda: ["input_ids", "labels"])
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -130,16 +134,31 @@ def encode_block(rows: list[tuple[int, int, bytes]], files: list[SourceFile], fo
             if isinstance(enc, str):
                 reject(src, pos, enc)
                 continue
-            if encoder_of(fmt).kind == "sft":
-                enc, cut = truncate(enc, cfg["max_seq_len"])
-                truncated += cut
-                if all(label == IGNORE for label in enc["labels"]):
-                    reject(src, pos, f"no trainable tokens after masking and truncation to max_seq_len={cfg['max_seq_len']} "
-                                     "(the prompt fills it); raise data.max_seq_len or shorten the prompt")
-                    continue
+            enc, cut = truncate(enc, cfg["max_seq_len"])
+            truncated += cut
+            # every sequence the loss reads must keep a trained token (KTO's KL sequence is only a baseline)
+            empty = [p for p in trained_sequences(enc) if all(label == IGNORE for label in enc[p + "labels"])]
+            if empty:
+                what = f" ({empty[0].rstrip('_')})" if empty[0] else ""
+                reject(src, pos, f"no trainable tokens{what} after masking and truncation to max_seq_len={cfg['max_seq_len']} "
+                                 "(the prompt fills it); raise data.max_seq_len or shorten the prompt")
+                continue
             examples.append((src, pos, enc))
     examples.sort(key=lambda e: (e[0], e[1]))
     return {"examples": examples, "bad": bad, "truncated": truncated, "rows": len(rows)}
+
+
+def trained_sequences(example: dict) -> list[str]:
+    """The column prefixes of the sequences the loss trains on (all but KTO's KL baseline)."""
+    return [p for p in sequences(example) if p != "kl_"]
+
+
+def _column(values: list):
+    import pyarrow as pa
+
+    if isinstance(values[0], list):
+        return pa.array(values, pa.list_(pa.int32()))
+    return pa.array(values)
 
 
 def prepare_block(batch, *, files: list[dict], formats: list[str], cfg: dict, split: str, out_dir: str, out_fs) -> "Any":
@@ -162,8 +181,8 @@ def prepare_block(batch, *, files: list[dict], formats: list[str], cfg: dict, sp
         train, evals = [], examples
     else:
         train, evals = examples, []
-    tokens = sum(len(e[2]["input_ids"]) for e in train)
-    trainable = sum(sum(1 for t in e[2]["labels"] if t != IGNORE) for e in train)
+    tokens = sum(len(e[2][p + "input_ids"]) for e in train for p in trained_sequences(e[2]))
+    trainable = sum(sum(1 for t in e[2][p + "labels"] if t != IGNORE) for e in train for p in trained_sequences(e[2]))
     name = f"{srcs[0]:05d}-{abs(poss[0]):012d}.parquet"
     kept = tokens
     if cfg["packing"] and train:
@@ -173,8 +192,7 @@ def prepare_block(batch, *, files: list[dict], formats: list[str], cfg: dict, sp
     for part, items in (("train", train), ("eval", evals)):
         if items:
             table = pa.table({
-                "input_ids": pa.array([e[2]["input_ids"] for e in items], pa.list_(pa.int32())),
-                "labels": pa.array([e[2]["labels"] for e in items], pa.list_(pa.int32())),
+                **{name: _column([e[2][name] for e in items]) for name in items[0][2]},
                 "_src": pa.array([e[0] for e in items], pa.int32()),
                 "_row": pa.array([e[1] for e in items], pa.int64()),
             })
@@ -189,23 +207,27 @@ def prepare_block(batch, *, files: list[dict], formats: list[str], cfg: dict, sp
 # --- the driver side -------------------------------------------------------------------------------
 
 
-def detect_file_formats(fs, files: list[SourceFile], data, tok) -> list[str]:
-    """Each file's format (given, or detected from its first rows), after checking those rows up front."""
+def detect_file_formats(fs, files: list[SourceFile], data, tok, kind: str = "text") -> list[str]:
+    """Each file's format (given, or detected among the formats of the objective's `kind` from its first rows),
+    after checking those rows up front."""
     formats = []
     opts_cfg = _cfg(data, "", None, 0)
+    default = formats_of(kind)[0] if kind != "text" else "text"
     for src, f in enumerate(files):
         rows = preview(fs, f, src)
         if not rows:
-            formats.append(data.format if data.format != "auto" else "text")
+            formats.append(data.format if data.format != "auto" else default)
             continue
         fmt = None if data.format == "auto" else data.format
         first_problem = None
         for pos, raw in rows:
             row, problem = parse_row(raw, data.columns)
             if problem is None and fmt is None:
-                fmt = detect_format(row)
+                fmt = detect_format(row, kind)
                 if fmt is None:
-                    problem = f"cannot tell the format: {detect_hint()}; set data.format or map fields with data.columns"
+                    problem = (f"cannot tell the format: {detect_hint(kind)}; "
+                               + ("set data.format or map fields with data.columns" if kind == "text" else
+                                  f"this job's objective reads {kind} preference rows; map fields with data.columns"))
             if problem is not None:
                 if data.columns and problem.startswith("no column"):
                     raise DataError(f"data.columns: {f.where(pos)}: {problem}")
@@ -249,10 +271,10 @@ def tokenizer_fingerprint(model_dir: str) -> str:
     return digest.hexdigest()
 
 
-def cache_key(data, seed: int, files: dict[str, list[SourceFile]], tokenizer_fp: str) -> str:
+def cache_key(data, seed: int, files: dict[str, list[SourceFile]], tokenizer_fp: str, kind: str = "text") -> str:
     spec = {k: v for k, v in data.model_dump(mode="json").items() if k not in ("train", "eval")}
     raw = json.dumps({
-        "v": PIPELINE_VERSION, "spec": spec, "seed": seed if not data.eval else None, "tok": tokenizer_fp,
+        "v": PIPELINE_VERSION, "kind": kind, "spec": spec, "seed": seed if not data.eval else None, "tok": tokenizer_fp,
         "files": {split: [(f.uri, f.size, f.mtime) for f in fs] for split, fs in files.items()},
     }, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
@@ -276,8 +298,9 @@ def _ray_error(exc: BaseException) -> DataError | None:
     return None
 
 
-def prepare_data(data, *, model_source: str, model_dir: str, storage_uri: str, seed: int) -> Prepared:
-    """Preprocess `data` (a DataSpec) for training, or reuse an earlier identical preprocessing."""
+def prepare_data(data, *, model_source: str, model_dir: str, storage_uri: str, seed: int, kind: str = "text") -> Prepared:
+    """Preprocess `data` (a DataSpec) for training an objective that reads rows of `kind` ("text", "paired",
+    "unpaired"), or reuse an earlier identical preprocessing."""
     import pyarrow.fs
 
     from storage.store import pyarrow_filesystem
@@ -287,7 +310,7 @@ def prepare_data(data, *, model_source: str, model_dir: str, storage_uri: str, s
     fs, train_files = resolve(data.train, "data.train")
     eval_fs, eval_files = resolve(data.eval, "data.eval") if data.eval else (None, [])
     tok = AutoTokenizer.from_pretrained(model_dir)
-    key = cache_key(data, seed, {"train": train_files, "eval": eval_files}, tokenizer_fingerprint(model_dir))
+    key = cache_key(data, seed, {"train": train_files, "eval": eval_files}, tokenizer_fingerprint(model_dir), kind)
     out_fs, base = pyarrow_filesystem(storage_uri)
     out_dir = f"{base.rstrip('/')}/datasets/{key}"
     uri = f"{storage_uri.rstrip('/')}/datasets/{key}"
@@ -299,8 +322,8 @@ def prepare_data(data, *, model_source: str, model_dir: str, storage_uri: str, s
         print(f"[rayft] data: reusing preprocessed {uri} ({prepared.n_train} train / {prepared.n_eval} eval examples)", flush=True)
         return prepared
 
-    train_formats = detect_file_formats(fs, train_files, data, tok)
-    eval_formats = detect_file_formats(eval_fs, eval_files, data, tok) if eval_files else []
+    train_formats = detect_file_formats(fs, train_files, data, tok, kind)
+    eval_formats = detect_file_formats(eval_fs, eval_files, data, tok, kind) if eval_files else []
     out_fs.delete_dir_contents(out_dir, missing_dir_ok=True)
     for part in ("train", "eval"):
         out_fs.create_dir(f"{out_dir}/{part}", recursive=True)
@@ -315,6 +338,8 @@ def prepare_data(data, *, model_source: str, model_dir: str, storage_uri: str, s
                 totals[k] = totals.get(k, 0) + int(v)
     prepared = _finish(out_fs, out_dir, uri, key, data, totals, train_files + eval_files,
                        train_formats + eval_formats, time.perf_counter() - t0)
+    prepared.kind = kind
+    prepared.columns = _columns_written(out_fs, prepared.train_files[0])
     with out_fs.open_output_stream(f"{out_dir}/stats.json") as f:
         f.write(json.dumps(prepared.to_json()).encode())
     return prepared
@@ -376,6 +401,14 @@ def _finish(out_fs, out_dir, uri, key, data, totals, files, formats, seconds) ->
                     n_train=n_train, n_eval=n_eval, stats=stats)
 
 
+def _columns_written(out_fs, path: str) -> list[str]:
+    """The example columns of the preprocessed Parquet files (what the encoders returned)."""
+    import pyarrow.parquet as pq
+
+    with out_fs.open_input_file(path) as f:
+        return [n for n in pq.read_schema(f).names if not n.startswith("_")]
+
+
 def stats_line(prepared: Prepared) -> str:
     s = prepared.stats
     eff = f", packing efficiency {100 * s['packing_efficiency']:.1f}%" if s.get("packing_efficiency") is not None else ""
@@ -385,16 +418,31 @@ def stats_line(prepared: Prepared) -> str:
             + (" (reused)" if prepared.reused else ""))
 
 
-def prepare_for_job(spec, storage_uri: str):
+def data_kind(spec, search: bool = False) -> str:
+    """The rows the job's objective reads ("text", "paired", "unpaired"); a search's (`search`) trials share one
+    preprocessed dataset, so the objectives it tries must read the same kind of rows."""
+    from trainers.objectives import objective_module
+
+    tried = spec.tune.space.objective if search and spec.tune is not None else None
+    names = list(tried or [spec.objective.name])
+    kinds = {objective_module(n).DATA for n in names}
+    if len(kinds) > 1:
+        raise DataError(f"tune.space.objective: {', '.join(names)} read different rows ({' and '.join(sorted(kinds))}), "
+                        "and every trial streams the same data; search objectives of one kind (dpo, orpo, simpo: pairs)")
+    return kinds.pop()
+
+
+def prepare_for_job(spec, storage_uri: str, search: bool = False):
     """The job's data preprocessed (or reused) and the spec with `training.epochs` turned into `max_steps`.
 
-    Everything that can be wrong with the data is reported here, before any worker starts."""
+    Everything that can be wrong with the data is reported here, before any worker starts. `search`: for the
+    trials of `rayft tune` (the objectives of `tune.space` decide which rows are read)."""
     from storage.models import resolve_model_dir
     from trainers.ingest.stream import micro_batches_per_epoch, steps_per_epoch
 
     model_dir = resolve_model_dir(spec.model.source, storage_uri)
     prepared = prepare_data(spec.data, model_source=spec.model.source, model_dir=str(model_dir),
-                            storage_uri=storage_uri, seed=spec.training.seed)
+                            storage_uri=storage_uri, seed=spec.training.seed, kind=data_kind(spec, search))
     print(stats_line(prepared), flush=True)
     t, workers = spec.training, spec.resources.num_workers
     if micro_batches_per_epoch(prepared.n_train, workers, t.micro_batch_size) < 1:

@@ -34,6 +34,54 @@ class Example:
     labels: list[int]
 
 
+@dataclass
+class PairExample:
+    """A preference pair (DPO, ORPO, SimPO)."""
+
+    chosen: Example
+    rejected: Example
+    #: reference log-probabilities (chosen, rejected), when precomputed (full fine-tuning)
+    ref: tuple[float, float] | None = None
+    #: where the row came from (`row_key`): finds its precomputed reference
+    key: int | None = None
+
+
+@dataclass
+class UnpairedExample:
+    """A KTO row: its completion, its KL sequence (its prompt with another row's completion) and its label."""
+
+    completion: Example
+    kl: Example
+    label: bool
+    ref: tuple[float] | None = None
+    ref_kl: float | None = None
+    key: int | None = None
+
+
+def row_key(src: int, row: int) -> int:
+    """One int per preprocessed row of a part (a file's `_row`s are all line numbers or all encoded indices)."""
+    return int(src) * (1 << 40) + int(row)
+
+
+def read_columns(prepared) -> list[str]:
+    """The columns a worker reads: the examples', and for preference rows where each came from."""
+    return list(prepared.columns) + (["_src", "_row"] if prepared.kind != "text" else [])
+
+
+def to_examples(columns: dict, kind: str) -> list:
+    """Rows of the preprocessed columns (lists or numpy arrays per column) → examples of the objective's `kind`."""
+    def seq(prefix: str, i: int) -> Example:
+        return Example([int(t) for t in columns[prefix + "input_ids"][i]], [int(t) for t in columns[prefix + "labels"][i]])
+
+    n = len(next(iter(columns.values())))
+    if kind == "text":
+        return [seq("", i) for i in range(n)]
+    keys = [row_key(s, r) for s, r in zip(columns["_src"], columns["_row"])]
+    if kind == "paired":
+        return [PairExample(seq("chosen_", i), seq("rejected_", i), key=keys[i]) for i in range(n)]
+    return [UnpairedExample(seq("", i), seq("kl_", i), bool(columns["label"][i]), key=keys[i]) for i in range(n)]
+
+
 def micro_batches_per_epoch(n_train: int, world: int, micro_batch_size: int) -> int:
     """Full micro-batches each worker gets per epoch (the streaming split gives every worker n_train // world rows)."""
     return (n_train // world) // micro_batch_size
@@ -52,7 +100,7 @@ def train_dataset(prepared, seed: int):
     files = list(prepared.train_files)
     random.Random(seed).shuffle(files)
     fs, _ = filesystem_for(prepared.uri)
-    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(["input_ids", "labels"])
+    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(read_columns(prepared))
     # the workers' console shows training progress; Ray Data's bars for each epoch's read would drown it
     ds.context.enable_progress_bars = False
     return ds
@@ -75,12 +123,8 @@ def read_examples(prepared, part: str = EVAL) -> list[Example]:
     return list(iter_examples(prepared, part))
 
 
-def _examples(batch: dict) -> list[Example]:
-    return [Example([int(t) for t in ids], [int(t) for t in labels]) for ids, labels in zip(batch["input_ids"], batch["labels"])]
-
-
 def train_micro_batches(shard, *, n_train: int, world: int, micro_batch_size: int, seed: int,
-                        start_micro: int = 0) -> Iterator[list[Example]]:
+                        start_micro: int = 0, kind: str = "text") -> Iterator[list]:
     """This worker's micro-batches from micro-batch `start_micro` (0-based, counted over the whole run) on, forever."""
     per_epoch = micro_batches_per_epoch(n_train, world, micro_batch_size)
     if per_epoch < 1:
@@ -94,25 +138,40 @@ def train_micro_batches(shard, *, n_train: int, world: int, micro_batch_size: in
         )
         for i, batch in enumerate(batches):
             if i >= skip:
-                yield _examples(batch)
+                yield to_examples(batch, kind)
         epoch, skip = epoch + 1, 0
 
 
-def iter_examples(prepared, part: str = EVAL, chunk: int = 1024) -> Iterator[Example]:
+def iter_examples(prepared, part: str = EVAL, chunk: int = 1024) -> Iterator:
     """The preprocessed examples of `part` in file order, streamed from the Parquet files (bounded memory)."""
     import pyarrow.parquet as pq
 
     from trainers.ingest.sources import filesystem_for
 
     fs, _ = filesystem_for(prepared.uri)
+    names = read_columns(prepared)
     for path in prepared.train_files if part == TRAIN else prepared.eval_files:
         with fs.open_input_file(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk, columns=["input_ids", "labels"]):
-                for ids, labels in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                    yield Example(ids, labels)
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk, columns=names):
+                yield from to_examples({n: batch.column(n).to_pylist() for n in names}, prepared.kind)
 
 
-def eval_batches(prepared, batch_size: int, world: int, rank: int) -> Iterator[list[Example]]:
+def part_keys(prepared, part: str) -> list[int]:
+    """`row_key` of every example of `part`, in file order (the index of a precomputed reference table)."""
+    import pyarrow.parquet as pq
+
+    from trainers.ingest.sources import filesystem_for
+
+    fs, _ = filesystem_for(prepared.uri)
+    keys: list[int] = []
+    for path in prepared.train_files if part == TRAIN else prepared.eval_files:
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f, columns=["_src", "_row"])
+        keys += [row_key(s, r) for s, r in zip(table.column(0).to_pylist(), table.column(1).to_pylist())]
+    return keys
+
+
+def eval_batches(prepared, batch_size: int, world: int, rank: int) -> Iterator[list]:
     """This worker's share of the eval set (every `world`-th row from `rank`), in file order."""
     mine: list[Example] = []
     for seen, ex in enumerate(iter_examples(prepared, EVAL)):
@@ -138,6 +197,38 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": attn}
 
 
+def _pad(examples: list[Example], pad_id: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v for k, v in collate(examples, pad_id).items()}
+
+
+def collate_preference(examples: list, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pairs as one batch of 2·B rows (every chosen, then every rejected); KTO rows with labels and KL sequences.
+    Precomputed reference log-probabilities ride along as `ref_sums` (and `ref_kl_sums`)."""
+    if isinstance(examples[0], PairExample):
+        batch = _pad([e.chosen for e in examples] + [e.rejected for e in examples], pad_id)
+        if all(e.ref is not None for e in examples):
+            batch["ref_sums"] = torch.tensor([e.ref[0] for e in examples] + [e.ref[1] for e in examples])
+        return batch
+    batch = {**_pad([e.completion for e in examples], pad_id), **_pad([e.kl for e in examples], pad_id, "kl_")}
+    batch["kto_labels"] = torch.tensor([e.label for e in examples])
+    if all(e.ref is not None for e in examples):
+        batch["ref_sums"] = torch.tensor([e.ref[0] for e in examples])
+        batch["ref_kl_sums"] = torch.tensor([e.ref_kl for e in examples])
+    return batch
+
+
+def collate_for(kind: str, pad_id: int):
+    """examples -> padded batch, for the rows of `kind` ("text": SFT; preference rows bring their own)."""
+    if kind == "text":
+        return lambda examples: collate(examples, pad_id)
+    return lambda examples: collate_preference(examples, pad_id)
+
+
+def first_sequence(example) -> Example:
+    """The example's first token sequence: itself (SFT), its chosen response (pairs) or its completion (KTO)."""
+    return getattr(example, "chosen", None) or getattr(example, "completion", None) or example
+
+
 class WorkerStream:
     """One worker's view of the job's data: its streaming train shard (`ray.train.get_dataset_shard`), the eval
     rows it evaluates, the counts. `data` is the driver's `Prepared` (trainers.ingest.prepare) as JSON."""
@@ -150,7 +241,7 @@ class WorkerStream:
         self.prepared = Prepared.from_json(data)
         self.micro_batch_size, self.seed, self.world, self.rank = micro_batch_size, seed, world, rank
         self.train_shard = ray.train.get_dataset_shard(TRAIN)
-        self._batches: Iterator[list[Example]] | None = None
+        self._batches: Iterator[list] | None = None
         self._next = 0  # the run-wide index of the micro-batch `_batches` yields next
         self._probe: Example | None = None
 
@@ -166,25 +257,29 @@ class WorkerStream:
     def stats(self) -> dict:
         return self.prepared.stats
 
-    def micro_batch(self, index: int) -> list[Example]:
+    @property
+    def kind(self) -> str:
+        return self.prepared.kind
+
+    def micro_batch(self, index: int) -> list:
         """This worker's micro-batch number `index` (0-based, over the whole run). Asked in order, it streams;
         asked out of order (a resumed run's first batch), the stream is positioned there first."""
         if self._batches is None or index != self._next:
             self._batches = train_micro_batches(
                 self.train_shard, n_train=self.n_train, world=self.world, micro_batch_size=self.micro_batch_size,
-                seed=self.seed, start_micro=index,
+                seed=self.seed, start_micro=index, kind=self.kind,
             )
         self._next = index + 1
         return next(self._batches)
 
-    def eval_batches(self, batch_size: int) -> Iterator[list[Example]]:
+    def eval_batches(self, batch_size: int) -> Iterator[list]:
         return eval_batches(self.prepared, batch_size, self.world, self.rank)
 
     def eval_passes(self, batch_size: int) -> int:
         """Eval batches the busiest worker has (ZeRO-3 ranks run in lockstep)."""
         return -(-(-(-self.n_eval // self.world)) // batch_size)
 
-    def probe_example(self) -> Example:
+    def probe_example(self):
         """A fixed example for the final-model probe and lockstep fillers: the first eval row, else the first train row."""
         if self._probe is None:
             part = EVAL if self.n_eval else TRAIN
