@@ -1,6 +1,6 @@
 """Held-out rows for evaluation: read, checked once, and split into what is asked and what is expected.
 
-Row shapes (one JSON object per line):
+Row shapes (one JSON object per line of JSONL, or the same fields as the columns of Parquet, CSV, Arrow):
 
     {"prompt": "...", "completion": "..."}            # `answer` or `reference` also name the reference
     {"messages": [..., {"role": "assistant", ...}]}    # the last assistant turn is the reference
@@ -43,20 +43,6 @@ class EvalRow:
         return self.prompt is not None or self.messages is not None
 
 
-def read_text(uri: str) -> str:
-    """A whole text file from a local path or an s3:// URI."""
-    if uri.startswith("s3://"):
-        from storage.store import open_store
-
-        parent, _, key = uri.rpartition("/")
-        return open_store(parent).get_bytes(key).decode("utf-8")
-    try:
-        with open(uri, encoding="utf-8") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        raise EvalDataError(f"{uri}: evaluation file not found; pass a JSONL file with --data (or eval.data)") from None
-
-
 def parse_row(raw: Any, index: int, line: str) -> EvalRow:
     """Row number `index`, checked; EvalDataError names `line` (`file:N`) and the fix."""
     if not isinstance(raw, dict):
@@ -84,19 +70,33 @@ def parse_row(raw: Any, index: int, line: str) -> EvalRow:
     raise EvalDataError(f"{line}: a row needs prompt (+ completion), messages, prompt + choices + answer, or text; got fields {sorted(raw)}")
 
 
+#: File kinds whose rows all have every column of the file.
+COLUMNAR = ("parquet", "csv", "arrow")
+
+
 def load_rows(uri: str, max_rows: int | None = None) -> list[EvalRow]:
-    """The rows of a JSONL file (local or s3://), at most `max_rows`."""
-    rows = []
-    for number, line in enumerate(read_text(uri).splitlines()):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EvalDataError(f"{uri}:{number + 1}: not valid JSON ({err.msg})") from None
-        rows.append(parse_row(raw, len(rows), f"{uri}:{number + 1}"))
-        if max_rows is not None and len(rows) >= max_rows:
-            break
+    """The rows of `uri` (at most `max_rows`): a file, a directory or a glob, local or s3://, in any format the
+    training data may be in (JSONL, JSON, Parquet, CSV, a `datasets` directory), read by the same readers
+    (trainers.ingest.sources), so a bad row is named by file and line (or row index) the same way."""
+    from trainers.ingest.sources import DataError, read_rows, resolve
+
+    rows: list[EvalRow] = []
+    try:
+        fs, files = resolve(uri, "eval data")
+        for src, f in enumerate(files):
+            left = None if max_rows is None else max_rows - len(rows)
+            for pos, raw in read_rows(fs, f, src, limit=left):
+                try:
+                    row = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    raise EvalDataError(f"{f.where(pos)}: not valid JSON ({getattr(err, 'msg', err)})") from None
+                if f.kind in COLUMNAR and isinstance(row, dict):  # a column this row does not use reads as null
+                    row = {k: v for k, v in row.items() if v is not None}
+                rows.append(parse_row(row, len(rows), f.where(pos)))
+            if max_rows is not None and len(rows) >= max_rows:
+                break
+    except DataError as exc:
+        raise EvalDataError(f"{exc}; pass evaluation rows with --data (or eval.data)") from None
     if not rows:
         raise EvalDataError(f"{uri}: holds no rows")
     return rows

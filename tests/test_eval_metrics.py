@@ -147,12 +147,26 @@ def test_bad_rows_name_the_line_and_the_fix(tmp_path):
         path.write_text(text)
         with pytest.raises(EvalDataError, match=message):
             load_rows(str(path))
-    with pytest.raises(EvalDataError, match="evaluation file not found"):
+    with pytest.raises(EvalDataError, match=r"missing.jsonl does not exist.*pass evaluation rows with --data"):
         load_rows(str(tmp_path / "missing.jsonl"))
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     path.write_text(json.dumps({"messages": messages}) + "\n")
     (row,) = load_rows(str(path))
     assert row.reference == "hello" and row.messages == messages[:1]
+
+
+def test_eval_rows_come_from_any_source_the_training_data_may_use(tmp_path):
+    """The training data's readers: a directory of JSONL and Parquet, a glob, bad rows named by row index."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) + "\n" for i in range(3)))
+    pq.write_table(pa.Table.from_pylist([{"prompt": f"q{i}", "answer": f"a{i}"} for i in range(3)]), tmp_path / "b.parquet")
+    assert [r.prompt for r in load_rows(str(tmp_path), max_rows=4)] == ["p0", "p1", "p2", "q0"]
+    assert [r.reference for r in load_rows(str(tmp_path / "*.parquet"))] == ["a0", "a1", "a2"]
+    pq.write_table(pa.Table.from_pylist([{"prompt": "x", "answer": "y"}, {"nothing": 1}]), tmp_path / "c.parquet")
+    with pytest.raises(EvalDataError, match=r"c.parquet: row 1: a row needs prompt"):
+        load_rows(str(tmp_path / "c.parquet"))
 
 
 def test_rayft_eval_bad_input_is_refused_before_ray_starts(tmp_path):

@@ -13,8 +13,9 @@ from trainers.ingest.sources import DataError
 from trainers.spec import DataSpec
 
 
-def prep(data: DataSpec, model_dir, storage, seed: int = 0):
-    return prepare_data(data, model_source=str(model_dir), model_dir=str(model_dir), storage_uri=str(storage), seed=seed)
+def prep(data: DataSpec, model_dir, storage, seed: int = 0, kind: str = "text"):
+    return prepare_data(data, model_source=str(model_dir), model_dir=str(model_dir), storage_uri=str(storage), seed=seed,
+                        kind=kind)
 
 
 def write_rows(path, rows):
@@ -82,6 +83,38 @@ def test_parquet_bad_row_names_its_index_and_packing_stats(ray_session, tiny_mod
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "qa2.parquet")
     with pytest.raises(DataError, match=r"qa2.parquet: row 25: \"completion\" is empty"):
         prep(data.model_copy(update={"train": str(tmp_path / "qa2.parquet")}), tiny_model_dir, tmp_path / "store")
+
+
+def test_preference_rows_go_through_the_same_pipeline(ray_session, tiny_model_dir, tmp_path, capsys):
+    """Pairs from Parquet with a column mapping, KTO rows from JSONL: detected for the objective's kind, encoded with
+    their own columns, each example keyed by its source row (the index of a precomputed reference)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trainers.ingest.stream import PairExample, UnpairedExample, iter_examples, part_keys
+
+    words = ["apple", "river", "stone", "green"] * 5
+    pq.write_table(pa.Table.from_pylist([{"prompt": f"reverse {w} =", "good": " " + w[::-1], "bad": " " + w} for w in words]),
+                   tmp_path / "pairs.parquet")
+    data = DataSpec(train=str(tmp_path / "pairs.parquet"), eval_fraction=0.2, columns={"chosen": "good", "rejected": "bad"})
+    pairs = prep(data, tiny_model_dir, tmp_path / "store", kind="paired")
+    assert "pairs.parquet: format preference (detected)" in capsys.readouterr().out
+    assert (pairs.kind, pairs.n_train + pairs.n_eval) == ("paired", 20)
+    assert pairs.columns == ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"]
+    train = list(iter_examples(pairs, "train"))
+    assert all(isinstance(e, PairExample) for e in train) and [e.key for e in train] == part_keys(pairs, "train")
+    assert train[0].chosen.input_ids[:4] == train[0].rejected.input_ids[:4]  # the same prompt, then the responses
+    kto = write_rows(tmp_path / "kto.jsonl", [{"prompt": f"reverse {w} =", "completion": " " + w[::-1], "label": i % 2 == 0}
+                                              for i, w in enumerate(words)])
+    unpaired = prep(DataSpec(train=str(kto), eval_fraction=0.0), tiny_model_dir, tmp_path / "store", kind="unpaired")
+    assert "label" in unpaired.columns and "kl_input_ids" in unpaired.columns
+    rows = list(iter_examples(unpaired, "train"))
+    assert isinstance(rows[0], UnpairedExample) and [r.label for r in rows[:2]] == [True, False]
+    # an SFT file given to a preference objective: one clear error naming what the objective reads
+    sft = write_rows(tmp_path / "sft.jsonl", [{"prompt": "a", "completion": " b"}] * 3)
+    with pytest.raises(DataError, match=r"sft.jsonl:1: cannot tell the format: expected one of: preference \(chosen\+rejected\); "
+                                        "this job's objective reads paired preference rows"):
+        prep(DataSpec(train=str(sft), eval_fraction=0.0), tiny_model_dir, tmp_path / "store", kind="paired")
 
 
 @pytest.mark.parametrize("case", ["empty", "missing column", "no format", "no trainable tokens", "wrong extension", "eval too small"])

@@ -74,7 +74,9 @@ def test_full_kto_killed_worker_resumes_like_an_uninterrupted_run(ray_session, t
     with crashed.checkpoint.as_directory() as d:
         state = load_state(d, STATE_NAME)
     assert state["resumes"] == [4] and state["step"] == 8
-    assert set(state["reference"]) == {"sums", "kl_sums"}
+    assert set(state["reference"]) == {"train", "eval"}  # a table per part of the preprocessed data, in file order
+    assert set(state["reference"]["train"]) == {"sums", "kl_sums"}
+    assert len(state["reference"]["train"]["sums"]) + len(state["reference"]["eval"]["sums"]) == 96  # every row
     clean = run_training(_resume_job(tiny_model_dir, kto_data, local_uri, "kto-b", 0), publish=False)
     for key in ("train_loss", "eval_loss", "eval_kl", "train_rewards_chosen"):
         assert crashed.metrics[key] == pytest.approx(clean.metrics[key], abs=1e-5), key

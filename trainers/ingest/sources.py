@@ -268,14 +268,25 @@ def _table_blocks(batches, src: int, limit: int | None, line_offset: int | None,
 
 def preview(fs, source: SourceFile, src: int, n: int = 20) -> list[tuple[int, bytes]]:
     """The first `n` rows of a file as (`_row`, raw JSON bytes), for format detection and up-front checks."""
-    out: list[tuple[int, bytes]] = []
+    return list(read_rows(fs, source, src, limit=n, block_rows=n))
+
+
+def read_rows(fs, source: SourceFile, src: int, limit: int | None = None, block_rows: int = 1024) -> Iterator[tuple[int, bytes]]:
+    """A file's rows (at most `limit`) as (`_row`, raw JSON bytes), in one process (small data: the driver's look
+    at the first rows, evaluation sets); training data is read by Ray Data (`make_row_source`)."""
+    if limit is not None and limit <= 0:
+        return
     try:
         with fs.open_input_file(source.path) as f:
-            for block in read_blocks(f, source, src, block_rows=n, limit=n):
-                out += zip(block.column("_row").to_pylist(), block.column("_raw").to_pylist())
+            seen = 0
+            for block in read_blocks(f, source, src, block_rows=block_rows, limit=limit):
+                for row in zip(block.column("_row").to_pylist(), block.column("_raw").to_pylist()):
+                    if limit is not None and seen >= limit:
+                        return
+                    seen += 1
+                    yield row
     except OSError as exc:
         raise DataError(f"{source.uri}: cannot read: {exc}") from None
-    return out[:n]
 
 
 def make_row_source(fs, files: list[SourceFile], block_rows: int):
