@@ -245,9 +245,13 @@ class JobSubmission(BaseModel):
     image_uri: str | None = Field(None, description="Container image the job runs in (needs podman on the nodes).")
     submission_id: str = Field(description="The job id on the cluster.")
     notes: list[str] = Field(default_factory=list, description="Things the user should know before it runs.")
+    launcher: list[str] = Field(
+        default_factory=lambda: ["rayft"],
+        description="How the cluster starts the CLI: `rayft` on its PATH, or e.g. [python, -m, cluster.cli] for a known interpreter.",
+    )
 
     def entrypoint(self) -> str:
-        return shlex.join(["rayft", self.command, self.job_file, *self.args])
+        return shlex.join([*self.launcher, self.command, self.job_file, *self.args])
 
     def runtime_env(self) -> dict:
         env: dict = {"env_vars": dict(self.env_vars)}

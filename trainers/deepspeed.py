@@ -407,7 +407,7 @@ def train_func_zero3(config: dict) -> None:
             f"deepspeed init {init_s:.1f} s, model build {build_s:.1f} s; "
             f"train {len(datasets.train)} / eval {len(datasets.eval)} examples"
         )
-    progress = Progress(tcfg.max_steps, start_step)
+    progress = Progress(tcfg.max_steps, start_step, history)
     running_loss, running_n, eval_loss = 0.0, 0, None
     step_s: list[float] = []
 
@@ -436,11 +436,12 @@ def train_func_zero3(config: dict) -> None:
         torch.distributed.all_gather_object(shares, rank_parameter_share(engine.module))
         if do_eval and datasets.eval:
             eval_loss = evaluate(engine, datasets.eval, tcfg.micro_batch_size, pad_id, device, precision, world, rank, lockstep=True)
-        history.append({"step": step, "train_loss": train_loss, "eval_loss": eval_loss if do_eval else None})
+        history.append({"step": step, "train_loss": train_loss, "eval_loss": eval_loss if do_eval else None,
+                        "trained_tokens": progress.trained_tokens})
         running_loss, running_n = 0.0, 0
         metrics = {
             "step": step, "train_loss": train_loss, "eval_loss": eval_loss,
-            "trainable_params": trainable, "total_params": total,
+            "trainable_params": trainable, "total_params": total, "trained_tokens": progress.trained_tokens,
             "tokens_per_s": progress.tokens / max(time.perf_counter() - progress.t0, 1e-9),
             "steady_tokens_per_s": progress.steady_tokens_per_s(), "peak_rss_bytes": peak_rss_bytes(),
             "step_time_s": sum(step_s) / len(step_s),

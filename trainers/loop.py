@@ -166,11 +166,13 @@ def peak_rss_bytes() -> int:
 class Progress:
     """Rank 0's console line: step, loss, tokens/s, ETA; and the steady-state throughput of the steps alone."""
 
-    def __init__(self, total_steps: int, start_step: int):
+    def __init__(self, total_steps: int, start_step: int, history: list[dict] | None = None):
         self.total = total_steps
         self.start_step = start_step
         self.t0 = time.perf_counter()
         self.tokens = 0
+        # Tokens of the steps before a resume, as the checkpoint's history recorded them.
+        self.tokens_before = int((history or [{}])[-1].get("trained_tokens") or 0)
         self.steady_tokens = 0
         self.steady_s = 0.0
 
@@ -179,6 +181,11 @@ class Progress:
         if step > self.start_step + STEADY_AFTER_STEPS:
             self.steady_tokens += tokens
             self.steady_s += seconds
+
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens (all ranks, padding excluded) of every optimizer step taken so far, resumes included."""
+        return self.tokens_before + self.tokens
 
     def steady_tokens_per_s(self) -> float | None:
         return self.steady_tokens / self.steady_s if self.steady_s > 0 else None
@@ -395,7 +402,7 @@ def train_func(config: dict) -> None:
             f"train {len(datasets.train)} / eval {len(datasets.eval)} examples"
             + (f", {datasets.skipped_rows} bad rows skipped" if datasets.skipped_rows else "")
         )
-    progress = Progress(tcfg.max_steps, start_step)
+    progress = Progress(tcfg.max_steps, start_step, history)
     inner = _unwrap(model)
     running_loss, running_n = 0.0, 0
     eval_loss = None
@@ -436,11 +443,12 @@ def train_func(config: dict) -> None:
         if do_eval and datasets.eval:
             eval_loss = evaluate(model, datasets.eval, tcfg.micro_batch_size, pad_id, device, precision, world, rank)
         if do_eval or do_ckpt:
-            history.append({"step": step, "train_loss": train_loss, "eval_loss": eval_loss if do_eval else None})
+            history.append({"step": step, "train_loss": train_loss, "eval_loss": eval_loss if do_eval else None,
+                            "trained_tokens": progress.trained_tokens})
             running_loss, running_n = 0.0, 0
             metrics = {
                 "step": step, "train_loss": train_loss, "eval_loss": eval_loss,
-                "trainable_params": trainable, "total_params": total,
+                "trainable_params": trainable, "total_params": total, "trained_tokens": progress.trained_tokens,
                 "tokens_per_s": progress.tokens / max(time.perf_counter() - progress.t0, 1e-9),
                 "steady_tokens_per_s": progress.steady_tokens_per_s(), "peak_rss_bytes": peak_rss_bytes(),
             }

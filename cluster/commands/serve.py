@@ -1,4 +1,5 @@
-"""`rayft serve SERVE.yaml`: deploy the OpenAI-compatible Serve application a serve spec describes."""
+"""`rayft serve SERVE.yaml`: deploy the OpenAI-compatible Serve application a serve spec describes
+(inference, and with a `fine_tuning:` section the files and fine-tuning jobs API too: service/)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from serve.spec import load_serve_spec
+    from service.spec import load_service_spec
 
-    spec = load_serve_spec(args.spec)  # every problem in the file, before Ray is touched
+    spec = load_service_spec(args.spec)  # every problem in the file, before Ray is touched
     address = args.address or os.environ.get("RAY_ADDRESS")
     if args.detach and not address:
         raise DeployFailed(
@@ -38,9 +39,12 @@ def run(args: argparse.Namespace) -> int:
     if not address:
         # Only for a local Ray: a cluster's replicas may see storage this machine cannot.
         preflight(spec)
-    connect(address)
+    # Fine-tuning jobs are Ray jobs: a local Ray needs its dashboard, which serves the Jobs API.
+    connect(address, dashboard=spec.api_enabled())
     url = deploy(spec, host=args.host, port=args.port, name=args.name)
     print(f"[rayft] serving on {url}/v1", flush=True)
+    if spec.api_enabled():
+        print(f"[rayft] fine-tuning API: {url}/v1/files, {url}/v1/fine_tuning/jobs", flush=True)
     print(f"[rayft] models: {', '.join(spec.model_names())} + adapters of {spec.base.name} from the registry "
           f"(GET {url}/v1/models)", flush=True)
     if args.detach:
@@ -98,7 +102,7 @@ def preflight(spec) -> None:
         raise DeployFailed("the serve spec names what storage does not hold:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None, dashboard: bool = False) -> None:
     """Connect to `address`, or start a local Ray instance (which lives as long as this process)."""
     import ray
 
@@ -107,7 +111,7 @@ def connect(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=dashboard, log_to_driver=True)
 
 
 def deploy(spec, *, host: str = "127.0.0.1", port: int = 8000, name: str = "rayft") -> str:
@@ -118,7 +122,7 @@ def deploy(spec, *, host: str = "127.0.0.1", port: int = 8000, name: str = "rayf
     """
     from ray import serve
 
-    from serve.app import build_app
+    from service.app import build_app
 
     serve.start(http_options={"host": host, "port": port})
     try:
