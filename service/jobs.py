@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -78,9 +78,12 @@ Auto = Literal["auto"]
 
 
 class Hyperparameters(_Request):
-    n_epochs: int | Auto = Field("auto", description="Passes over the training file (auto: fine_tuning.defaults.n_epochs).")
-    batch_size: int | Auto = Field("auto", description="Examples per optimizer step, over all workers (auto: defaults.batch_size).")
-    learning_rate_multiplier: float | Auto = Field("auto", description="Times fine_tuning.defaults.learning_rate (auto: 1).")
+    n_epochs: Annotated[int, Field(ge=1, le=100)] | Auto = Field(
+        "auto", description="Passes over the training file (auto: fine_tuning.defaults.n_epochs).")
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = Field(
+        "auto", description="Examples per optimizer step, over all workers (auto: defaults.batch_size).")
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = Field(
+        "auto", description="Times fine_tuning.defaults.learning_rate (auto: 1).")
     beta: float | Auto | None = Field(None, description="DPO only.")
 
 
@@ -236,9 +239,9 @@ class JobService:
         if self._client is None:
             address = self.ft.jobs_address
             if address is None:
-                import ray._private.worker
+                from ray._private.services import get_webui_url_from_internal_kv
 
-                address = ray._private.worker.get_dashboard_url()
+                address = get_webui_url_from_internal_kv()  # the head's dashboard, as the cluster registered it
                 if not address:
                     raise ApiError(503, "this Ray cluster runs no dashboard, so it has no Jobs API: start Ray with the "
                                    "dashboard or set fine_tuning.jobs_address", code="jobs_api_unavailable")
@@ -291,8 +294,8 @@ class JobService:
         problem = _suffix_problem(raw.get("suffix") if isinstance(raw.get("suffix"), str) else None)
         if problem:
             problems.append(problem)
-        method = req.method if req is not None else None
-        if method is not None and method.type == "dpo":
+        method = raw.get("method")
+        if isinstance(method, dict) and method.get("type") == "dpo":
             problems.append("method.type: got 'dpo', which this server cannot run yet (rayft has no preference-tuning "
                             "objective here); use {'type': 'supervised'}")
         if req is not None and req.integrations:
@@ -373,7 +376,7 @@ class JobService:
             "storage": {"uri": self.storage_uri},
         }
         try:
-            job_spec = parse_job_spec(job_spec, "job").model_dump(mode="json", exclude_none=True)
+            parse_job_spec(job_spec, "job")  # the raw mapping is what travels: `rayft train` sees only what was set
         except SpecError as err:
             problems += [f"rayft.{p}" if p.startswith(("method", "resources")) else f"job spec {p}" for p in err.problems]
         return JobRecord(
@@ -582,11 +585,11 @@ class JobService:
 
 def _checkpoint_metrics(checkpoint, state_name: str, step: int) -> dict[str, Any]:
     """OpenAI's checkpoint metrics from the checkpoint's saved history (its last entry)."""
-    import json
+    from trainers.state_io import state_without_tensors
 
     try:
         with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{state_name}.json") as stream:
-            history = json.loads(stream.read()).get("history") or []
+            history = state_without_tensors(stream.read()).get("history") or []
     except (OSError, ValueError):
         history = []
     last = history[-1] if history else {}
