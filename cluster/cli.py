@@ -24,6 +24,7 @@ COMMANDS = [
     "registry",
     "submit",
     "jobs",
+    "ft",
     "demo",
 ]
 

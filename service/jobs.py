@@ -30,10 +30,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serve.protocol import ApiError
 from serve.spec import ServeSpec
@@ -77,14 +77,28 @@ class _Request(BaseModel):
 Auto = Literal["auto"]
 
 
+def _number_or_auto(kind: type, low: float, high: float, low_open: bool = False):
+    """A validator: "auto", or a `kind` number in [low, high] (low excluded if `low_open`); one clear message."""
+    def check(value: Any) -> Any:
+        if value == "auto":
+            return value
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+        if ok_type and (value > low if low_open else value >= low) and value <= high:
+            return kind(value)
+        bound = f"{'>' if low_open else '≥'} {low:g} and ≤ {high:g}"
+        raise ValueError(f"must be \"auto\" or {'an integer' if kind is int else 'a number'} {bound}")
+    return check
+
+
 class Hyperparameters(_Request):
-    n_epochs: Annotated[int, Field(ge=1, le=100)] | Auto = Field(
-        "auto", description="Passes over the training file (auto: fine_tuning.defaults.n_epochs).")
-    batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = Field(
-        "auto", description="Examples per optimizer step, over all workers (auto: defaults.batch_size).")
-    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = Field(
-        "auto", description="Times fine_tuning.defaults.learning_rate (auto: 1).")
-    beta: float | Auto | None = Field(None, description="DPO only.")
+    n_epochs: Any = Field("auto", description="Passes over the training file (auto: fine_tuning.defaults.n_epochs).")
+    batch_size: Any = Field("auto", description="Examples per optimizer step, over all workers (auto: defaults.batch_size).")
+    learning_rate_multiplier: Any = Field("auto", description="Times fine_tuning.defaults.learning_rate (auto: 1).")
+    beta: Any = Field(None, description="DPO only.")
+
+    _n_epochs = field_validator("n_epochs")(_number_or_auto(int, 1, 100))
+    _batch_size = field_validator("batch_size")(_number_or_auto(int, 1, 4096))
+    _lr = field_validator("learning_rate_multiplier")(_number_or_auto(float, 0, 100, low_open=True))
 
 
 class _MethodParams(_Request):
@@ -162,6 +176,22 @@ def _problems_error(problems: list[str]) -> ApiError:
         400, f"{len(problems)} problem(s) with this fine-tuning job: " + "; ".join(problems),
         param=param, code="invalid_fine_tuning_job",
     )
+
+
+def _method_problems(ext: Any) -> list[str]:
+    """Problems of `rayft.method` on its own (a request with other problems never reaches the job-spec check)."""
+    from pydantic import TypeAdapter
+
+    from trainers.methods import MethodConfig
+
+    method = ext.get("method") if isinstance(ext, dict) else None
+    if not isinstance(method, dict):
+        return []
+    try:
+        TypeAdapter(MethodConfig).validate_python(method)
+    except ValidationError as exc:
+        return [f"rayft.method.{p}" for p in validation_problems(exc.errors(), "see trainers/methods")]
+    return []
 
 
 def _suffix_problem(suffix: str | None) -> str | None:
@@ -298,9 +328,10 @@ class JobService:
         if isinstance(method, dict) and method.get("type") == "dpo":
             problems.append("method.type: got 'dpo', which this server cannot run yet (rayft has no preference-tuning "
                             "objective here); use {'type': 'supervised'}")
-        if req is not None and req.integrations:
+        if raw.get("integrations"):
             problems.append("integrations: not supported by rayft; remove it (follow jobs with /events and /checkpoints)")
         if req is None or problems:
+            problems += _method_problems(raw.get("rayft"))  # otherwise checked with the whole job spec below
             raise _problems_error(problems)
         record = self._new_record(tenant, req, source, file_objs, problems)
         if problems:

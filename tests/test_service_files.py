@@ -182,3 +182,67 @@ def test_tenants_see_only_their_own_files_and_models_and_hostile_ids_are_404(app
     assert globex.completions.create(model="shared-lora", prompt="hello", max_tokens=3, temperature=0).choices
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{app.url}/v1", api_key="wrong", max_retries=0).files.list()
+
+
+@pytest.mark.slow
+def test_rayft_ft_uploads_and_lists_files_through_the_api(app: App, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from cluster.cli import main
+
+    monkeypatch.setenv("RAYFT_API_TOKEN", TOKENS["globex"])
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_bytes(_rows(3))
+    bad.write_bytes(b'{"text": "fine"}\n{"text": ""}\n')
+    assert main(["ft", "upload", str(good), "--base-url", f"{app.url}/v1"]) == 0
+    file_id = capsys.readouterr().out.strip()
+    assert file_id.startswith("file-")
+    assert main(["ft", "files", "--base-url", f"{app.url}/v1"]) == 0
+    assert file_id in capsys.readouterr().out
+    assert main(["ft", "upload", str(bad), "--base-url", f"{app.url}/v1"]) == 2
+    err = capsys.readouterr().err
+    assert "HTTP 400" in err and "line 2:" in err
+
+
+def test_a_job_request_becomes_a_job_spec_and_every_problem_is_listed_at_once(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """JobService without Serve or Ray: validation, the job spec it writes, and a cluster that cannot be reached."""
+    from serve.protocol import ApiError
+    from service.files import FileStore
+    from service.jobs import JobService
+    from service.spec import FineTuningApiSpec
+    from storage.store import open_store
+
+    storage = str(tmp_path / "store")
+    registry = open_registry(storage)
+    registry.publish("tiny", tiny_model_dir, kind="model", base_model="tiny", base_config_digest=base_config_digest_of_dir(tiny_model_dir),
+                     method=None, params={}, metrics={}, lineage={})
+    files = FileStore(open_store(storage))
+    spec = parse_service_spec({"storage": storage, "base": {"name": "tiny", "source": "registry:tiny"}})
+    ft = FineTuningApiSpec(jobs_address="http://127.0.0.1:9", defaults={"batch_size": 4, "n_epochs": 2})
+    jobs = JobService(ft, spec.serve_spec(), registry, files)
+    train = files.add("acme", "t.jsonl", _rows(20))
+
+    with pytest.raises(ApiError) as info:
+        jobs.create("acme", {"model": "tiny@7", "training_file": train.id, "suffix": "x y", "seed": -1,
+                             "hyperparameters": {"learning_rate_multiplier": 0}, "rayft": {"method": {"name": "lora", "r": 0}},
+                             "integrations": [{"type": "wandb"}]})
+    message = info.value.message
+    assert info.value.http_status == 400 and message.startswith("6 problem(s)"), message
+    for part in ("model:", "suffix: got 'x y'", "seed:", "hyperparameters.learning_rate_multiplier", "integrations:",
+                 "rayft.method.lora.r: got 0"):
+        assert part in message, part
+    with pytest.raises(ApiError, match=r"rayft.method.lora.r: got 0"):
+        jobs.create("acme", {"model": "tiny", "training_file": train.id, "rayft": {"method": {"name": "lora", "r": 0}}})
+    with pytest.raises(ApiError, match="training_file: no file"):
+        jobs.create("globex", {"model": "tiny", "training_file": train.id})  # acme's file, asked for by globex
+    assert jobs.list("acme", None, 20)["data"] == []  # nothing was recorded
+
+    job = jobs.create("acme", {"model": "tiny", "training_file": train.id, "suffix": "demo", "seed": 3})
+    # 20 rows, 2 held out (eval_fraction 0.1), batch 4, 2 epochs: 2 * ceil(18 / 4) = 10 steps.
+    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0}
+    assert job["rayft"]["max_steps"] == 10 and job["rayft"]["fine_tuned_model_planned"].startswith("ft.acme.demo.")
+    # The cluster's Jobs API is unreachable: the job fails with that cause instead of vanishing.
+    assert job["status"] == "failed" and job["error"]["code"] == "submission_failed"
+    assert "cannot reach a Ray Jobs API at http://127.0.0.1:9" in job["error"]["message"]
+    record = jobs._load("acme", job["id"])
+    assert record.job_spec["data"]["train"] == str(tmp_path / "store" / "service" / "files" / "acme" / f"{train.id}.jsonl")
+    assert record.job_spec["training"]["seed"] == 3 and record.job_spec["storage"] == {"uri": storage}
+    assert [j["id"] for j in jobs.list("acme", None, 20)["data"]] == [job["id"]] and jobs.list("globex", None, 20)["data"] == []

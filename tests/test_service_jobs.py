@@ -125,7 +125,7 @@ def _restart_api_replica(head: Head, app: str) -> None:
 import time, ray
 ray.init(address={head.gcs_address!r}, logging_level="ERROR")
 def ingress():
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#{app}#OpenAIIngress#" in a["name"])
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("{app}#OpenAIIngress#"))
 (old,) = ingress()
 ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
 deadline = time.time() + 120
@@ -164,7 +164,7 @@ def test_the_full_loop_queue_restart_cancel_and_tenants(deployed: Deployed) -> N
     with pytest.raises(openai.BadRequestError, match="training_file"):
         globex.fine_tuning.jobs.create(model="tiny", training_file=training.id)
 
-    done = _wait_for(lambda: _finished(acme, job.id), 300, "the loop job to finish")
+    done = _wait_for(lambda: _finished(acme, job.id), 900, "the loop job to finish")
     assert done.status == "succeeded", done.error
     model = done.fine_tuned_model
     assert model.startswith("ft.acme.loop.") and done.trained_tokens and done.trained_tokens > 0 and done.finished_at
@@ -187,16 +187,16 @@ def test_the_full_loop_queue_restart_cancel_and_tenants(deployed: Deployed) -> N
     assert acme.completions.create(model=early, prompt="reverse apple =", max_tokens=4, temperature=0).choices
 
     # The long job starts once the slot is free; a restart of the API replica loses no record.
-    _wait_for(lambda: acme.fine_tuning.jobs.retrieve(long_job.id).status == "running", 180, "the long job to run")
+    _wait_for(lambda: acme.fine_tuning.jobs.retrieve(long_job.id).status == "running", 600, "the long job to run")
     _restart_api_replica(deployed.head, deployed.app)
-    _wait_for(lambda: httpx.get(f"{deployed.url}/health", timeout=5).status_code == 200, 120, "the new API replica")
+    _wait_for(lambda: httpx.get(f"{deployed.url}/health", timeout=5).status_code == 200, 300, "the new API replica")
     after = {j.id: j for j in acme.fine_tuning.jobs.list()}
     assert after[job.id].status == "succeeded" and after[job.id].fine_tuned_model == model
     assert after[queued.id].status == "cancelled" and after[long_job.id].status == "running"
 
     cancelled = acme.fine_tuning.jobs.cancel(long_job.id)
     assert cancelled.id == long_job.id
-    final = _wait_for(lambda: _finished(acme, long_job.id), 120, "the cancelled job to stop")
+    final = _wait_for(lambda: _finished(acme, long_job.id), 300, "the cancelled job to stop")
     assert final.status == "cancelled" and final.fine_tuned_model is None
     planned = final.model_extra["rayft"]["fine_tuned_model_planned"]
     assert open_registry(deployed.storage).versions(planned) == []
