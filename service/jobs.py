@@ -22,6 +22,7 @@ tenant in the name is what lets the inference routes show a tenant only its own 
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import secrets
@@ -45,6 +46,8 @@ from storage.models import REGISTRY_PREFIX
 from storage.registry import Registry
 from storage.safety import parse_ref
 from storage.store import default_storage_uri
+
+logger = logging.getLogger("ray.serve")
 
 JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
 _PREFIX = "service/jobs"
@@ -422,7 +425,15 @@ class JobService:
     def tick(self) -> None:
         """Refresh every unfinished job and start queued ones while slots are free (oldest first)."""
         with self._lock:
-            records = [self._refresh(r) for r in self._all() if r.state in ("queued", "submitted")]
+            records = []
+            for record in self._all():
+                if record.state in ("queued", "submitted"):
+                    try:
+                        record = self._refresh(record)
+                    except RayftError as err:
+                        self._client = None
+                        logger.warning("cannot refresh fine-tuning job %s: %s", record.id, err)
+                    records.append(record)
             active = sum(1 for r in records if r.state == "submitted")
             for record in records:
                 if record.state != "queued" or active >= self.ft.max_concurrent_jobs:
@@ -430,12 +441,35 @@ class JobService:
                 try:
                     self._submit(record)
                 except RayftError as err:
+                    if getattr(err, "http_status", 400) in (401, 503):  # the cluster is unreachable or refuses us: wait
+                        self._client = None
+                        self._note_waiting(record, err)
+                        break
                     self._finish(record, "failed", error={"code": "submission_failed", "message": str(err), "param": None})
                     continue
                 record.state, record.submitted_at = "submitted", int(time.time())
                 self._event(record, f"Started Ray job {record.id} (rayft train)")
                 self._save(record)
                 active += 1
+
+    def _note_waiting(self, record: JobRecord, err: Exception) -> None:
+        """A queued job that cannot be submitted now stays queued; the cause is one warning event (not one per tick)."""
+        message = f"Waiting to start: {err}"
+        if not record.events or record.events[-1]["message"] != message:
+            self._event(record, message, level="warn")
+            self._save(record)
+
+    def _refreshed(self, tenant: str, job_id: str) -> JobRecord:
+        """The record, brought up to date with its Ray job when the cluster answers (else as stored)."""
+        record = self._load(tenant, job_id)
+        if record.state != "submitted":
+            return record
+        with self._lock:
+            try:
+                return self._refresh(self._load(tenant, job_id))
+            except RayftError:  # the Jobs API is away for a moment: the stored record still answers
+                self._client = None
+                return record
 
     def _refresh(self, record: JobRecord) -> JobRecord:
         """Bring a submitted job's record up to date with its Ray job; returns it (saved if it changed)."""
@@ -563,11 +597,7 @@ class JobService:
         }
 
     def retrieve(self, tenant: str, job_id: str) -> dict[str, Any]:
-        record = self._load(tenant, job_id)
-        if record.state == "submitted":
-            with self._lock:
-                record = self._refresh(self._load(tenant, job_id))
-        return self.view(record)
+        return self.view(self._refreshed(tenant, job_id))
 
     def list(self, tenant: str, after: str | None, limit: int) -> dict[str, Any]:
         if after is not None:
@@ -591,11 +621,7 @@ class JobService:
             return self.view(self._refresh(record))
 
     def events(self, tenant: str, job_id: str, after: str | None, limit: int) -> dict[str, Any]:
-        record = self._load(tenant, job_id)
-        if record.state == "submitted":
-            with self._lock:
-                record = self._refresh(self._load(tenant, job_id))
-        return page(list(reversed(record.events)), after, limit)
+        return page(list(reversed(self._refreshed(tenant, job_id).events)), after, limit)
 
     def checkpoints(self, tenant: str, job_id: str, after: str | None, limit: int) -> dict[str, Any]:
         """The run's checkpoints in storage, newest first, with their metrics; each names a servable model once the job succeeded."""

@@ -239,9 +239,12 @@ def test_a_job_request_becomes_a_job_spec_and_every_problem_is_listed_at_once(ti
     # 20 rows, 2 held out (eval_fraction 0.1), batch 4, 2 epochs: 2 * ceil(18 / 4) = 10 steps.
     assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0}
     assert job["rayft"]["max_steps"] == 10 and job["rayft"]["fine_tuned_model_planned"].startswith("ft.acme.demo.")
-    # The cluster's Jobs API is unreachable: the job fails with that cause instead of vanishing.
-    assert job["status"] == "failed" and job["error"]["code"] == "submission_failed"
-    assert "cannot reach a Ray Jobs API at http://127.0.0.1:9" in job["error"]["message"]
+    # The cluster's Jobs API is unreachable: the job stays queued (never dropped) and says why.
+    assert job["status"] == "queued" and job["error"] is None
+    events = jobs.events("acme", job["id"], None, 20)["data"]
+    assert events[0]["level"] == "warn" and "cannot reach a Ray Jobs API at http://127.0.0.1:9" in events[0]["message"]
+    jobs.tick()
+    assert len(jobs.events("acme", job["id"], None, 20)["data"]) == len(events)  # the same cause is not repeated
     record = jobs._load("acme", job["id"])
     assert record.job_spec["data"]["train"] == str(tmp_path / "store" / "service" / "files" / "acme" / f"{train.id}.jsonl")
     assert record.job_spec["training"]["seed"] == 3 and record.job_spec["storage"] == {"uri": storage}

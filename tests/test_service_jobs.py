@@ -120,21 +120,38 @@ def _chat_tokens(client: openai.OpenAI, model: str, n: int) -> list[int]:
 
 
 def _restart_api_replica(head: Head, app: str) -> None:
-    """Kill the API (ingress) replica's actor; Serve starts a new one. Returns once the new one is alive."""
+    """SIGKILL the API (ingress) replica's process; Serve starts a new one. Returns once the new one is alive."""
     script = f"""
-import time, ray
+import os, signal, time, ray
+from ray.util.state import list_actors
 ray.init(address={head.gcs_address!r}, logging_level="ERROR")
 def ingress():
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("{app}#OpenAIIngress#"))
-(old,) = ingress()
-ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
-deadline = time.time() + 120
-while time.time() < deadline and (ingress() in ([], [old])):
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000)
+            if "OpenAIIngress" in a.class_name and {app!r} in a.class_name]
+before = ingress()
+assert len(before) == 1, [a.class_name for a in list_actors(limit=10000)]
+os.kill(before[0].pid, signal.SIGKILL)
+deadline = time.time() + 240
+while time.time() < deadline and [a.actor_id for a in ingress()] in ([], [before[0].actor_id]):
     time.sleep(0.5)
-print("replaced", old, "by", ingress())
+print("replaced", before[0].pid, "by", [a.pid for a in ingress()])
 """
-    done = subprocess.run([sys.executable, "-c", script], env=head.env(), capture_output=True, text=True, timeout=180)
+    done = subprocess.run([sys.executable, "-c", script], env=head.env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "replaced" in done.stdout, done.stderr[-3000:]
+
+
+def _kill_train_worker(head: Head) -> int:
+    """SIGKILL the Ray Train worker of this head's job (found by the head's token in its environment)."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.environ().get("RAY_AUTH_TOKEN") == head.token:
+                p.kill()
+                return p.pid
+        except (psutil.Error, OSError):
+            continue
+    pytest.fail("no Ray Train worker of this head is running")
 
 
 @pytest.mark.slow
@@ -149,7 +166,8 @@ def test_the_full_loop_queue_restart_cancel_and_tenants(deployed: Deployed) -> N
     assert job.status in ("queued", "validating_files", "running"), job.error
     assert job.model == "tiny" and job.seed == 7
     # A second job waits behind the first (max_concurrent_jobs: 1), and a third is cancelled while queued.
-    long_job = acme.fine_tuning.jobs.create(model="tiny", training_file=training.id, extra_body={"rayft": {"max_steps": 3000}})
+    long_job = acme.fine_tuning.jobs.create(model="tiny", training_file=training.id,
+                                            extra_body={"rayft": {"max_steps": 3000, "checkpoints": 100}})
     queued = acme.fine_tuning.jobs.create(model="tiny", training_file=training.id)
     assert acme.fine_tuning.jobs.retrieve(long_job.id).status == "queued"
     assert acme.fine_tuning.jobs.cancel(queued.id).status == "cancelled"
@@ -186,8 +204,14 @@ def test_the_full_loop_queue_restart_cancel_and_tenants(deployed: Deployed) -> N
     early = checkpoints[1].fine_tuned_model_checkpoint
     assert acme.completions.create(model=early, prompt="reverse apple =", max_tokens=4, temperature=0).choices
 
-    # The long job starts once the slot is free; a restart of the API replica loses no record.
-    _wait_for(lambda: acme.fine_tuning.jobs.retrieve(long_job.id).status == "running", 600, "the long job to run")
+    # The long job starts once the slot is free. A killed worker is replaced and the run resumes from its
+    # newest checkpoint; then a restart of the API replica loses no record.
+    _wait_for(lambda: list(acme.fine_tuning.jobs.checkpoints.list(long_job.id)), 600, "the long job's first checkpoint")
+    killed = _kill_train_worker(deployed.head)
+    resumed = _wait_for(lambda: [e for e in acme.fine_tuning.jobs.list_events(long_job.id, limit=1000)
+                                 if e.message.startswith("resumed from checkpoint at step")], 300, f"a resume after killing pid {killed}")
+    assert int(resumed[0].message.rsplit(" ", 1)[1]) >= 30
+    assert acme.fine_tuning.jobs.retrieve(long_job.id).status == "running"
     _restart_api_replica(deployed.head, deployed.app)
     _wait_for(lambda: httpx.get(f"{deployed.url}/health", timeout=5).status_code == 200, 300, "the new API replica")
     after = {j.id: j for j in acme.fine_tuning.jobs.list()}
