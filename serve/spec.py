@@ -287,16 +287,16 @@ def format_errors(exc: ValidationError) -> list[str]:
     return validation_problems(exc.errors(), "check the spelling against serve/spec.py")
 
 
-def parse_serve_spec(raw: Any, source: str = "<serve spec>") -> ServeSpec:
-    """Validate a mapping as a ServeSpec; raise one ServeSpecError listing every problem."""
+def parse_serve_spec(raw: Any, source: str = "<serve spec>", model: type[ServeSpec] = ServeSpec) -> ServeSpec:
+    """Validate a mapping as a ServeSpec (or `model`, a spec that extends it); raise one ServeSpecError listing every problem."""
     if not isinstance(raw, dict):
         raise ServeSpecError(source, [f"<top level>: got {_short(raw)}, must be a mapping with at least `base`"])
     try:
-        return ServeSpec.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         raise ServeSpecError(source, format_errors(exc)) from None
 
 
-def load_serve_spec(path: str | Path) -> ServeSpec:
+def load_serve_spec(path: str | Path, model: type[ServeSpec] = ServeSpec) -> ServeSpec:
     """Read and validate a serve YAML file."""
-    return parse_serve_spec(read_yaml(path, ServeSpecError, "a serve YAML file (see examples/serve.yaml)"), str(path))
+    return parse_serve_spec(read_yaml(path, ServeSpecError, "a serve YAML file (see examples/serve.yaml)"), str(path), model)

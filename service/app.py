@@ -44,62 +44,44 @@ def _limit(value: str | None, default: int, most: int, name: str) -> int:
     return int(value)
 
 
-def files_router() -> APIRouter:
-    """POST/GET /v1/files, GET/DELETE /v1/files/{id}, GET /v1/files/{id}/content."""
+def _router(metric: str, routes: list[tuple[str, str, str]]) -> APIRouter:
+    """An APIRouter whose (HTTP method, path, ingress method) routes call `ingress.<method>(request, **path params)`."""
     router = APIRouter()
 
-    @router.post("/v1/files")
-    async def upload(request: Request, ingress: Any = Depends(current_ingress)) -> Response:
-        return await ingress._timed("files", ingress.api_call(ingress.upload_file(request)))
+    def endpoint_for(handler: str) -> Any:
+        async def endpoint(request: Request, ingress: Any = Depends(current_ingress)) -> Response:
+            work = getattr(ingress, handler)(request, **request.path_params)
+            return await ingress._timed(metric, ingress.api_call(work))
 
-    @router.get("/v1/files")
-    async def list_files(request: Request, ingress: Any = Depends(current_ingress)) -> Response:
-        return await ingress._timed("files", ingress.api_call(ingress.list_files(request)))
+        endpoint.__name__ = handler
+        return endpoint
 
-    @router.get("/v1/files/{file_id}")
-    async def get_file(file_id: str, request: Request, ingress: Any = Depends(current_ingress)) -> Response:
-        return await ingress._timed("files", ingress.api_call(ingress.get_file(request, file_id)))
-
-    @router.get("/v1/files/{file_id}/content")
-    async def file_content(file_id: str, request: Request, ingress: Any = Depends(current_ingress)) -> Response:
-        return await ingress._timed("files", ingress.api_call(ingress.file_content(request, file_id)))
-
-    @router.delete("/v1/files/{file_id}")
-    async def delete_file(file_id: str, request: Request, ingress: Any = Depends(current_ingress)) -> Response:
-        return await ingress._timed("files", ingress.api_call(ingress.delete_file(request, file_id)))
-
+    for method, path, handler in routes:
+        router.add_api_route(path, endpoint_for(handler), methods=[method])
     return router
+
+
+def files_router() -> APIRouter:
+    """POST/GET /v1/files, GET/DELETE /v1/files/{id}, GET /v1/files/{id}/content."""
+    return _router("files", [
+        ("POST", "/v1/files", "upload_file"),
+        ("GET", "/v1/files", "list_files"),
+        ("GET", "/v1/files/{file_id}", "get_file"),
+        ("GET", "/v1/files/{file_id}/content", "file_content"),
+        ("DELETE", "/v1/files/{file_id}", "delete_file"),
+    ])
 
 
 def fine_tuning_router() -> APIRouter:
     """/v1/fine_tuning/jobs: create, list, retrieve, cancel, events, checkpoints."""
-    router = APIRouter()
-
-    @router.post("/v1/fine_tuning/jobs")
-    async def create_job(request: Request, ingress: Any = Depends(current_ingress)) -> Response:
-        return await ingress._timed("fine_tuning", ingress.api_call(ingress.create_job(request)))
-
-    @router.get("/v1/fine_tuning/jobs")
-    async def list_jobs(request: Request, ingress: Any = Depends(current_ingress)) -> Response:
-        return await ingress._timed("fine_tuning", ingress.api_call(ingress.list_jobs(request)))
-
-    @router.get("/v1/fine_tuning/jobs/{job_id}")
-    async def get_job(job_id: str, request: Request, ingress: Any = Depends(current_ingress)) -> Response:
-        return await ingress._timed("fine_tuning", ingress.api_call(ingress.get_job(request, job_id)))
-
-    @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
-    async def cancel_job(job_id: str, request: Request, ingress: Any = Depends(current_ingress)) -> Response:
-        return await ingress._timed("fine_tuning", ingress.api_call(ingress.cancel_job(request, job_id)))
-
-    @router.get("/v1/fine_tuning/jobs/{job_id}/events")
-    async def job_events(job_id: str, request: Request, ingress: Any = Depends(current_ingress)) -> Response:
-        return await ingress._timed("fine_tuning", ingress.api_call(ingress.job_events(request, job_id)))
-
-    @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
-    async def job_checkpoints(job_id: str, request: Request, ingress: Any = Depends(current_ingress)) -> Response:
-        return await ingress._timed("fine_tuning", ingress.api_call(ingress.job_checkpoints(request, job_id)))
-
-    return router
+    return _router("fine_tuning", [
+        ("POST", "/v1/fine_tuning/jobs", "create_job"),
+        ("GET", "/v1/fine_tuning/jobs", "list_jobs"),
+        ("GET", "/v1/fine_tuning/jobs/{job_id}", "get_job"),
+        ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel", "cancel_job"),
+        ("GET", "/v1/fine_tuning/jobs/{job_id}/events", "job_events"),
+        ("GET", "/v1/fine_tuning/jobs/{job_id}/checkpoints", "job_checkpoints"),
+    ])
 
 
 def service_routers() -> list[APIRouter]:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from serve.spec import ServeSpec, ServeSpecError, format_errors
-from storage.configs import read_yaml, short as _short
+from serve.spec import ServeSpec, load_serve_spec, parse_serve_spec
 
 MiB = 1 << 20
 
@@ -83,14 +82,9 @@ class ServiceSpec(ServeSpec):
 
 def parse_service_spec(raw: Any, source: str = "<serve spec>") -> ServiceSpec:
     """Validate a mapping as a ServiceSpec; raise one ServeSpecError listing every problem."""
-    if not isinstance(raw, dict):
-        raise ServeSpecError(source, [f"<top level>: got {_short(raw)}, must be a mapping with at least `base`"])
-    try:
-        return ServiceSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise ServeSpecError(source, format_errors(exc)) from None
+    return parse_serve_spec(raw, source, ServiceSpec)
 
 
 def load_service_spec(path: str | Path) -> ServiceSpec:
     """Read and validate a serve YAML file (with or without `fine_tuning`)."""
-    return parse_service_spec(read_yaml(path, ServeSpecError, "a serve YAML file (see examples/serve.yaml)"), str(path))
+    return load_serve_spec(path, ServiceSpec)

@@ -123,18 +123,18 @@ def _restart_api_replica(head: Head, app: str) -> None:
     """SIGKILL the API (ingress) replica's process; Serve starts a new one. Returns once the new one is alive."""
     script = f"""
 import os, signal, time, ray
-from ray.util.state import list_actors
+import ray._private.state
 ray.init(address={head.gcs_address!r}, logging_level="ERROR")
 def ingress():
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000)
-            if "OpenAIIngress" in a.class_name and {app!r} in a.class_name]
+    return [a for a in ray._private.state.actors().values()
+            if a["State"] == "ALIVE" and "OpenAIIngress" in a["ActorClassName"] and {app!r} in a["ActorClassName"]]
 before = ingress()
-assert len(before) == 1, [a.class_name for a in list_actors(limit=10000)]
-os.kill(before[0].pid, signal.SIGKILL)
+assert len(before) == 1, [(a["ActorClassName"], a["Name"], a["State"]) for a in ray._private.state.actors().values()]
+os.kill(before[0]["Pid"], signal.SIGKILL)
 deadline = time.time() + 240
-while time.time() < deadline and [a.actor_id for a in ingress()] in ([], [before[0].actor_id]):
+while time.time() < deadline and [a["ActorID"] for a in ingress()] in ([], [before[0]["ActorID"]]):
     time.sleep(0.5)
-print("replaced", before[0].pid, "by", [a.pid for a in ingress()])
+print("replaced", before[0]["Pid"], "by", [a["Pid"] for a in ingress()])
 """
     done = subprocess.run([sys.executable, "-c", script], env=head.env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "replaced" in done.stdout, done.stderr[-3000:]
