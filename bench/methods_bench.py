@@ -276,7 +276,8 @@ def base_eval_loss(base_dir: Path, spec) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainers import data as data_mod
-    from trainers.loop import Precision, evaluate
+    from trainers.loop import evaluate
+    from trainers.precision import Precision
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     ds = data_mod.build_datasets(spec.data, tok, spec.training.seed)

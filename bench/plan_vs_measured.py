@@ -3,7 +3,7 @@
     .venv/bin/python bench/plan_vs_measured.py            # tiny + ~50M Llama, full / LoRA / QLoRA (+ GC)
     .venv/bin/python bench/plan_vs_measured.py --quick    # tiny model only (what tests/test_plan.py runs)
 
-The cases run in a fresh interpreter that does what a Ray Train worker does (`trainers.loop.load_model`,
+The cases run in a fresh interpreter that does what a Ray Train worker does (`trainers.strategy.load_model`,
 then forward / backward / clip / AdamW step / zero_grad on a right-padded batch, as `train_func`), and
 measures resident memory from /proc, for each case:
 
@@ -144,11 +144,13 @@ def _steps(spec, model_dir: str, steps: int) -> None:
     import torch
 
     from trainers import data as data_mod
-    from trainers import loop
+    from trainers.methods import traits
+    from trainers.precision import autocast, decide_precision
+    from trainers.strategy import load_model
 
     device = torch.device("cpu")
-    precision = loop.decide_precision(spec.training.precision, device, full_finetune=spec.method.name == "full")
-    model = loop.load_model(spec, model_dir, precision, device, spec.training.max_steps)
+    precision = decide_precision(spec.training.precision, device, full_finetune=not traits(spec.method.name).is_adapter)
+    model = load_model(spec, model_dir, precision, device, spec.training.max_steps)
     _materialize(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -159,7 +161,7 @@ def _steps(spec, model_dir: str, steps: int) -> None:
     batch = data_mod.collate(examples, pad_id=0)
     yield "loaded"
     for _ in range(steps):
-        with loop._autocast(device, precision):
+        with autocast(device, precision):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -22,6 +22,7 @@ COMMANDS = [
     "merge",
     "serve",
     "registry",
+    "inspect",
     "submit",
     "jobs",
     "ft",

@@ -42,8 +42,15 @@ logger = logging.getLogger("ray.serve")
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# peft methods that live in the prompt, not in the weights: nothing to merge or multiplex.
-_PROMPT_LEARNING = {"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT"}
+
+
+def _prompt_learning(peft_type: str) -> bool:
+    """peft's own word (its configs' `is_prompt_learning`, true exactly for PromptLearningConfig subclasses): the
+    method lives in the prompt, not in the weights, so there is nothing to merge or multiplex."""
+    from peft import PromptLearningConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return issubclass(PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type, object), PromptLearningConfig)
 
 
 class AdapterNotServable(RayftError):
@@ -133,7 +140,7 @@ def adapter_problems(
         )
     peft_type = str(config.get("peft_type", "")).upper()
     method = manifest.method or peft_type.lower() or "unknown"
-    if peft_type in _PROMPT_LEARNING:
+    if _prompt_learning(peft_type):
         problems.append(f"method {method} ({peft_type}) works through the prompt and cannot be merged or multiplexed")
     elif policy is not None and peft_type != "LORA":
         problems.append(

@@ -286,6 +286,20 @@ class Registry:
             **manifest.model_dump(mode="json"),
         }
 
+    def read_file(self, ref: str, path: str) -> bytes:
+        """One small file of a published version (e.g. its config.json), checked against the manifest;
+        NotFound if the version has no such file."""
+        manifest = self.resolve(ref)
+        entry = next((e for e in manifest.files if e.path == path), None)
+        if entry is None:
+            raise NotFound(f"{manifest.ref} has no file {path!r}")
+        data = self.store.get_bytes(self._file_key(manifest.name, manifest.version, path))
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise IntegrityError(
+                f"integrity check failed for {manifest.ref} file {path!r}: it does not match its manifest sha256; re-publish the artifact"
+            )
+        return data
+
     def download(self, ref: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
         """A local, verified directory of the artifact (model or peft adapter dir), via the content cache.
 

@@ -266,7 +266,8 @@ def test_cli_merges_and_refuses(registry, capsys):
 def task_loss(model, tokenizer, task: str) -> float:
     """Mean completion-token NLL on 60 rows of `task` drawn with a seed the training data did not use."""
     from trainers import data as data_mod
-    from trainers.loop import Precision, evaluate
+    from trainers.loop import evaluate
+    from trainers.precision import Precision
     from trainers.tiny import task_examples
 
     rows = task_examples(task, 60, seed=99)

@@ -95,7 +95,8 @@ def test_trainable_count_equals_peft(variant, model, tiny_model_dir):
 @pytest.mark.parametrize("method", ["lora", "qlora", "full", "ia3"])
 def test_trainable_count_equals_the_loaded_training_model(method, tiny_model_dir):
     """The same counts as the loop's own model, loaded with real weights (QLoRA: real bitsandbytes 4-bit)."""
-    from trainers import loop
+    from trainers.precision import decide_precision
+    from trainers.strategy import count_parameters, load_model
     from trainers.spec import parse_job_spec
 
     spec = parse_job_spec({
@@ -103,9 +104,9 @@ def test_trainable_count_equals_the_loaded_training_model(method, tiny_model_dir
         "method": {"name": method}, "training": {"precision": "fp32"},
         "resources": {"use_gpu": False}, "output": {"name": "count"},
     })
-    precision = loop.decide_precision("fp32", torch.device("cpu"), full_finetune=method == "full")
-    model = loop.load_model(spec, str(tiny_model_dir), precision, torch.device("cpu"), spec.training.max_steps)
-    trainable, total = loop.count_parameters(model)
+    precision = decide_precision("fp32", torch.device("cpu"), full_finetune=method == "full")
+    model = load_model(spec, str(tiny_model_dir), precision, torch.device("cpu"), spec.training.max_steps)
+    trainable, total = count_parameters(model)
     result = planner.plan_for_spec(spec, Hardware(device="cpu"))
     assert (result.params.trainable, result.params.total) == (trainable, total)
 
@@ -123,15 +124,16 @@ def test_four_bit_weight_bytes_match_bitsandbytes(tiny_model_dir):
         assert planner.four_bit_bytes(weight.numel(), double_quant) == stored
 
     # The whole loaded QLoRA model: weights + quantization constants vs the plan's weight bytes.
-    from trainers import loop
+    from trainers.precision import decide_precision
+    from trainers.strategy import count_parameters, load_model
     from trainers.spec import parse_job_spec
 
     spec = parse_job_spec({
         "model": {"source": str(tiny_model_dir)}, "data": {"train": "x.jsonl"}, "method": {"name": "qlora"},
         "training": {"precision": "fp32"}, "resources": {"use_gpu": False}, "output": {"name": "q"},
     })
-    precision = loop.decide_precision("fp32", torch.device("cpu"), full_finetune=False)
-    model = loop.load_model(spec, str(tiny_model_dir), precision, torch.device("cpu"), 10)
+    precision = decide_precision("fp32", torch.device("cpu"), full_finetune=False)
+    model = load_model(spec, str(tiny_model_dir), precision, torch.device("cpu"), 10)
     held = 0
     for param in model.parameters():
         held += param.numel() * param.element_size()

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import ray.train
 
-from trainers.loop import STATE_NAME
+from trainers.checkpoints import STATE_NAME
 from trainers.run import cpus_for_cpu_workers, final_checkpoint
 from trainers.state_io import save_state
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.loop import rng_state, set_rng_state
+from trainers.checkpoints import rng_state, set_rng_state
 from trainers.state_io import load_state, save_state
 
 REPO = Path(__file__).resolve().parents[1]

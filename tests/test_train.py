@@ -14,7 +14,9 @@ from storage.registry import open_registry
 from storage.store import open_store
 from tests.conftest import make_job
 from trainers import data as data_mod
-from trainers.loop import PROBE_NAME, STATE_NAME, Precision, evaluate
+from trainers.checkpoints import PROBE_NAME, STATE_NAME
+from trainers.loop import evaluate
+from trainers.precision import Precision
 from trainers.run import TrainingFailed, run_training
 from trainers.state_io import load_state
 
@@ -99,7 +101,8 @@ def test_method_trains_publishes_and_reloads(method, ray_session, tiny_model_dir
 def test_qlora_trains_on_4bit_base_and_merges(ray_session, tiny_model_dir, reverse_data, s3_uri):
     import bitsandbytes as bnb
 
-    from trainers.loop import decide_precision, load_model
+    from trainers.precision import decide_precision
+    from trainers.strategy import load_model
 
     block, reference = METHODS["qlora"]
     spec = make_job(tiny_model_dir, reverse_data, s3_uri, block, name="rev-qlora", output={"name": "rev-qlora", "merge": True})

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from storage.registry import base_config_digest_of_dir, open_registry
 from storage.store import open_store, pyarrow_filesystem
 from tests.conftest import make_job
-from trainers.loop import PROBE_NAME
+from trainers.checkpoints import PROBE_NAME
 from trainers.spec import SpecError, parse_job_spec
 from trainers.state_io import load_state
 from trainers.tune import (

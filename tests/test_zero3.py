@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from storage.registry import open_registry
 from tests.conftest import make_job
-from trainers.loop import PROBE_NAME, SHARDS_NAME, STATE_NAME, checkpoint_complete
+from trainers.checkpoints import PROBE_NAME, SHARDS_NAME, STATE_NAME, checkpoint_complete
 from trainers.spec import DEEPSPEED_OWNED_KEYS, DEEPSPEED_OWNED_ZERO_KEYS, SpecError
 from trainers.state_io import load_state
 
@@ -40,7 +40,8 @@ def base_eval_loss(spec, model_dir) -> float:
     from transformers import AutoTokenizer
 
     from trainers import data as data_mod
-    from trainers.loop import Precision, evaluate
+    from trainers.loop import evaluate
+    from trainers.precision import Precision
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ds = data_mod.build_datasets(spec.data, tok, spec.training.seed)

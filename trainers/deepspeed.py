@@ -1,8 +1,8 @@
 """Full fine-tuning, and adapters on models too big for one card, with DeepSpeed ZeRO-3 across Ray Train workers.
 
-`train_func_zero3(config)` is the Ray Train worker loop for strategy deepspeed_zero3. It shares the data order,
-fault injection, checkpoint discovery and publishing of `trainers.loop`; DeepSpeed owns the parameters, the
-optimizer and the schedule, each sharded over the ranks:
+`Zero3Strategy` is the strategy deepspeed_zero3 of the worker loop (`trainers.loop.train_func`, which owns the
+preamble, data order, fault injection and the step / eval / checkpoint rhythm); DeepSpeed owns the parameters,
+the optimizer and the schedule, each sharded over the ranks:
 
 - the DeepSpeed config is generated from the job spec (`deepspeed_config`), never hand-edited;
 - the model is built under `deepspeed.zero.Init` (transformers does so while an `HfDeepSpeedConfig` is alive):
@@ -25,61 +25,35 @@ import contextlib
 import copy
 import json
 import logging
-import os
-import random
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from trainers import data as data_mod
-from trainers.loop import (
-    ADAPTER_DIR,
-    MODEL_DIR,
+from trainers.checkpoints import (
     PROBE_NAME,
     SHARDS_NAME,
+    STATE_FILES,
     STATE_NAME,
-    Precision,
-    Progress,
-    build_scheduler,
-    decide_precision,
-    evaluate,
-    maybe_inject_fault,
-    micro_batch,
+    ZERO3_TAG as TAG,
+    dir_name,
+    local_parts,
     newest_checkpoint,
-    peak_rss_bytes,
-    probe_logits,
-    rng_state,
-    say,
-    set_rng_state,
+    read_shards_listing,
+    save_weights,
 )
 from trainers.methods import method_module
+from trainers.precision import Precision, zero3_precision
 from trainers.spec import JobSpec, deepspeed_extra_problems
 from trainers.state_io import load_state, save_state
-from storage.models import resolve_model_dir
+from trainers.strategy import Strategy, Worker, build_scheduler
 
-#: DeepSpeed's checkpoint tag: its shard files sit in `step-XXXXXXXX/zero3/`.
-TAG = "zero3"
-#: Adam's defaults, as `trainers.loop` gets them from torch.optim.AdamW.
+#: Adam's defaults, as `trainers.strategy.TorchStrategy` gets them from torch.optim.AdamW.
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-
-
-def zero3_precision(requested: str, device: torch.device) -> Precision:
-    """DeepSpeed's precision mode: bf16 where the hardware has it, loss-scaled fp16 on older GPUs, else fp32.
-
-    The parameters live in that dtype and DeepSpeed keeps the fp32 master weights in the optimizer, so the
-    forward pass runs without autocast.
-    """
-    name = decide_precision(requested, device, full_finetune=True).name
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("training.precision: got 'bf16', which this GPU does not support; use fp16 or auto")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-    return Precision(name, dtype, None)
 
 
 def deepspeed_config(spec: JobSpec, world_size: int, device: torch.device) -> dict:
@@ -130,18 +104,13 @@ def merge_extra(config: dict, extra: dict) -> dict:
 
 
 def lr_scheduler_factory(spec: JobSpec) -> Callable:
-    """The job's schedule for DeepSpeed to build on its optimizer: the same transformers schedule as `trainers.loop`.
+    """The job's schedule for DeepSpeed to build on its optimizer: the same transformers schedule as single/DDP.
 
     DeepSpeed's own WarmupLR / WarmupCosineLR take at least 2 warmup steps and start at lr 0, so a config
     scheduler would train the same spec differently under ZeRO-3 than under DDP. DeepSpeed saves and restores
     the schedule's state in its checkpoints either way.
     """
     return lambda optimizer: build_scheduler(spec.training, optimizer)
-
-
-def select_accelerator(device: torch.device) -> None:
-    """Tell DeepSpeed what it runs on; read once, when deepspeed is first imported in this process."""
-    os.environ["DS_ACCELERATOR"] = "cuda" if device.type == "cuda" else "cpu"
 
 
 def skip_inference_comm_build() -> None:
@@ -243,222 +212,136 @@ def _files_with_sizes(directory: Path) -> dict[str, int]:
     return {str(f.relative_to(directory)): f.stat().st_size for f in sorted(directory.rglob("*")) if f.is_file()}
 
 
-def _report_zero3_checkpoint(engine, metrics: dict, state: dict, final: dict | None, rank: int, world: int) -> None:
-    """Each rank writes its DeepSpeed shard into a temp dir and reports it; Ray Train copies every rank's files
-    into the same `step-XXXXXXXX` dir of the run's storage. Rank 0 adds the trainer state, the final export and
-    `shards.json`, the list of every rank's files that makes the checkpoint's completeness checkable."""
-    import ray.train
-
-    rngs = [None] * world
-    torch.distributed.all_gather_object(rngs, rng_state())
-    with tempfile.TemporaryDirectory(prefix="rayft-zero3-") as tmp:
-        out = Path(tmp)
-        engine.save_checkpoint(tmp, tag=TAG)
-        if rank == 0:
-            save_state({"rng": rngs, **state}, out, STATE_NAME)
-            if final is not None:
-                _write_final(engine, final, out)
-        listings = [None] * world
-        torch.distributed.all_gather_object(listings, _files_with_sizes(out))
-        if rank == 0:
-            shards = {"world_size": world, "tag": TAG, "files": {str(r): files for r, files in enumerate(listings)}}
-            (out / SHARDS_NAME).write_text(json.dumps(shards, indent=1))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"step-{state['step']:08d}")
-
-
-def _write_final(engine, final: dict, out: Path) -> None:
-    """Rank 0: the gathered model as a transformers directory, or the gathered adapter as a peft one, and the probe."""
-    module = engine.module
-    if final["is_adapter"]:
-        module.save_pretrained(out / ADAPTER_DIR, state_dict=final["weights"], safe_serialization=True)
-    else:
-        module.save_pretrained(out / MODEL_DIR, state_dict=final["weights"], safe_serialization=True)
-    save_state(final["probe"], out, PROBE_NAME)
-
-
 @contextlib.contextmanager
 def rank_files(checkpoint, rank: int, world: int):
     """A local directory with what this rank needs of a ZeRO-3 checkpoint: its own shard files and the trainer
     state. The other ranks' shards, and a final checkpoint's gathered model, stay in storage (each rank would
     otherwise download the whole optimizer state)."""
-    import pyarrow.fs
-
-    fs, base = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    with fs.open_input_stream(f"{base}/{SHARDS_NAME}") as stream:
-        listing = json.loads(stream.read())
+    base = checkpoint.path.rstrip("/")
+    listing = read_shards_listing(checkpoint.filesystem, base)
     if listing["world_size"] != world:
         raise RuntimeError(
             f"checkpoint {base} holds ZeRO-3 shards of {listing['world_size']} ranks but this run has {world}; "
             f"DeepSpeed cannot re-partition them: run with resources.num_workers: {listing['world_size']}"
         )
-    if isinstance(fs, pyarrow.fs.LocalFileSystem):
-        yield Path(base)
-        return
     shard = [rel for rel in listing["files"][str(rank)] if rel.startswith(f"{TAG}/")]
-    wanted = shard + [f"{STATE_NAME}.json", f"{STATE_NAME}.safetensors"]
-    local = pyarrow.fs.LocalFileSystem()
-    with tempfile.TemporaryDirectory(prefix="rayft-resume-") as tmp:
-        for rel in wanted:
-            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
-            pyarrow.fs.copy_files(f"{base}/{rel}", str(Path(tmp) / rel), source_filesystem=fs, destination_filesystem=local)
-        yield Path(tmp)
+    with local_parts(checkpoint, shard + list(STATE_FILES)) as local:
+        yield local
 
 
-def restore(engine, config: dict, rank: int, world: int) -> dict | None:
-    """Load the run's newest complete checkpoint into `engine` (DeepSpeed reads this rank's shard); its trainer state, or None."""
-    choice = [newest_checkpoint(config) if rank == 0 else None]
-    torch.distributed.broadcast_object_list(choice, src=0)  # one choice for all ranks, whatever each would see
-    checkpoint = choice[0]
-    if checkpoint is None:
-        return None
-    with rank_files(checkpoint, rank, world) as local:
-        # DeepSpeed's loader unpickles its own shard files (torch.load); they come from this run's storage only.
-        load_path, _ = engine.load_checkpoint(str(local), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed found no shard for rank {rank} in {checkpoint.path}")
-        state = load_state(local, STATE_NAME)
-    if engine.global_steps != state["step"]:
-        raise RuntimeError(f"checkpoint {checkpoint.path}: DeepSpeed is at step {engine.global_steps}, the trainer state at {state['step']}")
-    return state
+class Zero3Strategy(Strategy):
+    """DeepSpeed ZeRO-3: the model built partitioned (`deepspeed.zero.Init`), stepped by DeepSpeed's engine; each
+    rank checkpoints its shard, and the final checkpoint also holds the model or adapter gathered from them."""
 
+    label = " on DeepSpeed ZeRO-3"
+    lockstep_eval = True
 
-def _model_dir(spec: JobSpec, storage_uri: str | None, local_rank: int) -> str:
-    """The base model as a local directory, fetched by one rank per node first so no two write the same cache files."""
-    if local_rank == 0:
-        path = resolve_model_dir(spec.model.source, storage_uri)
-    torch.distributed.barrier()
-    if local_rank != 0:
-        path = resolve_model_dir(spec.model.source, storage_uri)
-    return path
+    def __init__(self, worker: Worker):
+        self.w = worker
+        self.precision = zero3_precision(worker.spec.training.precision, worker.device)
 
+    def start(self) -> None:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
 
-def train_func_zero3(config: dict) -> None:
-    """Ray Train worker entry point for strategy deepspeed_zero3; `config` as for `trainers.loop.train_func`."""
-    import ray.train
-    import ray.train.torch
+        quiet_deepspeed()
+        t0 = time.perf_counter()
+        if self.w.device.type == "cpu":
+            skip_inference_comm_build()
+        # Ray Train made the process group (gloo / NCCL); DeepSpeed's comm layer wraps it.
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+        self.timings = {"comm_init_s": time.perf_counter() - t0}
+        self.ds_config = deepspeed_config(self.w.spec, self.w.world, self.w.device)
+        self.hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # transformers sees ZeRO-3 while this object lives
 
-    device = ray.train.torch.get_device()
-    select_accelerator(device)  # before anything imports deepspeed
-    import deepspeed
-    from transformers import AutoTokenizer
-    from transformers.integrations import HfDeepSpeedConfig
+    def build(self, model_dir: str) -> None:
+        import deepspeed
 
-    quiet_deepspeed()
-    spec = JobSpec.model_validate(config["spec"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    elif world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    tcfg = spec.training
-    torch.manual_seed(tcfg.seed)
-    random.seed(tcfg.seed)
-    np.random.seed(tcfg.seed)
-    is_adapter = spec.method.name != "full"
-    precision = zero3_precision(tcfg.precision, device)
-
-    t0 = time.perf_counter()
-    if device.type == "cpu":
-        skip_inference_comm_build()
-    # Ray Train made the process group (gloo / NCCL); DeepSpeed's comm layer wraps it.
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    comm_s = time.perf_counter() - t0
-    ds_config = deepspeed_config(spec, world, device)
-    hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 - transformers sees ZeRO-3 while this object lives
-
-    model_dir = _model_dir(spec, config.get("storage_uri"), ctx.get_local_rank())
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    datasets = data_mod.build_datasets(spec.data, tokenizer, tcfg.seed)
-
-    t0 = time.perf_counter()
-    model = load_model_zero3(spec, model_dir, precision, tcfg.max_steps)
-    build_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=lr_scheduler_factory(spec),
-    )
-    init_s = time.perf_counter() - t0
-    after_init = rank_parameter_share(engine.module)  # the base from zero.Init, adapters partitioned by initialize
-    total = after_init["total"]
-    trainable = sum(p.ds_numel for p in engine.module.parameters() if p.requires_grad)
-    timings = {"comm_init_s": comm_s, "model_build_s": build_s, "deepspeed_init_s": init_s, "deepspeed_ops": loaded_ops()}
-
-    start_step, history, resumes = 0, [], []
-    state = restore(engine, config, rank, world)
-    if state is not None:
-        set_rng_state(state["rng"][rank])
-        start_step, history, resumes = state["step"], state["history"], state["resumes"] + [state["step"]]
-        if rank == 0:
-            say(f"[rayft] resumed from checkpoint at step {start_step}")
-    shares_init = [None] * world
-    torch.distributed.all_gather_object(shares_init, after_init)
-
-    if rank == 0:
-        mine = shares_init[0]
-        say(
-            f"[rayft] {spec.method.name} on DeepSpeed ZeRO-3: trainable {trainable:,} / {total:,} params, "
-            f"precision {precision.name}, workers {world}; rank 0 holds {mine['partition']:,} params "
-            f"({mine['partition_bytes'] / 2**20:.2f} MiB) + {mine['gathered']:,} gathered; "
-            f"deepspeed init {init_s:.1f} s, model build {build_s:.1f} s; "
-            f"train {len(datasets.train)} / eval {len(datasets.eval)} examples"
+        spec = self.w.spec
+        t0 = time.perf_counter()
+        model = load_model_zero3(spec, model_dir, self.precision, spec.training.max_steps)
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=self.ds_config,
+            lr_scheduler=lr_scheduler_factory(spec),
         )
-    progress = Progress(tcfg.max_steps, start_step, history)
-    running_loss, running_n, eval_loss = 0.0, 0, None
-    step_s: list[float] = []
+        init_s = time.perf_counter() - t0
+        self.model, self.inner = engine, engine.module
+        after_init = rank_parameter_share(engine.module)  # the base from zero.Init, adapters partitioned by initialize
+        self.total = after_init["total"]
+        self.trainable = sum(p.ds_numel for p in engine.module.parameters() if p.requires_grad)
+        self.timings.update(model_build_s=build_s, deepspeed_init_s=init_s, deepspeed_ops=loaded_ops())
+        self.shares_init = [None] * self.w.world
+        torch.distributed.all_gather_object(self.shares_init, after_init)
 
-    for step in range(start_step + 1, tcfg.max_steps + 1):
-        maybe_inject_fault(config.get("faults"), step, rank)
-        step_t0, step_tokens0 = time.perf_counter(), progress.tokens
-        for micro in range(tcfg.grad_accum):
-            batch = micro_batch(datasets.train, tcfg, step, micro, world, rank, pad_id, device)
-            loss = engine(**batch).loss
-            engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
-            engine.step()  # steps the optimizer (clip, AdamW, schedule) at the accumulation boundary only
-            running_loss += loss.item() / tcfg.grad_accum
-            progress.tokens += int(batch["attention_mask"].sum().item()) * world
-        running_n += 1
-        step_s.append(time.perf_counter() - step_t0)
-        progress.add_step(step, progress.tokens - step_tokens0, step_s[-1])
+    def restore(self) -> dict | None:
+        """Load the run's newest complete checkpoint into the engine (DeepSpeed reads this rank's shard)."""
+        rank, world = self.w.rank, self.w.world
+        choice = [newest_checkpoint(self.w.config) if rank == 0 else None]
+        torch.distributed.broadcast_object_list(choice, src=0)  # one choice for all ranks, whatever each would see
+        checkpoint = choice[0]
+        if checkpoint is None:
+            return None
+        engine = self.model
+        with rank_files(checkpoint, rank, world) as local:
+            # DeepSpeed's loader unpickles its own shard files (torch.load); they come from this run's storage only.
+            load_path, _ = engine.load_checkpoint(str(local), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed found no shard for rank {rank} in {checkpoint.path}")
+            state = load_state(local, STATE_NAME)
+        if engine.global_steps != state["step"]:
+            raise RuntimeError(f"checkpoint {checkpoint.path}: DeepSpeed is at step {engine.global_steps}, the trainer state at {state['step']}")
+        return state
 
-        if rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.max_steps):
-            say(progress.line(step, running_loss / running_n, engine.get_lr()[0]))
-        train_loss = running_loss / running_n
-        do_eval = step % tcfg.eval_every == 0 or step == tcfg.max_steps
-        do_ckpt = step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps
-        if not (do_eval or do_ckpt):
-            continue
-        shares = [None] * world  # between steps, before an eval pass fills DeepSpeed's parameter cache
-        torch.distributed.all_gather_object(shares, rank_parameter_share(engine.module))
-        if do_eval and datasets.eval:
-            eval_loss = evaluate(engine, datasets.eval, tcfg.micro_batch_size, pad_id, device, precision, world, rank, lockstep=True)
-        history.append({"step": step, "train_loss": train_loss, "eval_loss": eval_loss if do_eval else None,
-                        "trained_tokens": progress.trained_tokens})
-        running_loss, running_n = 0.0, 0
+    def banner_extra(self) -> str:
+        mine, t = self.shares_init[0], self.timings
+        return (
+            f"; rank 0 holds {mine['partition']:,} params ({mine['partition_bytes'] / 2**20:.2f} MiB) + "
+            f"{mine['gathered']:,} gathered; deepspeed init {t['deepspeed_init_s']:.1f} s, model build {t['model_build_s']:.1f} s"
+        )
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        self.model.step()  # steps the optimizer (clip, AdamW, schedule) at the accumulation boundary only
+
+    def lr(self) -> float:
+        return self.model.get_lr()[0]
+
+    def report_extras(self) -> tuple[dict, dict]:
+        shares = [None] * self.w.world  # between steps, before an eval pass fills DeepSpeed's parameter cache
+        torch.distributed.all_gather_object(shares, rank_parameter_share(self.model.module))
         metrics = {
-            "step": step, "train_loss": train_loss, "eval_loss": eval_loss,
-            "trainable_params": trainable, "total_params": total, "trained_tokens": progress.trained_tokens,
-            "tokens_per_s": progress.tokens / max(time.perf_counter() - progress.t0, 1e-9),
-            "steady_tokens_per_s": progress.steady_tokens_per_s(), "peak_rss_bytes": peak_rss_bytes(),
-            "step_time_s": sum(step_s) / len(step_s),
             "rank_partition_bytes": [s["partition_bytes"] for s in shares],
             "rank_gathered_bytes": [s["gathered_bytes"] for s in shares],
-            **timings,
+            **self.timings,
         }
-        if not do_ckpt:
-            ray.train.report(metrics)
-            continue
-        final = None
-        if step == tcfg.max_steps:
-            probe = probe_logits(engine, datasets, device, precision)
-            weights = gathered_trainable_state(engine.module) if is_adapter else gathered_model_state(engine)
-            final = {"is_adapter": is_adapter, "weights": weights, "probe": probe}
-        state = {
-            "step": step, "history": history, "resumes": resumes,
-            "zero3": {"after_init": shares_init, "now": shares, "step_time_s": metrics["step_time_s"], **timings},
-        }
-        _report_zero3_checkpoint(engine, metrics, state, final, rank, world)
+        return metrics, {"zero3": {"after_init": self.shares_init, "now": shares, **self.timings}}
+
+    def report_checkpoint(self, metrics: dict, state: dict, probe: dict | None) -> None:
+        """Each rank writes its DeepSpeed shard into a temp dir and reports it; Ray Train copies every rank's files
+        into the same `step-XXXXXXXX` dir of the run's storage. Rank 0 adds the trainer state, the final export and
+        `shards.json`, the list of every rank's files that makes the checkpoint's completeness checkable."""
+        import ray.train
+
+        engine, rank, world = self.model, self.w.rank, self.w.world
+        state["zero3"]["step_time_s"] = metrics["step_time_s"]
+        weights = None
+        if probe is not None:  # the final checkpoint: gather what trained from the shards (collective)
+            weights = gathered_trainable_state(engine.module) if self.w.is_adapter else gathered_model_state(engine)
+        with tempfile.TemporaryDirectory(prefix="rayft-zero3-") as tmp:
+            out = Path(tmp)
+            engine.save_checkpoint(tmp, tag=TAG)
+            if rank == 0:
+                save_state(state, out, STATE_NAME)
+                if probe is not None:
+                    save_weights(engine.module, out, self.w.is_adapter, state_dict=weights)
+                    save_state(probe, out, PROBE_NAME)
+            listings = [None] * world
+            torch.distributed.all_gather_object(listings, _files_with_sizes(out))
+            if rank == 0:
+                shards = {"world_size": world, "tag": TAG, "files": {str(r): files for r, files in enumerate(listings)}}
+                (out / SHARDS_NAME).write_text(json.dumps(shards, indent=1))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=dir_name(state["step"]))

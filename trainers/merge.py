@@ -26,6 +26,11 @@ from storage.errors import RayftError
 from storage.models import read_model_config, resolve_model_dir
 from storage.registry import Manifest, Registry, base_config_digest
 from storage.safety import parse_ref, validate_name
+from trainers.methods import known_traits
+
+#: peft types (an adapter_config.json's `peft_type`, lower-cased as `Source.family`) that merging tells apart.
+#: These are peft's names for what an adapter directory holds, whatever trained it, not rayft method names.
+PEFT_LORA, PEFT_IA3, PEFT_ADALORA = "lora", "ia3", "adalora"
 
 #: peft 0.21's `LoraModel.add_weighted_adapter` combination types (its `combination_type` Literal).
 CombinationType = Literal[
@@ -230,20 +235,20 @@ def config_problems(sources: list[Source], options: MergeOptions) -> list[str]:
     for s in sources:
         if not s.config:
             problems.append(f"source {s.ref} has no adapter_config.json; it is not a peft adapter")
-        elif s.family == "adalora":
+        elif s.family == PEFT_ADALORA:
             problems.append(f"source {s.ref} is an AdaLoRA adapter: peft's AdaLoRA does not support add_weighted_adapter; train the tasks with lora to merge them")
-        elif s.family not in ("lora", "ia3"):
+        elif s.family not in (PEFT_LORA, PEFT_IA3):
             problems.append(f"source {s.ref} is a {s.family} adapter: peft merges only LoRA adapters (lora, qlora) or IA3 with IA3")
-        elif s.family == "lora":
+        elif s.family == PEFT_LORA:
             problems += lora_option_problems(s)
-    families = {s.family for s in sources if s.family in ("lora", "ia3")}
+    families = {s.family for s in sources if s.family in (PEFT_LORA, PEFT_IA3)}
     if len(families) > 1:
         groups = "; ".join(f"{f}: {', '.join(s.ref for s in sources if s.family == f)}" for f in sorted(families))
         problems.append(f"cannot merge adapters of different types ({groups}); peft combines adapters of one type only")
-    elif families == {"ia3"} and options.method not in _IA3_TYPES:
+    elif families == {PEFT_IA3} and options.method not in _IA3_TYPES:
         problems.append(f"method {options.method!r}: IA3 adapters merge only with method 'linear' (peft's IA3 merge is a weighted sum)")
-    lora = [s for s in sources if s.family == "lora" and s.config]
-    if families == {"lora"} and options.method in EQUAL_RANK_TYPES:
+    lora = [s for s in sources if s.family == PEFT_LORA and s.config]
+    if families == {PEFT_LORA} and options.method in EQUAL_RANK_TYPES:
         ranks = {s.rank for s in lora}
         if len(ranks) > 1:
             listed = ", ".join(f"r={s.rank} ({s.ref})" for s in lora)
@@ -322,7 +327,7 @@ def combine(sources: list[Source], options: MergeOptions, base_dir: str):
         model.load_adapter(str(source.directory), adapter_name=name)
     weights = options.weights or [1.0] * len(sources)
     try:
-        if sources[0].family == "ia3":
+        if sources[0].family == PEFT_IA3:
             model.add_weighted_adapter(names, weights, MERGED_ADAPTER)
         else:
             with torch.random.fork_rng(devices=[]):
@@ -382,7 +387,7 @@ def merge_record(sources: list[Source], options: MergeOptions) -> dict[str, Any]
              "peft_type": s.family, "r": s.config.get("r"), "weight": w}
             for s, w in zip(sources, weights)
         ],
-        "combination_type": "linear" if sources[0].family == "ia3" else options.method,
+        "combination_type": "linear" if sources[0].family == PEFT_IA3 else options.method,
         "weights": weights,
         "density": options.density,
         "majority_sign_method": (options.majority_sign or "total") if options.method in SIGN_TYPES else None,
@@ -407,7 +412,7 @@ def merge_adapters(options: MergeOptions, registry: Registry) -> MergeResult:
     if problems:
         raise MergeError(problems)
     base_dir = check_base(sources, registry.store.uri)
-    if any(s.manifest.method == "qlora" for s in sources) and options.full:
+    if any(getattr(known_traits(s.manifest.method), "quantized_base", False) for s in sources) and options.full:
         print("[rayft] merging QLoRA adapters into the full-precision base (not the 4-bit one they were trained on)", flush=True)
     model = combine(sources, options, base_dir)
     lineage = merge_record(sources, options)

@@ -41,8 +41,8 @@ from typing import Any, Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage.errors import RayftError
-from trainers.methods import MethodConfig, method_module
-from trainers.spec import JobSpec
+from trainers.methods import MethodConfig, method_module, traits
+from trainers.spec import JobSpec, auto_strategy
 
 GiB = 1024**3
 MiB = 1024**2
@@ -137,7 +137,7 @@ class PlanRequest(_Strict):
     def _combinations(self) -> "PlanRequest":
         problems = []
         strategy = self.resolved_strategy()
-        if self.method.name == "qlora" and strategy == "deepspeed_zero3":
+        if traits(self.method.name).quantized_base and strategy == "deepspeed_zero3":
             problems.append("strategy: a 4-bit (qlora) base cannot be sharded by ZeRO-3; use single/ddp, or method lora for ZeRO-3")
         if strategy == "single" and self.hardware.workers > 1:
             problems.append(f"strategy: 'single' runs one worker but workers is {self.hardware.workers}; use ddp or deepspeed_zero3")
@@ -155,9 +155,7 @@ class PlanRequest(_Strict):
         """What `auto` stands for: the same rule as JobSpec.resolved_strategy."""
         if self.strategy != "auto":
             return self.strategy
-        if self.hardware.workers == 1:
-            return "single"
-        return "deepspeed_zero3" if self.method.name == "full" else "ddp"
+        return auto_strategy(self.method.name, self.hardware.workers)
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -374,9 +372,9 @@ class _Setup:
 def _resolve(req: PlanRequest) -> _Setup:
     import torch
 
-    from trainers.loop import decide_precision
+    from trainers.precision import decide_precision
 
-    full = req.method.name == "full"
+    full = not traits(req.method.name).is_adapter
     strategy = req.resolved_strategy()
     name = req.precision
     if name == "auto":
@@ -384,7 +382,7 @@ def _resolve(req: PlanRequest) -> _Setup:
         name = "bf16" if req.hardware.device == "cuda" else "fp32"
     precision = decide_precision(name, torch.device(req.hardware.device), full_finetune=full)
     base = precision.base_dtype if req.model_dtype == "auto" else getattr(torch, req.model_dtype)
-    quantized = req.method.name == "qlora"
+    quantized = traits(req.method.name).quantized_base
     compute = None
     if quantized:
         cd = getattr(req.method, "compute_dtype", "auto")
@@ -710,7 +708,7 @@ def _trace(skel: _Skeleton, setup: _Setup, seq_len: int, batch: int, mode, metho
         with mode:
             ids = torch.zeros(batch, seq_len, dtype=torch.long)
             kwargs: dict[str, Any] = {"input_ids": ids, "labels": ids}
-            if method_name != "prefix_tuning":
+            if not traits(method_name).prompt_learning:
                 # A padded batch (the loop right-pads): transformers builds this 4-D mask and sdpa keeps it.
                 kwargs["attention_mask"] = torch.ones(batch, 1, seq_len, seq_len, dtype=torch.bool)
             autocast = (
@@ -867,7 +865,7 @@ def _head_dtype(skel: _Skeleton):
 
 def _artifact(req: PlanRequest, inv: _Inventory, setup: _Setup) -> tuple[int, str]:
     """Bytes the run publishes: the adapter's tensors, or the whole model as the loop saves it."""
-    if req.method.name == "full":
+    if not traits(req.method.name).is_adapter:
         # The loop saves the model as it holds it: fp32 master weights without ZeRO-3; ZeRO-3 gathers
         # its 16-bit shards into one checkpoint.
         dtype = setup.trace_model_dtype if setup.strategy == "deepspeed_zero3" else setup.base_dtype
@@ -974,8 +972,8 @@ def _notes(req: PlanRequest, setup: _Setup) -> list[str]:
         notes.append("precision auto planned as bf16 (a bf16-capable GPU, Ampere or newer, is assumed)")
     if setup.strategy == "deepspeed_zero3":
         notes.append("ZeRO-3 model states follow DeepSpeed's own accounting (18 B/trainable param over the GPUs)")
-    if req.method.name == "prefix_tuning":
-        notes.append("prefix tuning traced without a padding mask")
+    if traits(req.method.name).prompt_learning:
+        notes.append(f"{req.method.name.replace('_', ' ')} traced without a padding mask")
     return notes
 
 
@@ -1108,7 +1106,7 @@ def _method_config(name: str, task: TaskType):
     from pydantic import TypeAdapter
 
     data: dict[str, Any] = {"name": name}
-    if name in ("lora", "qlora"):
+    if traits(name).tunable:  # a LoRA-family adapter
         # all-linear adapters for quality; a larger rank where the task asks the adapter to hold knowledge
         data.update(target_modules="all-linear", r=64 if task in _KNOWLEDGE_TASKS else 16, alpha=128 if task in _KNOWLEDGE_TASKS else 32)
     return TypeAdapter(MethodConfig).validate_python(data)
@@ -1170,9 +1168,9 @@ def _reasons(task: TaskType, preferred: str, cand: dict, result: Plan, requested
     if cand["method"] != preferred:
         lines.append(f"{preferred} does not fit {result.request.hardware.workers} x {format_bytes(result.device_memory or 0)}; "
                      f"{cand['method']} is the largest method that does")
-    if task in _KNOWLEDGE_TASKS and cand["method"] != "full":
+    if task in _KNOWLEDGE_TASKS and traits(cand["method"]).is_adapter:
         lines.append("rank 64 on every linear layer gives the adapter room for the new knowledge")
-    if cand["method"] == "qlora":
+    if traits(cand["method"]).quantized_base:
         lines.append("QLoRA: a 4-bit NF4 base is the way to train this model on this card")
     strategy = {
         "single": "one device holds the whole job",
@@ -1254,9 +1252,10 @@ def _variants_by_cost(req: PlanRequest) -> Iterator[PlanRequest]:
     checkpointing, then a smaller micro-batch."""
     hw = req.hardware
     methods = [req.method]
-    if req.method.name == "full":
+    # Cheaper methods to fall back on: a whole model → a LoRA adapter → one over a 4-bit base.
+    if not traits(req.method.name).is_adapter:
         methods += [_method_config("lora", "instruction"), _method_config("qlora", "instruction")]
-    elif req.method.name != "qlora":
+    elif not traits(req.method.name).quantized_base:
         methods.append(_method_config("qlora", "instruction"))
     offloads = [(False, False)]
     if hw.device == "cuda" and hw.host_memory_per_node is not None:
@@ -1267,7 +1266,8 @@ def _variants_by_cost(req: PlanRequest) -> Iterator[PlanRequest]:
             if workers == 1:
                 strategies = ["single"]
             else:
-                strategies = ["deepspeed_zero3", "ddp"] if method.name == "full" else ["ddp", "deepspeed_zero3"]
+                first = traits(method.name).many_workers_strategy
+                strategies = [first] + [s for s in ("ddp", "deepspeed_zero3") if s != first]
             for strategy, offload, gc, batch in itertools.product(strategies, offloads, checkpointing, _batches(req.micro_batch)):
                 if offload[0] and strategy != "deepspeed_zero3":
                     continue

@@ -5,15 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from storage.registry import Manifest, Registry, base_config_digest
-from trainers.loop import ADAPTER_DIR, MODEL_DIR, STATE_NAME
-from trainers.methods import method_module
+from trainers.checkpoints import ADAPTER_DIR, MODEL_DIR, STATE_FILES, STATE_NAME, local_parts
+from trainers.methods import method_module, traits
 from storage.models import read_model_config
 from trainers.spec import JobSpec
 from trainers.state_io import load_state
@@ -51,27 +49,13 @@ def plot_loss_curve(history: list[dict], out: Path) -> Path:
 
 #: What publishing reads from a checkpoint. DeepSpeed's per-rank optimizer shards beside them (many times the
 #: model's size) stay in storage.
-PUBLISHED_PARTS = (ADAPTER_DIR, MODEL_DIR, f"{STATE_NAME}.json", f"{STATE_NAME}.safetensors")
+PUBLISHED_PARTS = (ADAPTER_DIR, MODEL_DIR, *STATE_FILES)
 
 
-@contextlib.contextmanager
-def checkpoint_for_publishing(checkpoint) -> Iterator[Path]:
+def checkpoint_for_publishing(checkpoint) -> contextlib.AbstractContextManager[Path]:
     """A local directory with what `publish_run` reads from `checkpoint` (a `ray.train.Checkpoint`): the checkpoint
     itself on a local filesystem, else a download of `PUBLISHED_PARTS` alone."""
-    import pyarrow.fs
-
-    fs, base = checkpoint.filesystem, checkpoint.path.rstrip("/")
-    if isinstance(fs, pyarrow.fs.LocalFileSystem):
-        yield Path(base)
-        return
-    local = pyarrow.fs.LocalFileSystem()
-    with tempfile.TemporaryDirectory(prefix="rayft-publish-ckpt-") as tmp:
-        for part, info in zip(PUBLISHED_PARTS, fs.get_file_info([f"{base}/{p}" for p in PUBLISHED_PARTS])):
-            if info.type == pyarrow.fs.FileType.Directory:
-                Path(tmp, part).mkdir()
-            if info.type != pyarrow.fs.FileType.NotFound:
-                pyarrow.fs.copy_files(info.path, f"{tmp}/{part}", source_filesystem=fs, destination_filesystem=local)
-        yield Path(tmp)
+    return local_parts(checkpoint, PUBLISHED_PARTS)
 
 
 def stage_artifact(checkpoint_dir: Path, model_dir: str, is_adapter: bool, out: Path) -> Path:
@@ -120,7 +104,7 @@ def publish_run(
     workdir: Path,
 ) -> list[Manifest]:
     """Publish the run's adapter/model (and the merged model when asked); returns the manifests."""
-    is_adapter = spec.method.name != "full"
+    is_adapter = traits(spec.method.name).is_adapter
     config = read_model_config(model_dir)
     digest = base_config_digest(config)
     lineage = {"job_spec": spec.model_dump(mode="json"), "run_id": run_id}

@@ -85,15 +85,6 @@ def with_resolved_cpus(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"resources": spec.resources.model_copy(update={"cpus_per_worker": cpus})})
 
 
-def train_function(spec: JobSpec):
-    """The per-worker loop: DeepSpeed ZeRO-3 has its own engine; everything else runs `loop.train_func`."""
-    if spec.resolved_strategy() == "deepspeed_zero3":
-        from trainers.deepspeed import train_func_zero3
-
-        return train_func_zero3
-    return train_func
-
-
 def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, faults: dict | None = None, callbacks: list | None = None):
     """A TorchTrainer for the job; `callbacks` are Ray Train callbacks (e.g. Tune's TuneReportCallback)."""
     import ray.train
@@ -101,7 +92,7 @@ def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, faults: dict | N
 
     fs, base_path = pyarrow_filesystem(storage_uri)
     return TorchTrainer(
-        train_function(spec),
+        train_func,  # one worker loop; it picks the job's strategy (trainers.strategy)
         train_loop_config={"spec": spec.model_dump(mode="json"), "storage_uri": storage_uri, "run_id": run_id, "faults": faults},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.resources.num_workers,
@@ -163,11 +154,11 @@ def final_checkpoint(result, storage_uri: str, run_id: str):
     the registration of that checkpoint (reported just before the worker died). Publishing Ray's
     registered one would then publish an older model, so a newer complete checkpoint in storage wins.
     """
-    from trainers.loop import STATE_NAME, _step_of, stored_checkpoints
+    from trainers.checkpoints import STATE_NAME, step_of, stored_checkpoints
 
     registered, metrics = result.checkpoint, dict(result.metrics or {})
     step, newest = max(stored_checkpoints(storage_uri, run_id) or [(-1, None)], key=lambda c: c[0])
-    if newest is None or step <= _step_of(Path(registered.path).name):
+    if newest is None or step <= step_of(Path(registered.path).name):
         return registered, metrics
     with newest.as_directory() as local:
         history = load_state(local, STATE_NAME)["history"]

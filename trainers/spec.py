@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from storage.configs import ConfigError, raw_get, read_yaml, short as _short, validation_problems
 from storage.errors import RayftError
 from storage.safety import validate_name
-from trainers.methods import MethodConfig
+from trainers.methods import MethodConfig, known_traits, method_problems, traits
 from trainers.tune_spec import TuneSpec, tune_problems
 
 
@@ -124,10 +124,6 @@ DEEPSPEED_OWNED_ZERO_KEYS: dict[str, str] = {
     "gather_16bit_weights_on_model_save": "to true, so the final model can be gathered from the shards and published; remove it",
 }
 
-#: Methods that run under strategy deepspeed_zero3: full fine-tuning, and the LoRA family whose adapter
-#: rayft gathers from the shards (tests/test_zero3.py). Others would need their own ZeRO-3 handling.
-ZERO3_METHODS = ("full", "lora", "rslora")
-
 #: Every top-level key DeepSpeed 0.19's config reader looks up (deepspeed/runtime/config.py and the
 #: sub-configs it builds). A key outside this set would be ignored by DeepSpeed without a word.
 DEEPSPEED_KNOWN_KEYS = frozenset({
@@ -236,9 +232,13 @@ class JobSpec(_Strict):
         s = self.resources.strategy
         if s != "auto":
             return s
-        if self.resources.num_workers == 1:
-            return "single"
-        return "deepspeed_zero3" if self.method.name == "full" else "ddp"
+        return auto_strategy(self.method.name, self.resources.num_workers)
+
+
+def auto_strategy(method: str, workers: int) -> str:
+    """What strategy `auto` stands for: single on one worker, else the method's own choice (its traits).
+    The planner resolves `auto` through this too."""
+    return "single" if workers == 1 else traits(method).many_workers_strategy
 
 
 # ---------------------------------------------------------------------------
@@ -251,30 +251,12 @@ def cross_field_problems(raw: dict) -> list[str]:
     method = raw_get(raw, "method", "name")
     strategy = raw_get(raw, "resources", "strategy")
     workers = raw_get(raw, "resources", "num_workers")
-    if method == "prefix_tuning" and raw_get(raw, "method", "target_modules") is not None:
-        problems.append(
-            "method.prefix_tuning.target_modules: prefix tuning adds virtual tokens to every layer and has no "
-            "target modules; remove this field"
-        )
-    if method == "qlora" and strategy == "deepspeed_zero3":
-        problems.append(
-            "resources.strategy: got 'deepspeed_zero3', a 4-bit (qlora) base cannot be sharded by ZeRO-3; "
-            "use strategy single/ddp, or method lora for ZeRO-3"
-        )
-    if method == "qlora" and raw_get(raw, "model", "dtype") not in (None, "auto"):
-        problems.append(
-            f"model.dtype: got {raw_get(raw, 'model', 'dtype')!r}, a qlora base is loaded in 4-bit; "
-            "set method.qlora.compute_dtype instead, or leave model.dtype as auto"
-        )
+    problems += method_problems(raw)
     if strategy == "single" and isinstance(workers, int) and workers > 1:
         problems.append(
             f"resources.num_workers: got {workers}, strategy 'single' runs one worker; "
             "set num_workers: 1 or strategy: ddp / deepspeed_zero3"
         )
-    if method == "adalora":
-        init_r, target_r = raw_get(raw, "method", "init_r"), raw_get(raw, "method", "target_r")
-        if isinstance(init_r, int) and isinstance(target_r, int) and target_r > init_r:
-            problems.append(f"method.adalora.target_r: got {target_r}, must be <= init_r ({init_r})")
     if raw_get(raw, "data", "eval") and raw_get(raw, "data", "eval_fraction") not in (None, 0, 0.0):
         if "eval_fraction" in (raw_get(raw, "data") or {}):
             problems.append("data.eval_fraction: set together with data.eval; give one of them (a file or a fraction)")
@@ -292,14 +274,10 @@ def cross_field_problems(raw: dict) -> list[str]:
         except RayftError as exc:
             problems.append(f"output.name: {exc}")
     ds_extra = raw_get(raw, "deepspeed", "extra")
-    if ds_extra and strategy not in ("deepspeed_zero3",) and not (strategy in (None, "auto") and method == "full"):
+    auto_zero3 = strategy in (None, "auto") and getattr(known_traits(method), "many_workers_strategy", None) == "deepspeed_zero3"
+    if ds_extra and strategy != "deepspeed_zero3" and not auto_zero3:
         problems.append("deepspeed.extra: set, but the job does not use strategy deepspeed_zero3; remove it or set the strategy")
     problems += deepspeed_extra_problems(ds_extra)
-    if strategy == "deepspeed_zero3" and isinstance(method, str) and method not in ZERO3_METHODS + ("qlora",):
-        problems.append(
-            f"resources.strategy: got 'deepspeed_zero3', which rayft runs for methods {', '.join(ZERO3_METHODS)}, "
-            f"not {method}; use one of those methods, or strategy ddp for {method}"
-        )
     problems += tune_problems(raw)
     return problems
 

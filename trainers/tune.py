@@ -38,7 +38,8 @@ from storage.errors import NotFound, RayftError
 from storage.models import read_model_config, resolve_model_dir
 from storage.registry import Manifest, Registry
 from storage.store import default_storage_uri, open_store, pyarrow_filesystem
-from trainers.loop import STATE_NAME
+from trainers.checkpoints import STATE_NAME
+from trainers.methods import LORA_FIELDS
 from trainers.spec import JobSpec, SpecError, parse_job_spec
 from trainers.tune_spec import (
     DEFAULT_SAMPLES,
@@ -188,7 +189,7 @@ def trial_spec(base: JobSpec, config: dict[str, Any], source: str = "<trial>") -
     method = raw["method"]
     name = config.get("method", method["name"])
     if name != method["name"]:
-        method = {k: method[k] for k in ("r", "alpha", "dropout", "target_modules") if k in method}
+        method = {k: method[k] for k in LORA_FIELDS if k in method}  # what the LoRA-family methods share
     method["name"] = name
     if "r" in config:
         method["r"] = int(config["r"])

@@ -23,10 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from storage.configs import raw_get
+from trainers.methods import TUNABLE_METHODS
 
-#: Methods whose runs tune can vary: they all take r, alpha, dropout and target_modules.
-TUNABLE_METHODS = ("lora", "qlora", "dora", "rslora")
-TunableMethod = Literal["lora", "qlora", "dora", "rslora"]
+#: Methods whose runs tune can vary (their traits say so): they all take r, alpha, dropout and target_modules.
+TunableMethod = Literal[TUNABLE_METHODS]
 
 #: Target-module presets (module names of the Llama family: Llama, Mistral, Qwen, Gemma...).
 #: `default` is peft's per-architecture default; `all-linear` every linear layer but the head.

@@ -62,7 +62,7 @@ def build_request(args: argparse.Namespace):
     from pydantic import TypeAdapter, ValidationError
 
     from trainers import plan as planner
-    from trainers.methods import METHODS, MethodConfig
+    from trainers.methods import METHODS, MethodConfig, traits
 
     memory = planner.parse_size(args.gpu_memory) if args.gpu_memory else None
     host = planner.parse_size(args.host_memory) if args.host_memory else None
@@ -82,7 +82,10 @@ def build_request(args: argparse.Namespace):
         if args.method != data["method"]["name"]:
             data["method"] = {"name": args.method}
     if args.rank is not None:
-        data["method"]["r" if data["method"]["name"] != "adalora" else "init_r"] = args.rank
+        rank_field = traits(data["method"]["name"]).rank_field
+        if rank_field is None:
+            raise planner.PlanError(f"--rank: method {data['method']['name']} has no rank; leave --rank out")
+        data["method"][rank_field] = args.rank
     if args.target_modules:
         tm = args.target_modules
         data["method"]["target_modules"] = tm if tm in ("default", "all-linear") else [m.strip() for m in tm.split(",") if m.strip()]

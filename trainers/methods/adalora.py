@@ -6,7 +6,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from storage.configs import raw_get
 from trainers.methods._targets import TargetModules, peft_target_modules
+from trainers.methods._traits import Traits
+
+# Not multiplexed in serving (peft mixes LoRA adapters only): it serves merged. AdaLoRA masks ranks out as it
+# trains, so DDP must expect parameters without gradients.
+TRAITS = Traits(
+    produces="adapter", zero3=False, tunable=False, serving="merged", mixes_in_batch=False, rank_field="init_r",
+    ddp_find_unused_parameters=True,
+)
 
 
 class Config(BaseModel):
@@ -21,6 +30,19 @@ class Config(BaseModel):
     warmup_fraction: float = Field(0.1, ge=0, lt=1, description="Share of steps before ranks start to move (peft's tinit).")
     final_fraction: float = Field(0.2, ge=0, lt=1, description="Share of final steps with ranks frozen (peft's tfinal).")
     reallocate_every: int = Field(1, ge=1, description="Steps between two budget reallocations (peft's deltaT).")
+
+
+def problems(raw: dict) -> list[str]:
+    init_r, target_r = raw_get(raw, "method", "init_r"), raw_get(raw, "method", "target_r")
+    if isinstance(init_r, int) and isinstance(target_r, int) and target_r > init_r:
+        return [f"method.adalora.target_r: got {target_r}, must be <= init_r ({init_r})"]
+    return []
+
+
+def after_optimizer_step(model, step: int) -> None:
+    """Move the rank budget by the importance of each rank, measured from this step's gradients (peft's
+    `update_and_allocate`): called after the optimizer step, before the gradients are zeroed."""
+    model.base_model.update_and_allocate(step)
 
 
 def quantization_config(cfg: Config, compute_dtype) -> None:

@@ -6,6 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from trainers.methods._traits import Traits, no_problems as problems, no_step_hook as after_optimizer_step  # noqa: F401
+
+# The result is a whole model: served as a base of its own, never beside others.
+TRAITS = Traits(produces="model", zero3=True, tunable=False, serving="none", mixes_in_batch=False)
+
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -7,6 +7,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainers.methods._targets import TargetModules, peft_target_modules
+from trainers.methods._traits import Traits, no_problems as problems, no_step_hook as after_optimizer_step  # noqa: F401
+
+# Not multiplexed in serving (peft mixes LoRA adapters only): it serves merged.
+TRAITS = Traits(produces="adapter", zero3=False, tunable=False, serving="merged", mixes_in_batch=False)
 
 
 class Config(BaseModel):

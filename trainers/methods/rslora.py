@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from trainers.methods._targets import TargetModules, peft_target_modules
+from trainers.methods._lora import LoraFamilyConfig, lora_peft_config
+from trainers.methods._traits import Traits, no_problems as problems, no_step_hook as after_optimizer_step  # noqa: F401
+
+TRAITS = Traits(produces="adapter", zero3=True, tunable=True, serving="multiplexed", mixes_in_batch=True, rank_field="r")
 
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Config(LoraFamilyConfig):
     name: Literal["rslora"] = "rslora"
     r: int = Field(64, ge=1, le=4096, description="Rank of the A·B update; rsLoRA is meant for high ranks.")
     alpha: float = Field(16.0, gt=0, description="Scale numerator: the update is scaled by alpha/sqrt(r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: TargetModules = Field("default", description="Layers to adapt: default (q+v), all-linear, or names.")
 
 
 def quantization_config(cfg: Config, compute_dtype) -> None:
@@ -24,13 +23,4 @@ def quantization_config(cfg: Config, compute_dtype) -> None:
 
 
 def peft_config(cfg: Config, total_steps: int) -> "peft.PeftConfig":
-    import peft
-
-    return peft.LoraConfig(
-        task_type="CAUSAL_LM",
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=peft_target_modules(cfg.target_modules),
-        use_rslora=True,
-    )
+    return lora_peft_config(cfg, use_rslora=True)
