@@ -245,9 +245,10 @@ class JobService:
     def _save(self, record: JobRecord) -> None:
         self.store.put_bytes(record.model_dump_json().encode(), self._key(record.tenant, record.id))
 
-    def _all(self) -> list[JobRecord]:
+    def _all(self, tenant: str | None = None) -> list[JobRecord]:
+        """Every job record (of one tenant, or of all), oldest first."""
         records = []
-        for key in self.store.list(_PREFIX + "/"):
+        for key in self.store.list(f"{_PREFIX}/{tenant}/" if tenant else f"{_PREFIX}/"):
             parts = key.split("/")
             if len(parts) == 4 and parts[3].endswith(".json"):
                 try:
@@ -440,12 +441,13 @@ class JobService:
                     continue
                 try:
                     self._submit(record)
-                except RayftError as err:
-                    if getattr(err, "http_status", 400) in (401, 503):  # the cluster is unreachable or refuses us: wait
+                except Exception as err:  # noqa: BLE001 - whatever stops a submission is the job's error, not a 500
+                    if isinstance(err, RayftError) and getattr(err, "http_status", 400) in (401, 503):  # cluster away: wait
                         self._client = None
                         self._note_waiting(record, err)
                         break
-                    self._finish(record, "failed", error={"code": "submission_failed", "message": str(err), "param": None})
+                    message = str(err) if isinstance(err, RayftError) else f"{type(err).__name__}: {err}"
+                    self._finish(record, "failed", error={"code": "submission_failed", "message": message, "param": None})
                     continue
                 record.state, record.submitted_at = "submitted", int(time.time())
                 self._event(record, f"Started Ray job {record.id} (rayft train)")
@@ -602,7 +604,7 @@ class JobService:
     def list(self, tenant: str, after: str | None, limit: int) -> dict[str, Any]:
         if after is not None:
             self._key(tenant, after)
-        records = sorted((r for r in self._all() if r.tenant == tenant), key=lambda r: r.id, reverse=True)
+        records = sorted(self._all(tenant), key=lambda r: r.id, reverse=True)
         return page([self.view(r) for r in records], after, limit)
 
     def cancel(self, tenant: str, job_id: str) -> dict[str, Any]:
