@@ -34,7 +34,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from cluster.submit import JobNotFound as RayJobNotFound
+from cluster.submit import JobsClient, SubmitOptions, find_auth_token, jobs_api_address, last_error_line, prepare_submission, submit_job
 
 from serve.protocol import ApiError
 from serve.spec import ServeSpec
@@ -46,6 +49,10 @@ from storage.models import REGISTRY_PREFIX
 from storage.registry import Registry
 from storage.safety import parse_ref
 from storage.store import default_storage_uri
+from trainers.checkpoints import ADAPTER_DIR, STATE_NAME, stored_checkpoints
+from trainers.methods import MethodConfig
+from trainers.spec import SpecError, parse_job_spec
+from trainers.state_io import state_without_tensors
 
 logger = logging.getLogger("ray.serve")
 
@@ -183,10 +190,6 @@ def _problems_error(problems: list[str]) -> ApiError:
 
 def _method_problems(ext: Any) -> list[str]:
     """Problems of `rayft.method` on its own (a request with other problems never reaches the job-spec check)."""
-    from pydantic import TypeAdapter
-
-    from trainers.methods import MethodConfig
-
     method = ext.get("method") if isinstance(ext, dict) else None
     if not isinstance(method, dict):
         return []
@@ -268,8 +271,6 @@ class JobService:
 
     def client(self):
         """The Ray Jobs API client (made once per replica): fine_tuning.jobs_address, else this cluster's dashboard."""
-        from cluster.submit import JobsClient, find_auth_token, jobs_api_address
-
         if self._client is None:
             address = self.ft.jobs_address
             if address is None:
@@ -284,8 +285,6 @@ class JobService:
 
     def _submit(self, record: JobRecord) -> None:
         """Submit the record's job spec as a Ray job `rayft train job.yaml --run-id <id>` (submission id = job id)."""
-        from cluster.submit import SubmitOptions, prepare_submission, submit_job
-
         with tempfile.TemporaryDirectory(prefix="rayft-ftjob-") as tmp:
             Path(tmp, "job.yaml").write_text(yaml.safe_dump(record.job_spec, sort_keys=False))
             options = SubmitOptions(
@@ -367,8 +366,6 @@ class JobService:
         return f"{REGISTRY_PREFIX}{manifest.ref}"
 
     def _new_record(self, tenant: str, req: CreateJob, source: str, file_objs: dict, problems: list[str]) -> JobRecord:
-        from trainers.spec import SpecError, parse_job_spec
-
         d = self.ft.defaults
         ext = req.rayft or RayftExtension()
         hp = req.hyperparameters or (req.method.supervised.hyperparameters if req.method and req.method.supervised else Hyperparameters())
@@ -477,8 +474,6 @@ class JobService:
         """Bring a submitted job's record up to date with its Ray job; returns it (saved if it changed)."""
         if record.state != "submitted":
             return record
-        from cluster.submit import JobNotFound as RayJobNotFound
-
         client = self.client()
         try:
             info = client.info(record.id)
@@ -493,8 +488,6 @@ class JobService:
         if status == "SUCCEEDED":
             self._succeeded(record)
         elif status == "FAILED":
-            from cluster.submit import last_error_line
-
             line = last_error_line(client.logs(record.id)) or (info.message or "the Ray job failed").strip().splitlines()[0]
             self._finish(record, "cancelled" if record.cancel_requested else "failed",
                          error=None if record.cancel_requested else {"code": "training_failed", "message": line, "param": None})
@@ -555,8 +548,6 @@ class JobService:
 
     def _publish_checkpoints(self, record: JobRecord, final) -> None:
         """Every kept checkpoint but the last as an adapter of its own (`<model>-s<step>`), so each is servable."""
-        from trainers.loop import ADAPTER_DIR, stored_checkpoints
-
         final_step = int(final.metrics.get("step", -1))
         for step, checkpoint in sorted(stored_checkpoints(self.storage_uri, record.id), key=lambda c: c[0]):
             if step == final_step or final.kind != "adapter":
@@ -627,8 +618,6 @@ class JobService:
 
     def checkpoints(self, tenant: str, job_id: str, after: str | None, limit: int) -> dict[str, Any]:
         """The run's checkpoints in storage, newest first, with their metrics; each names a servable model once the job succeeded."""
-        from trainers.loop import STATE_NAME, stored_checkpoints
-
         record = self._load(tenant, job_id)
         items = []
         for step, checkpoint in sorted(stored_checkpoints(self.storage_uri, record.id), key=lambda c: -c[0]):
@@ -644,8 +633,6 @@ class JobService:
 
 def _checkpoint_metrics(checkpoint, state_name: str, step: int) -> dict[str, Any]:
     """OpenAI's checkpoint metrics from the checkpoint's saved history (its last entry)."""
-    from trainers.state_io import state_without_tensors
-
     try:
         with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{state_name}.json") as stream:
             history = state_without_tensors(stream.read()).get("history") or []
