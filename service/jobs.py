@@ -37,7 +37,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from cluster.submit import JobNotFound as RayJobNotFound
-from cluster.submit import JobsClient, SubmitOptions, find_auth_token, jobs_api_address, last_error_line, prepare_submission, submit_job
+from cluster.submit import (
+    JobsClient, SubmitOptions, find_auth_token, jobs_api_address, last_error_line, prepare_submission, submit_job,
+)
 
 from serve.protocol import ApiError
 from serve.spec import ServeSpec
