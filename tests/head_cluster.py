@@ -39,7 +39,8 @@ class Head:
     def env(self, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
         """An environment for a process that connects to this head as a driver."""
         env = {k: v for k, v in (base or os.environ).items() if not k.startswith("RAY_")}
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, **extra)
+        # A loaded CI machine can take more than Ray's default 60 s to answer a new driver.
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_gcs_server_request_timeout_seconds="300", **extra)
         return env
 
 
