@@ -93,6 +93,10 @@ class TrialRecord(BaseModel):
     dropout: float = Field(description="Adapter dropout.")
     steps: int = Field(0, description="Last step the trial reported.")
     eval_loss: float | None = Field(None, description="Eval loss at the last reported step (what trials are ranked by).")
+    objective: str = Field("sft", description="Training objective of the trial.")
+    beta: float | None = Field(None, description="The preference objective's beta.")
+    eval_preference_accuracy: float | None = Field(
+        None, description="Eval preference accuracy at the last reported step (ranks trials of different objectives).")
     best_eval_loss: float | None = Field(None, description="Lowest eval loss the trial reported.")
     train_loss: float | None = Field(None, description="Train loss at the last reported step.")
     trainable_params: int | None = Field(None, description="Trainable parameters of the adapter.")
@@ -153,8 +157,8 @@ def param_space(tune_spec: TuneSpec) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in space.dimensions():
         dim = getattr(space, name)
-        if name == "method":
-            out["method"] = _categorical(dim, grid)
+        if name in ("method", "objective"):
+            out[name] = _categorical(dim, grid)
         elif name == "target_modules":
             out["target_modules"] = _categorical([target_label(t) for t in dim], grid)
         elif name == "alpha":
@@ -204,9 +208,14 @@ def trial_spec(base: JobSpec, config: dict[str, Any], source: str = "<trial>") -
     training = raw["training"]
     if "lr" in config:
         training["lr"] = float(config["lr"])
+    objective = raw["objective"]
+    if config.get("objective", objective["name"]) != objective["name"]:
+        objective = {"name": config["objective"]}
+    if "beta" in config:
+        objective["beta"] = float(config["beta"])
     training["checkpoint_every"] = training["eval_every"]
     training["log_every"] = training["max_steps"]
-    raw.update(method=method, training=training, tune=None)
+    raw.update(method=method, training=training, objective=objective, tune=None)
     return parse_job_spec(raw, source)
 
 
@@ -500,8 +509,9 @@ def _trial_error(trial) -> str:
 
 
 def describe_config(record: TrialRecord) -> str:
+    objective = "" if record.objective == "sft" else f" {record.objective}" + (f" beta={record.beta:g}" if record.beta is not None else "")
     return (f"{record.method} r={record.r} alpha={record.alpha:g} targets={record.target_modules} "
-            f"lr={record.lr:.2g} dropout={record.dropout:g}")
+            f"lr={record.lr:.2g} dropout={record.dropout:g}{objective}")
 
 
 def record_for(context: SearchContext, trial_id: str, config: dict[str, Any], status: str) -> TrialRecord:
@@ -512,6 +522,7 @@ def record_for(context: SearchContext, trial_id: str, config: dict[str, Any], st
         trial_id=trial_id, status=status, config=_jsonable(config), method=method.name, r=method.r, alpha=method.alpha,
         target_modules=target_label(config.get("target_modules") or _label_of(method.target_modules)),
         lr=spec.training.lr, dropout=method.dropout, train_run_id=train_run_id(context.run_id, trial_id),
+        objective=spec.objective.name, beta=getattr(spec.objective, "beta", None),
     )
 
 
@@ -527,6 +538,8 @@ def _from_metrics(metrics: dict) -> dict[str, Any]:
     out: dict[str, Any] = {"steps": int(metrics.get("step") or 0)}
     if metrics.get(METRIC) is not None:
         out["eval_loss"] = float(metrics[METRIC])
+    if metrics.get("eval_preference_accuracy") is not None:
+        out["eval_preference_accuracy"] = float(metrics["eval_preference_accuracy"])
     if metrics.get("train_loss") is not None:
         out["train_loss"] = float(metrics["train_loss"])
     if metrics.get("trainable_params") is not None:
@@ -641,7 +654,7 @@ def _new_tuner(context: SearchContext, concurrent: int, on_progress: ProgressFn 
         trainable(context),
         param_space=param_space(tune_spec),
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode=MODE,
+            metric=tune_spec.space.ranking()[0], mode=tune_spec.space.ranking()[1],
             search_alg=search_algorithm(tune_spec, concurrent),
             scheduler=scheduler(tune_spec, spec),
             num_samples=1 if tune_spec.searcher == "grid" else num_trials(tune_spec),
@@ -663,7 +676,7 @@ def _fit(context: SearchContext, tuner, concurrent: int) -> SearchResult:
     t0 = time.perf_counter()
     grid = tuner.fit()
     trials = collect_records(context, grid)
-    winner = best_trial(trials, context.storage_uri)
+    winner = best_trial(trials, context.storage_uri, context.spec.tune.space.ranking()[0])
     max_steps = context.spec.training.max_steps
     result = SearchResult(
         run_id=context.run_id, storage_uri=context.storage_uri, searcher=context.spec.tune.searcher,
@@ -708,8 +721,9 @@ def collect_records(context: SearchContext, grid) -> list[TrialRecord]:
     return sorted(records, key=lambda t: t.trial_id)
 
 
-def best_trial(trials: list[TrialRecord], storage_uri: str) -> TrialRecord | None:
-    """The trial with the lowest eval loss at its last reported checkpoint; errored trials never win.
+def best_trial(trials: list[TrialRecord], storage_uri: str, metric: str = METRIC) -> TrialRecord | None:
+    """The trial with the lowest eval loss (or, ranked by `eval_preference_accuracy`, the highest preference accuracy)
+    at its last reported checkpoint; errored trials never win.
 
     A trial ASHA stopped may have trained a little past the report Tune acted on, and
     `keep_checkpoints` may then have rotated that checkpoint out: such a trial cannot be
@@ -719,8 +733,8 @@ def best_trial(trials: list[TrialRecord], storage_uri: str) -> TrialRecord | Non
 
     fs, _ = pyarrow_filesystem(storage_uri)
     candidates = sorted(
-        (t for t in trials if t.status in ("completed", "stopped") and t.eval_loss is not None and t.checkpoint),
-        key=lambda t: (t.eval_loss, t.trial_id),
+        (t for t in trials if t.status in ("completed", "stopped") and getattr(t, metric) is not None and t.checkpoint),
+        key=lambda t: (-t.eval_preference_accuracy if metric == "eval_preference_accuracy" else t.eval_loss, t.trial_id),
     )
     for trial in candidates:
         if fs.get_file_info(f"{trial.checkpoint}/{STATE_NAME}.json").type == pyarrow.fs.FileType.File:
@@ -749,7 +763,8 @@ def promote(context: SearchContext, winner: TrialRecord) -> list[Manifest]:
 
 def _metrics_of(trial: TrialRecord) -> dict[str, Any]:
     return {"step": trial.steps, "eval_loss": trial.eval_loss, "train_loss": trial.train_loss,
-            "trainable_params": trial.trainable_params, "best_eval_loss": trial.best_eval_loss}
+            "trainable_params": trial.trainable_params, "best_eval_loss": trial.best_eval_loss,
+            "eval_preference_accuracy": trial.eval_preference_accuracy}
 
 
 def published_from(registry: Registry, name: str, run_id: str) -> list[Manifest]:
