@@ -8,6 +8,7 @@ the spec, so no request reaches a path outside the files store.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
@@ -19,12 +20,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from storage.errors import NotFound, RayftError
 from storage.store import Store
 from trainers.data import scan_rows
+from trainers.preference_data import check_row as check_preference_row
 
 FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 PURPOSE = "fine-tune"
 #: Problems listed in an upload's error; the rest are counted.
 MAX_PROBLEMS_SHOWN = 10
 _PREFIX = "service/files"
+#: The format of a file of preference pairs, which `method: {"type": "dpo"}` trains on.
+PREFERENCE = "preference"
+#: Fields that make a row a preference pair: rayft's own, or OpenAI's DPO shape.
+_PREFERENCE_FIELDS = ("chosen", "rejected", "preferred_output", "non_preferred_output")
 
 
 class FileRejected(RayftError):
@@ -51,7 +57,7 @@ class FileObject(BaseModel):
     status: str = "processed"
     status_details: str | None = None
     expires_at: int | None = None
-    format: str = Field(description="rayft: the row format found (text, prompt_completion, messages).")
+    format: str = Field(description="rayft: the row format found (text, prompt_completion, messages, or preference: pairs for DPO).")
     rows: int = Field(description="rayft: usable rows.")
 
 
@@ -60,29 +66,84 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{int(time.time() * 1000):011x}{secrets.token_hex(7)[:13]}"
 
 
-def check_file_content(data: bytes, filename: str) -> tuple[str, int]:
-    """(format, rows) of an upload; FileRejected naming the first problems by line number."""
+def check_file_content(data: bytes, filename: str) -> tuple[str, int, bytes]:
+    """(format, rows, bytes to store) of an upload; FileRejected naming the first problems by line number.
+
+    A file whose first row is a preference pair is one for DPO: OpenAI's rows
+    (`{"input": {"messages"}, "preferred_output", "non_preferred_output"}`) are stored as rayft's
+    `{"prompt", "chosen", "rejected"}` rows (what training reads); the other formats are stored as sent.
+    """
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise FileRejected(f"{filename}: line {line}: not UTF-8 text ({exc.reason} at byte {exc.start}); upload UTF-8 JSONL") from None
-    problems, rows, fmt = [], 0, None
-    for line_no, row, fmt, problem in scan_rows(text, "auto"):
-        if problem is None:
-            rows += 1
-        else:
-            problems.append(f"line {line_no}: {problem}")
+    if _first_row_is_a_pair(text):
+        fmt, shape = PREFERENCE, '{"prompt", "chosen", "rejected"} or OpenAI\'s {"input", "preferred_output", "non_preferred_output"}'
+        problems, stored = [], []
+        for line_no, row, problem in _scan_preference_rows(text):
+            if problem is None:
+                stored.append(json.dumps(row, ensure_ascii=False))
+            else:
+                problems.append(f"line {line_no}: {problem}")
+        rows, data = len(stored), "".join(line + "\n" for line in stored).encode()
+    else:
+        shape = '{"messages": [...]}, {"prompt", "completion"} or {"text"} (or preference pairs for DPO)'
+        problems, rows, fmt = [], 0, None
+        for line_no, row, fmt, problem in scan_rows(text, "auto"):
+            if problem is None:
+                rows += 1
+            else:
+                problems.append(f"line {line_no}: {problem}")
     if problems:
         shown = "; ".join(problems[:MAX_PROBLEMS_SHOWN])
         more = f" (and {len(problems) - MAX_PROBLEMS_SHOWN} more)" if len(problems) > MAX_PROBLEMS_SHOWN else ""
         raise FileRejected(
             f"{filename} is not valid fine-tuning data: {len(problems)} bad row(s): {shown}{more}. Every line must be one "
-            'JSON object of one format: {"messages": [...]}, {"prompt", "completion"} or {"text"}'
+            f"JSON object of one format: {shape}"
         )
     if rows == 0:
         raise FileRejected(f"{filename} has no rows: a JSONL file needs one JSON object per line")
-    return fmt, rows
+    return fmt, rows, data
+
+
+def _first_row_is_a_pair(text: str) -> bool:
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                return False
+            return isinstance(row, dict) and any(f in row for f in _PREFERENCE_FIELDS)
+    return False
+
+
+def _scan_preference_rows(text: str):
+    """(line number, row in rayft's paired shape or None, problem or None) for every non-blank line."""
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield line_no, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+            continue
+        row, problem = _from_openai_pair(row)
+        problem = problem or check_preference_row(row, "paired")
+        yield line_no, (row if problem is None else None), problem
+
+
+def _from_openai_pair(row: Any) -> tuple[Any, str | None]:
+    """OpenAI's DPO row as rayft's {prompt, chosen, rejected} (message lists); other rows unchanged."""
+    if not isinstance(row, dict) or not ({"preferred_output", "non_preferred_output", "input"} & row.keys()):
+        return row, None
+    extra = sorted(row.keys() - {"input", "preferred_output", "non_preferred_output"})
+    if extra:
+        return row, f"unexpected field(s) {', '.join(extra)} in an OpenAI preference row"
+    messages = row.get("input", {}).get("messages") if isinstance(row.get("input"), dict) else None
+    if not isinstance(messages, list):
+        return row, '"input" must be {"messages": [...]}: the conversation before the two answers'
+    return {"prompt": messages, "chosen": row.get("preferred_output"), "rejected": row.get("non_preferred_output")}, None
 
 
 class FileStore:
@@ -99,9 +160,9 @@ class FileStore:
 
     def add(self, tenant: str, filename: str, data: bytes) -> FileObject:
         """Validate and store an upload; the object is written last, so a file exists once it is complete."""
-        fmt, rows = check_file_content(data, filename)
+        fmt, rows, stored = check_file_content(data, filename)
         obj = FileObject(id=new_id("file"), bytes=len(data), created_at=int(time.time()), filename=filename, format=fmt, rows=rows)
-        self.store.put_bytes(data, self._key(tenant, obj.id, "jsonl"))
+        self.store.put_bytes(stored, self._key(tenant, obj.id, "jsonl"))
         self.store.put_bytes(obj.model_dump_json().encode(), self._key(tenant, obj.id, "json"))
         return obj
 

@@ -3,7 +3,7 @@
 A request is checked once (every problem in one 400), turned into a rayft job spec
 (trainers/spec.py), and recorded in storage (`service/jobs/<tenant>/<job-id>.json`). When
 fewer than `max_concurrent_jobs` run, it is submitted through the Ray Jobs API with rayft's
-own submission code (cluster/submit.py): the spec travels as the job's working dir and the
+own submission code (cluster/submission.py): the spec travels as the job's working dir and the
 driver runs `rayft train job.yaml --run-id <job-id>` — planning, data, Ray Train with
 checkpoints and restarts, publishing to the registry — exactly as on the command line.
 
@@ -26,7 +26,6 @@ import logging
 import math
 import re
 import secrets
-import sys
 import tempfile
 import threading
 import time
@@ -36,14 +35,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from cluster.submit import JobNotFound as RayJobNotFound
-from cluster.submit import (
-    JobsClient, SubmitOptions, find_auth_token, jobs_api_address, last_error_line, prepare_submission, submit_job,
-)
+from cluster.auth import find_auth_token
+from cluster.follow import last_error_line
+from cluster.jobs_client import JobNotFound as RayJobNotFound
+from cluster.jobs_client import JobsClient, jobs_api_address
+from cluster.submission import SubmitOptions, prepare_submission, submit_job
 
 from serve.protocol import ApiError
 from serve.spec import ServeSpec
-from service.files import FILE_ID, FileNotFound, FileStore, new_id, page
+from service.files import FILE_ID, PREFERENCE, FileNotFound, FileStore, new_id, page
 from service.spec import FineTuningApiSpec
 from storage.configs import validation_problems
 from storage.errors import InvalidName, NotFound, RayftError
@@ -106,11 +106,12 @@ class Hyperparameters(_Request):
     n_epochs: Any = Field("auto", description="Passes over the training file (auto: fine_tuning.defaults.n_epochs).")
     batch_size: Any = Field("auto", description="Examples per optimizer step, over all workers (auto: defaults.batch_size).")
     learning_rate_multiplier: Any = Field("auto", description="Times fine_tuning.defaults.learning_rate (auto: 1).")
-    beta: Any = Field(None, description="DPO only.")
+    beta: Any = Field(None, description="DPO only: how far the model may move from the base (smaller = further); auto: 0.1.")
 
     _n_epochs = field_validator("n_epochs")(_number_or_auto(int, 1, 100))
     _batch_size = field_validator("batch_size")(_number_or_auto(int, 1, 4096))
     _lr = field_validator("learning_rate_multiplier")(_number_or_auto(float, 0, 100, low_open=True))
+    _beta = field_validator("beta")(_number_or_auto(float, 0, 100, low_open=True))
 
 
 class _MethodParams(_Request):
@@ -118,7 +119,10 @@ class _MethodParams(_Request):
 
 
 class MethodRequest(_Request):
-    type: Literal["supervised", "dpo"] = Field(description="supervised (SFT); dpo needs rayft's preference objective.")
+    type: Literal["supervised", "dpo"] = Field(
+        description="supervised (SFT on messages / prompt-completion / text rows) or dpo (rayft's `objective: dpo` on "
+        "preference pairs; hyperparameters.beta is its beta)."
+    )
     supervised: _MethodParams | None = None
     dpo: _MethodParams | None = None
 
@@ -199,6 +203,21 @@ def _method_problems(ext: Any) -> list[str]:
         TypeAdapter(MethodConfig).validate_python(method)
     except ValidationError as exc:
         return [f"rayft.method.{p}" for p in validation_problems(exc.errors(), "see trainers/methods")]
+    return []
+
+
+#: DPO's beta when the request leaves it out or says "auto" (OpenAI's and TRL's default).
+_DPO_BETA = 0.1
+
+
+def _file_fits_method(field: str, obj: Any, kind: str) -> list[str]:
+    """A DPO job trains on preference pairs, a supervised one on the other formats."""
+    if kind == "dpo" and obj.format != PREFERENCE:
+        return [f"{field}: {obj.id} holds {obj.format} rows; method dpo needs preference pairs "
+                '({"prompt", "chosen", "rejected"} or OpenAI\'s {"input", "preferred_output", "non_preferred_output"})']
+    if kind == "supervised" and obj.format == PREFERENCE:
+        return [f"{field}: {obj.id} holds preference pairs, which method supervised cannot train on; "
+                'use method {"type": "dpo"}, or upload messages / prompt-completion rows']
     return []
 
 
@@ -294,8 +313,9 @@ class JobService:
                 env=[f"{k}={v}" for k, v in self.ft.job_env.items()], aws_credentials=self.ft.forward_aws_credentials,
             )
             job = prepare_submission(options, cwd=Path(tmp))
-            # The driver runs on the cluster's Python (this replica's), whatever its PATH holds.
-            job = job.model_copy(update={"submission_id": record.id, "launcher": [sys.executable, "-m", "cluster.cli"]})
+            # Submission id = job id: a second replica submitting the same job at the same tick is refused.
+            # (The entrypoint runs on the cluster's own Python, whatever its PATH holds: cluster/submission.py.)
+            job = job.model_copy(update={"submission_id": record.id})
             try:
                 submit_job(self.client(), job)
             except RuntimeError as err:
@@ -325,14 +345,14 @@ class JobService:
                 file_objs[field] = self.files.get(tenant, value)
             except FileNotFound:
                 problems.append(f"{field}: no file {value!r}; GET /v1/files lists yours")
+        method = raw.get("method")
+        kind = method.get("type", "supervised") if isinstance(method, dict) else "supervised"
+        for field, obj in file_objs.items():
+            problems += _file_fits_method(field, obj, kind)
         source = self._base_source(raw.get("model"), problems)
         problem = _suffix_problem(raw.get("suffix") if isinstance(raw.get("suffix"), str) else None)
         if problem:
             problems.append(problem)
-        method = raw.get("method")
-        if isinstance(method, dict) and method.get("type") == "dpo":
-            problems.append("method.type: got 'dpo', which this server cannot run yet (rayft has no preference-tuning "
-                            "objective here); use {'type': 'supervised'}")
         if raw.get("integrations"):
             problems.append("integrations: not supported by rayft; remove it (follow jobs with /events and /checkpoints)")
         if req is None or problems:
@@ -370,7 +390,11 @@ class JobService:
     def _new_record(self, tenant: str, req: CreateJob, source: str, file_objs: dict, problems: list[str]) -> JobRecord:
         d = self.ft.defaults
         ext = req.rayft or RayftExtension()
-        hp = req.hyperparameters or (req.method.supervised.hyperparameters if req.method and req.method.supervised else Hyperparameters())
+        kind = req.method.type if req.method else "supervised"
+        given = getattr(req.method, kind, None) if req.method else None
+        hp = req.hyperparameters or (given.hyperparameters if given else Hyperparameters())
+        if kind == "supervised" and hp.beta is not None:
+            problems.append("hyperparameters.beta: DPO only; drop it, or use method {\"type\": \"dpo\"}")
         job_id = new_id("ftjob")
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         workers = ext.workers or d.num_workers
@@ -402,6 +426,7 @@ class JobService:
             "model": {"source": source},
             "data": data,
             "method": ext.method or d.method,
+            **({"objective": {"name": "dpo", "beta": _DPO_BETA if hp.beta in (None, "auto") else hp.beta}} if kind == "dpo" else {}),
             "training": {"max_steps": steps, "micro_batch_size": max(1, batch // workers), "lr": d.learning_rate * multiplier,
                          "seed": seed, "eval_every": every, "checkpoint_every": every, "keep_checkpoints": ext.checkpoints or d.checkpoints,
                          "log_every": max(1, min(every, steps // 10 or 1))},
@@ -416,8 +441,9 @@ class JobService:
         return JobRecord(
             id=job_id, tenant=tenant, created_at=int(time.time()), model=req.model, training_file=req.training_file,
             validation_file=req.validation_file, suffix=req.suffix, seed=seed,
-            hyperparameters={"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": multiplier},
-            method={"type": "supervised"}, metadata=req.metadata, output_name=name, job_spec=job_spec,
+            hyperparameters={"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": multiplier,
+                             **({"beta": job_spec["objective"]["beta"]} if kind == "dpo" else {})},
+            method={"type": kind}, metadata=req.metadata, output_name=name, job_spec=job_spec,
         )
 
     # -- follow
@@ -576,7 +602,7 @@ class JobService:
             status = "queued" if record.started_at is None else "running" if started else "validating_files"
             if progress:
                 estimated = progress[-1]["created_at"] + progress[-1]["data"]["eta_s"]
-        hp = record.hyperparameters
+        hp, kind = record.hyperparameters, record.method.get("type", "supervised")
         return {
             "id": record.id, "object": "fine_tuning.job", "created_at": record.created_at, "error": record.error,
             "fine_tuned_model": record.fine_tuned_model if status == "succeeded" else None,
@@ -585,7 +611,7 @@ class JobService:
             "trained_tokens": record.trained_tokens, "training_file": record.training_file,
             "validation_file": record.validation_file, "estimated_finish": estimated, "integrations": None,
             "metadata": record.metadata, "user_provided_suffix": record.suffix,
-            "method": {"type": "supervised", "supervised": {"hyperparameters": {k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}}},
+            "method": {"type": kind, kind: {"hyperparameters": hp}},
             "rayft": {"ray_job_id": record.id if record.submitted_at else None, "run_id": record.id,
                       "fine_tuned_model_planned": record.output_name, "method": record.job_spec.get("method"),
                       "max_steps": record.job_spec.get("training", {}).get("max_steps")},

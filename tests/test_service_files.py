@@ -47,12 +47,35 @@ def test_a_bad_file_is_rejected_with_the_line_number_of_each_problem() -> None:
     message = str(info.value)
     assert "3 bad row(s)" in message
     assert "line 2: not valid JSON" in message and "line 4:" in message and "line 5: expected a JSON object, got list" in message
-    assert check_file_content(_rows(3), "ok.jsonl") == ("messages", 3)
+    assert check_file_content(_rows(3), "ok.jsonl") == ("messages", 3, _rows(3))
     with pytest.raises(FileRejected, match="line 1: not UTF-8"):
         check_file_content(b"\xff\xfe{}", "bin.jsonl")
     many = b"\n".join([b"{bad"] * 14)
     with pytest.raises(FileRejected, match=r"14 bad row\(s\).*\(and 4 more\)"):
         check_file_content(many, "many.jsonl")
+
+
+def test_preference_files_for_dpo_are_checked_and_openai_rows_stored_as_rayft_pairs() -> None:
+    openai_row = {"input": {"messages": [{"role": "user", "content": "2+2?"}]},
+                  "preferred_output": [{"role": "assistant", "content": "4"}],
+                  "non_preferred_output": [{"role": "assistant", "content": "5"}]}
+    rayft_row = {"prompt": "2+2?", "chosen": " 4", "rejected": " 5"}
+    fmt, rows, stored = check_file_content(_jsonl([openai_row, rayft_row]), "pairs.jsonl")
+    assert (fmt, rows) == ("preference", 2)
+    assert [json.loads(line) for line in stored.decode().splitlines()] == [
+        {"prompt": openai_row["input"]["messages"], "chosen": openai_row["preferred_output"],
+         "rejected": openai_row["non_preferred_output"]}, rayft_row]
+    bad = _jsonl([rayft_row, {"prompt": "x", "chosen": "y"}, {"input": "hi", "preferred_output": [], "non_preferred_output": []},
+                  {**openai_row, "tools": []}])
+    with pytest.raises(FileRejected) as info:
+        check_file_content(bad, "pairs.jsonl")
+    message = str(info.value)
+    assert "3 bad row(s)" in message and 'line 2: missing field "rejected"' in message
+    assert 'line 3: "input" must be {"messages"' in message and "line 4: unexpected field(s) tools" in message
+
+
+def _jsonl(rows: list) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
 def test_fine_tuned_model_names_carry_the_tenant_and_fit_the_registry() -> None:
@@ -249,3 +272,21 @@ def test_a_job_request_becomes_a_job_spec_and_every_problem_is_listed_at_once(ti
     assert record.job_spec["data"]["train"] == str(tmp_path / "store" / "service" / "files" / "acme" / f"{train.id}.jsonl")
     assert record.job_spec["training"]["seed"] == 3 and record.job_spec["storage"] == {"uri": storage}
     assert [j["id"] for j in jobs.list("acme", None, 20)["data"]] == [job["id"]] and jobs.list("globex", None, 20)["data"] == []
+
+    # method dpo = rayft's `objective: dpo` on a file of preference pairs (beta from the method's hyperparameters).
+    pairs = files.add("acme", "p.jsonl", _jsonl([{"prompt": f"q{i}", "chosen": f" a{i}", "rejected": f" b{i}"} for i in range(8)]))
+    with pytest.raises(ApiError) as info:
+        jobs.create("acme", {"model": "tiny", "training_file": train.id, "validation_file": pairs.id,
+                             "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}})
+    message = info.value.message
+    assert message.startswith("2 problem(s)"), message
+    assert "training_file: " in message and "method dpo needs preference pairs" in message
+    assert "validation_file" not in message  # a file of pairs is what dpo trains on
+    assert "method.dpo.hyperparameters.beta" in message
+    with pytest.raises(ApiError, match="holds preference pairs, which method supervised cannot train on"):
+        jobs.create("acme", {"model": "tiny", "training_file": pairs.id})
+    dpo = jobs.create("acme", {"model": "tiny", "training_file": pairs.id,
+                               "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 1}}}})
+    assert dpo["method"] == {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "batch_size": 4,
+                                                                         "learning_rate_multiplier": 1.0, "beta": 0.25}}}
+    assert jobs._load("acme", dpo["id"]).job_spec["objective"] == {"name": "dpo", "beta": 0.25}

@@ -26,7 +26,7 @@ import yaml
 
 from storage.local_s3 import s3_env
 from storage.registry import base_config_digest_of_dir, open_registry
-from tests.head_cluster import Head, free_port, start_head
+from tests.ray_head import Head, free_port, running_head
 from trainers.tiny import task_examples
 
 TOKENS = {"acme": "acme-secret-token", "globex": "globex-secret-token"}
@@ -82,7 +82,7 @@ def deployed(s3_server, tiny_model_dir: Path, tmp_path_factory) -> Iterator[Depl
     }
     (work / "serve.yaml").write_text(yaml.safe_dump(spec))
     # The cluster holds the storage settings, as a real one does (pod env / instance identity).
-    with start_head(num_cpus=3, env=s3_env(s3_server.endpoint_url)) as head:
+    with running_head(num_cpus=3, env=s3_env(s3_server.endpoint_url)) as head:
         port, app = free_port(), "ftapi"
         deploy = subprocess.run(
             [sys.executable, "-m", "cluster.cli", "serve", str(work / "serve.yaml"), "--address", head.gcs_address,

@@ -1,43 +1,29 @@
 """`rayft submit` and `rayft jobs` against a real Ray head with token auth on.
 
-The head is a cluster of its own (`ray start --head --block` on 127.0.0.1, free ports, its own
-temp dir and token), separate from the session's in-process Ray. It gets no storage or AWS
-variables of its own, so a job reaches the S3 API server only through the runtime env that
-`rayft submit` builds, as on a real cluster. Every CLI call runs as a subprocess with its own
-environment — what a user types, with the cluster's token in RAY_AUTH_TOKEN.
+The head is a cluster of its own (the session's `ray_head` fixture, tests/ray_head.py), separate
+from the session's in-process Ray. It gets no storage or AWS variables of its own, so a job reaches
+the S3 API server only through the runtime env that `rayft submit` builds, as on a real cluster,
+and rayft is not on its PATH. Every CLI call runs as a subprocess with its own environment — what a
+user types, with the cluster's token in RAY_AUTH_TOKEN.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cluster.auth import AuthToken, ClusterAuthError, find_auth_token
 from cluster.cli import main
-from cluster.submit import (
-    DEFAULT_EXCLUDES,
-    AuthToken,
-    ClusterAuthError,
-    SubmitError,
-    SubmitOptions,
-    WorkingDirTooLarge,
-    check_package_size,
-    endpoint_notes,
-    find_auth_token,
-    jobs_api_address,
-    last_error_line,
-    packed_paths,
-    prepare_submission,
-)
-
-from tests.head_cluster import Head, start_head
+from cluster.follow import last_error_line
+from cluster.jobs_client import SubmitError, jobs_api_address
+from cluster.packaging import DEFAULT_EXCLUDES, WorkingDirTooLarge, check_package_size, packed_paths
+from cluster.submission import SubmitOptions, endpoint_notes, prepare_submission
+from tests.ray_head import Head, rayft, user_env
 
 
 # =============================================================================
@@ -114,7 +100,9 @@ def test_runtime_env_forwards_storage_settings_but_credentials_only_when_asked(t
     assert ".venv" in env["excludes"] and ".git" in env["excludes"]
     assert env["env_vars"] == {"RAYFT_STORAGE": "s3://bucket/prefix", "AWS_ENDPOINT_URL": "http://minio:9000",
                                "AWS_REGION": "eu-west-1", "PYTHONUNBUFFERED": "1"}
-    assert plain.entrypoint() == "rayft train job.yaml"
+    assert plain.command_line() == "rayft train job.yaml"
+    # Run by the cluster's own Python (rayft need not be on the cluster's PATH).
+    assert plain.entrypoint().endswith('exec "$py" -m cluster.cli train job.yaml')
     assert plain.submission_id.startswith("rayft-train-an-adapter-")
 
     asked = prepare_submission(
@@ -126,7 +114,7 @@ def test_runtime_env_forwards_storage_settings_but_credentials_only_when_asked(t
     assert env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "shh" and env["env_vars"]["HF_TOKEN"] == "hf_x"
     assert env["env_vars"]["LOG_LEVEL"] == "debug" and "OTHER" not in env["env_vars"]
     assert env["pip"] == ["peft==0.21.2"]
-    assert asked.entrypoint() == "rayft train job.yaml --merge --storage s3://other/p"
+    assert asked.command_line() == "rayft train job.yaml --merge --storage s3://other/p"
     assert any("credentials" in note for note in asked.notes)
 
     own = prepare_submission(SubmitOptions(job="job.yaml", forward_env=False), environ=environ, cwd=tmp_path)
@@ -197,14 +185,8 @@ def test_last_error_line_finds_the_drivers_error() -> None:
 
 
 # =============================================================================
-# A real head: ray start --head with token auth, on ports of its own.
+# A real head: ray start --head with token auth, on ports of its own (the session's `ray_head`).
 # =============================================================================
-
-
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[Head]:
-    with start_head() as head:
-        yield head
 
 
 @pytest.fixture(scope="module")
@@ -223,18 +205,6 @@ def jobs_storage(s3_server, tiny_model_dir: Path) -> Iterator[str]:
         for item in page.get("Contents", []):
             client.delete_object(Bucket=bucket, Key=item["Key"])
     client.delete_bucket(Bucket=bucket)
-
-
-def rayft(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def user_env(home: Path, **extra: str) -> dict[str, str]:
-    """A user's shell: this session's S3 settings (endpoint, test credentials), no Ray variables, its own HOME."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HOME=str(home), **extra)
-    return env
 
 
 def job_dir(root: Path, reverse_data: Path, storage: str, name: str, train: str = "data/reverse.jsonl") -> Path:
@@ -268,7 +238,7 @@ def test_submit_runs_a_lora_job_with_auth_on_and_publishes_its_adapter(
     # The job ran with what `rayft submit` gave it, and nothing more.
     job_id = out.split("[rayft] submitted job ", 1)[1].split()[0]
     details = ray_head.client().info(job_id)
-    assert details.entrypoint == "rayft train job.yaml"
+    assert details.entrypoint.endswith('-m cluster.cli train job.yaml') and details.metadata["rayft_command_line"] == "rayft train job.yaml"
     assert details.runtime_env["env_vars"]["RAYFT_STORAGE"] == jobs_storage
 
 
@@ -284,8 +254,9 @@ def test_a_failing_job_exits_non_zero_and_shows_why(
 
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "note: data.train is the absolute path /nonexistent/rayft-test/train.jsonl" in result.stdout
-    assert "FAILED" in result.stderr
-    assert "rayft train: error: data.train: '/nonexistent/rayft-test/train.jsonl' does not exist" in result.stderr
+    # One line: the worker's own error, without its `rayft train: error:` prefix, after the job's state.
+    assert "rayft submit: error: job " in result.stderr
+    assert " FAILED: data.train: '/nonexistent/rayft-test/train.jsonl' does not exist" in result.stderr
     job_id = result.stdout.split("[rayft] submitted job ", 1)[1].split()[0]
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head.token)

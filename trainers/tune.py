@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from ray import tune
 from ray.tune import Callback
 
-from storage.errors import NotFound, RayftError
+from storage.errors import NotFound, RayftError, root_cause
 from storage.models import read_model_config, resolve_model_dir
 from storage.registry import Manifest, Registry
 from storage.store import default_storage_uri, open_store, pyarrow_filesystem
@@ -362,12 +362,6 @@ def preflight(spec: JobSpec, source: str = "<spec>") -> None:
 # Progress: a Tune callback that keeps a record per trial and tells the caller what changed.
 
 ProgressFn = Callable[[list[TrialRecord], str], None]
-
-
-def root_cause(text: str) -> str:
-    from trainers.run import root_cause as root_cause
-
-    return root_cause(RuntimeError(text))
 
 
 class TrialProgress(Callback):

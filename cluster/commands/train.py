@@ -29,11 +29,17 @@ def run(args: argparse.Namespace) -> int:
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"merge": True})})
     if args.storage:
         spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"uri": args.storage})})
+    from cluster.ray_connect import prepare
+    from trainers.inputs import resolve_inputs
+
+    spec = resolve_inputs(spec).spec  # model, data, storage and output name, before Ray starts
+    prepare(args.address)  # the cluster's token checked and set up (Ray not started); Ray's output kept quiet
     preflight(spec, force=args.force, remote=bool(args.address or os.environ.get("RAY_ADDRESS")))
 
-    from trainers.run import run_training
+    # The top floor runs the job: training, then (with an eval: section) evaluation and the output.require gates.
+    from evaluation.pipeline import train_and_publish
 
-    result = run_training(spec, address=args.address, run_id=args.run_id)
+    result = train_and_publish(spec, address=args.address, run_id=args.run_id)
     print_summary(result)
     return 0
 

@@ -1,6 +1,10 @@
-"""A real Ray head of its own for tests that need a Ray cluster with a Jobs API: `ray start --head`
-with token auth and the dashboard, on free ports and its own temp dir, separate from the session's
-in-process Ray (which runs without a dashboard). Stopped with everything it started.
+"""A Ray head of its own for tests: `ray start --head --block` on 127.0.0.1 with token auth, free ports,
+its own temp dir and token, separate from the session's in-process Ray; and how to run the CLI as a
+user would against it (a subprocess with a user's environment).
+
+The head gets no storage or AWS variables of its own, and rayft is not on its PATH (as for a head
+started as `.venv/bin/ray start` without activating the venv): a job reaches the S3 API server only
+through what `rayft submit` gives it, and runs rayft only through the cluster's own Python.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.submit import AuthToken, JobsClient
+from cluster.auth import AuthToken
+from cluster.jobs_client import JobsClient
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -31,7 +36,7 @@ VENV_BIN = Path(sys.executable).parent
 class Head:
     address: str  # the Jobs API (dashboard) URL
     token: str
-    gcs_address: str = ""  # what `ray.init(address=...)` / `rayft serve --address` take
+    gcs_address: str  # what `ray.init(address=...)` takes
 
     def client(self) -> JobsClient:
         return JobsClient(self.address, AuthToken(self.token, "test"))
@@ -91,11 +96,13 @@ def _head_command(temp_dir: Path, ports: dict[str, int], num_cpus: int) -> list[
     ]
 
 
+
 def _head_env(token: str, home: Path, extra: Mapping[str, str]) -> dict[str, str]:
-    """The head's own environment: auth on with its token, rayft on PATH, no storage or AWS settings but `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "RAYFT_"))}
+    """The head's own environment: auth on with its token, no storage or AWS settings but `extra`, no venv on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "RAYFT_", "VIRTUAL_ENV"))}
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != VENV_BIN.resolve()]
     env.update(
-        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAYFT_HOME=str(home), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAYFT_HOME=str(home), PATH=os.pathsep.join(path),
         AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true",
         RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
     )
@@ -148,9 +155,11 @@ def _stop_head(proc: subprocess.Popen, token: str) -> None:
         proc.wait(timeout=10)
 
 
+
 @contextlib.contextmanager
-def start_head(num_cpus: int = 2, env: Mapping[str, str] | None = None) -> Iterator[Head]:
-    """A running head (token auth, dashboard with the Jobs API); `env` is added to the head's environment."""
+def running_head(num_cpus: int = 2, env: Mapping[str, str] | None = None) -> Iterator[Head]:
+    """A running head (token auth, dashboard with the Jobs API); `env` is added to the head's environment
+    (e.g. storage settings, which a real cluster holds in its pods' environment)."""
     # Short temp dir: Ray's unix socket paths live under it and must stay under ~107 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="rayft-head-", dir="/tmp"))
     token = secrets.token_hex(32)
@@ -166,3 +175,17 @@ def start_head(num_cpus: int = 2, env: Mapping[str, str] | None = None) -> Itera
     finally:
         _stop_head(proc, token)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def rayft(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def user_env(home: Path, **extra: str) -> dict[str, str]:
+    """A user's shell: this session's S3 settings (endpoint, test credentials), no Ray variables, its own HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), **extra)
+    return env
+
+
