@@ -233,12 +233,35 @@ def test_a_bad_job_request_lists_every_problem(deployed: Deployed) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         acme.fine_tuning.jobs.create(
             model="no-such-base", training_file="file-../../etc", validation_file="file-" + "1" * 24, suffix="Bad Suffix!",
-            hyperparameters={"n_epochs": 0, "batch_size": "many"}, method={"type": "dpo"},
+            hyperparameters={"n_epochs": 0, "batch_size": "many"}, method={"type": "rlhf"},
             extra_body={"rayft": {"workers": 0, "colour": "blue"}},
         )
     message = info.value.message
     for part in ("model: got 'no-such-base'", "training_file: got 'file-../../etc'", "validation_file: no file",
-                 "suffix: got 'Bad Suffix!'", "hyperparameters.n_epochs", "hyperparameters.batch_size", "method.type: got 'dpo'",
+                 "suffix: got 'Bad Suffix!'", "hyperparameters.n_epochs", "hyperparameters.batch_size", "method.type: got 'rlhf'",
                  "rayft.workers", "rayft.colour"):
         assert part in message, part
     assert [j.id for j in deployed.client("globex").fine_tuning.jobs.list()] == []
+
+
+@pytest.mark.slow
+def test_a_dpo_job_trains_the_preference_objective_on_openai_pairs(deployed: Deployed) -> None:
+    """`method: {"type": "dpo"}` on a file in OpenAI's preference shape = rayft's `objective: dpo` (beta as asked)."""
+    acme = deployed.client("acme")
+    rows = [{"input": {"messages": [{"role": "user", "content": r["prompt"]}]},
+             "preferred_output": [{"role": "assistant", "content": r["completion"].strip()}],
+             "non_preferred_output": [{"role": "assistant", "content": r["completion"].strip()[::-1]}]}
+            for r in task_examples("reverse", 16, seed=2)]
+    pairs = acme.files.create(file=("pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()), purpose="fine-tune")
+    assert pairs.model_extra["format"] == "preference" and pairs.model_extra["rows"] == 16
+    job = acme.fine_tuning.jobs.create(
+        model="tiny", training_file=pairs.id, suffix="dpo",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 4}}},
+        extra_body={"rayft": {"max_steps": 2, "checkpoints": 1}},
+    )
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    done = _wait_for(lambda: _finished(acme, job.id), 900, "the DPO job to finish")
+    assert done.status == "succeeded", done.error
+    manifest = open_registry(deployed.storage).resolve(done.fine_tuned_model)
+    assert manifest.params["objective"]["name"] == "dpo" and manifest.params["objective"]["beta"] == 0.2
+    assert acme.chat.completions.create(model=done.fine_tuned_model, messages=PROMPT, max_tokens=4, temperature=0).choices
