@@ -20,7 +20,7 @@ import httpx
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 #: The element reference key of the W3C protocol.
-ELEMENT = "element-6066-11e4-a52e-4f735466cecc"
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
 # Headless and quiet: no sandbox (CI containers run as root), no GPU, and nothing that calls home.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -116,7 +116,7 @@ class Browser:
     def screenshot(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The whole page, not just the window: make the window as tall as the page first.
-        height = self.run("return Math.ceil(document.documentElement.scrollHeight);")
+        height = self.run("return Math.ceil(document.querySelector('main').getBoundingClientRect().bottom + window.scrollY);")
         self._call("POST", self._s("/window/rect"), {"width": 1360, "height": min(max(int(height) + 140, 700), 4000)})
         path.write_bytes(base64.b64decode(self._call("GET", self._s("/screenshot"))))
         return path

@@ -31,7 +31,7 @@ function h(tag, attrs, ...children) {
 
 function link(path, text, attrs) { return h("a", { href: BASE + path, "data-nav": true, ...(attrs || {}) }, text); }
 function fmtNum(v, digits = 4) { return v === null || v === undefined ? "—" : (typeof v === "number" ? Number(v.toFixed(digits)).toString() : String(v)); }
-function fmtTime(iso) { return iso ? iso.replace("T", " ").replace(/\.\d+/, "").replace("+00:00", " UTC") : "—"; }
+function fmtTime(iso) { return iso ? iso.replace("T", " ").replace(/\.\d+/, "").replace(/(\+00:00|Z)$/, " UTC") : "—"; }
 function fmtEta(s) { if (s === null || s === undefined) return "—"; s = Math.round(s); return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`; }
 function fmtSize(n) { const u = ["B", "KiB", "MiB", "GiB", "TiB"]; let i = 0; while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; } return `${i ? n.toFixed(1) : n} ${u[i]}`; }
 function badge(state) { return h("span", { class: `badge ${String(state).split(" ")[0]}`, "data-state": state }, state); }
@@ -55,13 +55,20 @@ async function api(path) {
   const resp = await fetch(ROOT + path, { headers: authHeaders(), cache: "no-store" });
   if (!resp.ok) {
     const err = await failure(resp);
-    if (resp.status === 401) { sessionStorage.removeItem(TOKEN_KEY); showLogin(err.message); }
+    if (resp.status === 401) {
+      const sent = token();
+      sessionStorage.removeItem(TOKEN_KEY);
+      showLogin(sent ? err.message : null);  // no token yet: just the sign-in form, not an error
+    }
     throw err;
   }
   return resp.json();
 }
 
-function setMain(...children) { const main = document.getElementById("main"); main.replaceChildren(...children.flat()); }
+function setMain(...children) {
+  const main = document.getElementById("main");
+  main.replaceChildren(...children.flat(Infinity).filter(c => c !== null && c !== undefined && c !== false));
+}
 
 // ---------------------------------------------------------------- charts (inline SVG)
 
@@ -504,7 +511,8 @@ async function streamAnswer(pane, prompt, opts) {
     }
   }
   const secs = ((performance.now() - started) / 1000).toFixed(1);
-  status.textContent = `done: ${usage ? usage.completion_tokens + " tokens, " : ""}finish ${finish || "?"}, ${secs} s, at ${fmtTime(new Date().toISOString())}`;
+  const blank = text.length && !text.trim() ? ` (the answer is ${text.length} whitespace characters)` : "";
+  status.textContent = `done: ${usage ? usage.completion_tokens + " tokens, " : ""}finish ${finish || "?"}, ${secs} s, at ${fmtTime(new Date().toISOString())}${blank}`;
   status.dataset.done = "1";
   return text;
 }
