@@ -14,6 +14,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -218,7 +219,7 @@ def test_run_page_draws_the_history(console, browser):
     browser.screenshot(SCREENSHOTS / "run.png")
 
     signed_in(browser, console, f"/console/runs/{console.failed_run_id}")
-    loaded(browser, "#run-error")
+    browser.wait_for("#run-error")
     assert "injected failure at step 2" in browser.text("#run-error")
     browser.screenshot(SCREENSHOTS / "run-failed.png")
 
@@ -282,7 +283,8 @@ def test_unknown_ids_are_404_and_hostile_ids_never_reach_storage(console, browse
 
     before = console.storage_requests()
     with httpx.Client(base_url=console.url, headers=console.headers) as client:
-        for run_id in HOSTILE_RUN_IDS + ["%2e%2e", "..%2F..%2Fregistry", "a%00b"]:
+        # percent-encoded as a browser sends them (".." as a whole segment would be resolved by the client itself)
+        for run_id in [quote(i, safe="") for i in HOSTILE_RUN_IDS if i != ".."] + ["%2e%2e", "..%2F..%2Fregistry", "a%00b"]:
             status = client.get(f"/console/api/runs/{run_id}").status_code
             assert status in (400, 404), run_id
             assert client.get(f"/console/api/searches/{run_id}").status_code in (400, 404), run_id
