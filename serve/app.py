@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API on Ray Serve, and `build_app`, the application builder.
 
 Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
-POST /v1/chat/completions (both with `stream: true` as server-sent events).
+POST /v1/chat/completions (both with `stream: true` as server-sent events), and the web
+console under /console (serve/console.py).
 
 Every request is checked here, in this order, before any model or storage is touched:
 bearer token (if configured) → body size → JSON → request schema → limits → model id.
@@ -41,6 +42,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.console import console_router
 from serve.deployments import BaseModelServer, MergedModelServer
 from serve.metrics import ApiMetrics, count_s3_requests
 from serve.protocol import (
@@ -115,8 +117,10 @@ def inference_router() -> APIRouter:
 
 
 def build_inference_api() -> FastAPI:
-    """The inference-only app (`rayft serve` without the fine-tuning API); built in each replica."""
-    return ingress_api([inference_router()])
+    """The inference-only app (`rayft serve` without the fine-tuning API); built in each replica.
+
+    The web console (/console: its page and data routes, behind the same tokens; serve/console.py) comes last."""
+    return ingress_api([inference_router(), console_router()])
 
 
 class AdapterResolver:

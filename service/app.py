@@ -3,7 +3,7 @@
 The ingress (`ServiceIngress`) is serve/'s `InferenceIngress` with the files and fine-tuning
 jobs API added: same base_url, same bearer tokens and tenants, same error shape. Its routes
 are the routers listed in `service_routers()`: serve/'s inference routes, then /v1/files,
-then /v1/fine_tuning (a console is one more line there).
+then /v1/fine_tuning, then the web console (serve/console.py).
 
 `build_app` is what `rayft serve` and a RayService (`import_path: service.app:build_app`)
 call. A spec without `fine_tuning` (or with `enabled: false`) gets serve/'s own application.
@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.requests import Request as StarletteRequest
 
+from serve.console import console_router
 from serve.app import InferenceIngress, current_ingress, inference_router, ingress_api, model_deployments, read_body
 from serve.app import build_app as build_inference_app
 from serve.protocol import ApiError, error_from
@@ -85,8 +86,8 @@ def fine_tuning_router() -> APIRouter:
 
 
 def service_routers() -> list[APIRouter]:
-    """Every route of the application, in order. A console mounts here as one more router."""
-    return [inference_router(), files_router(), fine_tuning_router()]
+    """Every route of the application, in order."""
+    return [inference_router(), files_router(), fine_tuning_router(), console_router()]
 
 
 def build_service_api() -> FastAPI:

@@ -205,6 +205,9 @@ def test_tenants_see_only_their_own_files_and_models_and_hostile_ids_are_404(app
     assert globex.completions.create(model="shared-lora", prompt="hello", max_tokens=3, temperature=0).choices
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{app.url}/v1", api_key="wrong", max_retries=0).files.list()
+    # The web console shows every run and model in storage: a tenant's token is refused there.
+    console = httpx.get(f"{app.url}/console/api/registry", headers={"Authorization": f"Bearer {TOKENS['acme']}"})
+    assert console.status_code == 403 and "api.auth tokens only" in console.json()["error"]["message"]
 
 
 @pytest.mark.slow
