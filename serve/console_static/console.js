@@ -22,7 +22,7 @@ function h(tag, attrs, ...children) {
     else if (k === "style") el.style.cssText = v;  // through the CSSOM: the page's CSP allows no inline style attributes
     else el.setAttribute(k, v === true ? "" : v);
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
@@ -245,7 +245,7 @@ async function runsPage() {
       h("td", { class: "num" }, `${r.step ?? "—"} / ${r.max_steps ?? "—"}`),
       h("td", { class: "num" }, r.state === "running" ? fmtEta(r.eta_s) : "—"),
       h("td", { class: "num" }, fmtNum(r.train_loss)), h("td", { class: "num" }, fmtNum(r.eval_loss)),
-      h("td", {}, fmtTime(r.started_at || r.updated_at)),
+      h("td", {}, r.started_at ? fmtTime(r.started_at) : r.updated_at ? `${fmtTime(r.updated_at)} (last progress)` : "—"),
       h("td", {}, r.published.map(ref => versionLink(ref))))))
     : empty("No runs yet in ", h("code", {}, data.storage), ". Start one with ", h("code", {}, "rayft train examples/lora.yaml"),
       " (or ", h("code", {}, "rayft submit"), ", or the fine-tuning API); it shows here once its first step is reported.");
@@ -272,7 +272,9 @@ async function runPage(runId) {
       ["started", fmtTime(r.started_at)], ["finished", fmtTime(r.finished_at)], ["progress written", fmtTime(r.updated_at)],
       ["started by", r.source], ["published", r.published.length ? h("div", {}, r.published.map(versionLink)) : "—"]]),
     r.error ? h("div", { class: "error", id: "run-error", role: "alert" }, r.error) : null,
-    r.state === "unknown" ? empty("This run has checkpoints but no run record (an older rayft or a tune trial): its state and spec are unknown.") : null,
+    r.search_id ? h("p", { class: "card" }, "A trial of the tune search ", link(`/search/${encodeURIComponent(r.search_id)}`, r.search_id, { class: "mono" }),
+      ": its state and config are in the search's trials table.") : null,
+    r.state === "unknown" ? empty("This run has checkpoints but no run record (written by an older rayft): its state and spec are unknown.") : null,
     section("Curves", r.history.length ? historyCharts(r.history) : empty("No history yet: the first point appears at the first logged step.")),
     section("Checkpoints", r.checkpoints.length
       ? h("table", { id: "checkpoints" }, h("tr", {}, h("th", {}, "step"), h("th", {}, "folder")),
@@ -396,13 +398,13 @@ async function searchPage(searchId) {
       if (y === null || y === undefined) return -1;
       return (x < y ? -1 : 1) * (ascending ? 1 : -1);
     });
-    table.replaceChildren(
+    table.replaceChildren(...[
       h("tr", {}, TRIAL_COLUMNS.map(([k, label]) => h("th", { class: "sortable", "data-key": k, "aria-sort": k === sortKey ? (ascending ? "ascending" : "descending") : "none",
         onclick: () => { ascending = sortKey === k ? !ascending : true; sortKey = k; fill(); } }, label))),
       rows.map(t => h("tr", { class: t.trial_id === s.winner ? "winner" : null, "data-trial": t.trial_id },
         TRIAL_COLUMNS.map(([k]) => k === "status" ? h("td", {}, badge(t.status), t.error ? h("div", { class: "sub" }, t.error) : null)
           : k === "trial_id" ? h("td", { class: "mono" }, link(`/runs/${encodeURIComponent(t.train_run_id)}`, t.trial_id))
-          : h("td", { class: typeof t[k] === "number" ? "num" : "" }, fmtNum(t[k]))))));
+          : h("td", { class: typeof t[k] === "number" ? "num" : "" }, fmtNum(t[k])))))].flat());
   }
   fill();
   const series = s.trials.filter(t => t.eval_history && t.eval_history.length)
