@@ -135,11 +135,12 @@ class ConsoleData:
 
     def runs(self) -> dict[str, Any]:
         published = self.published_by_run()
+        searches = self.search_ids()
         rows = []
         for run_id, entries in run_ids(self.store).items():
             if not any(e in ("rayft-run.json", "rayft-progress.json") or e.startswith("step-") for e in entries):
                 continue  # Ray's own bookkeeping of something that is not a rayft run
-            rows.append(self._run_summary(run_id, entries, published.get(run_id, [])))
+            rows.append(self._run_summary(run_id, entries, published.get(run_id, []), searches=searches))
         rows.sort(key=lambda r: r.get("started_at") or r.get("updated_at") or "", reverse=True)
         return {"as_of": _now(), "storage": self.store.uri, "runs": rows}
 
@@ -147,10 +148,12 @@ class ConsoleData:
         entries = run_ids(self.store, run_id).get(run_id)
         if not entries:
             raise NotFound(f"run {run_id!r} does not exist in {self.store.uri} (the Runs page lists every run)")
-        summary = self._run_summary(run_id, entries, self.published_by_run().get(run_id, []), full=True)
+        summary = self._run_summary(run_id, entries, self.published_by_run().get(run_id, []), full=True,
+                                    searches=self.search_ids())
         return {"as_of": _now(), **summary}
 
-    def _run_summary(self, run_id: str, entries: list[str], published: list[str], full: bool = False) -> dict[str, Any]:
+    def _run_summary(self, run_id: str, entries: list[str], published: list[str], full: bool = False,
+                     searches: set[str] = frozenset()) -> dict[str, Any]:
         record = read_record(self.store, run_id) if "rayft-run.json" in entries else None
         progress = read_progress(self.store, run_id) if "rayft-progress.json" in entries else None
         checkpoints = sorted(int(e[5:-1]) for e in entries if e.startswith("step-") and e[5:-1].isdigit())
@@ -158,9 +161,12 @@ class ConsoleData:
         if not history and checkpoints and full:
             history = self._checkpoint_history(run_id, checkpoints[-1])
         last = lambda key: next((h[key] for h in reversed(history) if h.get(key) is not None), None)  # noqa: E731
+        # A tune trial's driver is Tune's, not run_training: it has progress and checkpoints but no run record.
+        search = next((sid for sid in searches if run_id.startswith(f"{sid}-")), None) if record is None else None
         out: dict[str, Any] = {
             "run_id": run_id,
-            "state": record.state if record else "unknown",
+            "state": record.state if record else ("tune trial" if search else "unknown"),
+            "search_id": search,
             "name": record.name if record else None,
             "method": record.method if record else None,
             "objective": record.objective if record else None,
@@ -192,6 +198,9 @@ class ConsoleData:
         return [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
 
     # -- tune searches
+
+    def search_ids(self) -> set[str]:
+        return {key.split("/")[1] for key in self.store.list(TUNE_ROOT) if key.count("/") == 2 and key.endswith("/job.json")}
 
     def searches(self) -> dict[str, Any]:
         found: dict[str, set[str]] = {}

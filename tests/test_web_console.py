@@ -259,7 +259,7 @@ def test_playground_answers_like_the_openai_client(console, browser):
 
 
 @pytest.mark.slow
-def test_compare_and_search_pages(console, browser):
+def test_compare_search_and_jobs_pages(console, browser):
     signed_in(browser, console, f"/console/compare?items=run:{console.run_id},version:console-lora@1")
     loaded(browser, "#compare")
     assert browser.run("return document.querySelectorAll('svg[data-chart=compare-eval] g[data-series]').length;") == 2
@@ -268,6 +268,10 @@ def test_compare_and_search_pages(console, browser):
     browser.wait_for("main .empty")
     assert "rayft tune" in browser.text("main .empty")
     browser.screenshot(SCREENSHOTS / "search-empty.png")
+    signed_in(browser, console, "/console/jobs")  # this app has no fine-tuning API: the page says how to add it
+    browser.wait_for("main .empty")
+    assert "no fine-tuning API" in browser.text("main .empty")
+    browser.screenshot(SCREENSHOTS / "jobs-no-api.png")
 
 
 @pytest.mark.slow

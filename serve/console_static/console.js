@@ -6,7 +6,7 @@
 const ROOT = document.body.dataset.root || "";
 const BASE = ROOT + "/console";
 const TOKEN_KEY = "rayft-console-token";
-const NAV = [["runs", "Runs"], ["registry", "Registry"], ["search", "Search"], ["compare", "Compare"], ["playground", "Playground"]];
+const NAV = [["runs", "Runs"], ["registry", "Registry"], ["search", "Search"], ["compare", "Compare"], ["playground", "Playground"], ["jobs", "Fine-tuning jobs"]];
 const COLORS = ["#2f5fd0", "#d9480f", "#2b8a3e", "#9c36b5", "#0b7285", "#e67700", "#c2255c", "#5f3dc4", "#495057"];
 let timer = null;   // the live view's refresh, cleared on every navigation
 let session = null; // /console/api/session once the token is accepted
@@ -22,7 +22,7 @@ function h(tag, attrs, ...children) {
     else if (k === "style") el.style.cssText = v;  // through the CSSOM: the page's CSP allows no inline style attributes
     else el.setAttribute(k, v === true ? "" : v);
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
@@ -177,7 +177,8 @@ async function start() {
   try {
     session = await api("/console/api/session");
   } catch (err) {
-    if (err.status !== 401) setMain(h("h1", {}, "rayft console"), errorBox(err));
+    if (err.status === 403) { sessionStorage.removeItem(TOKEN_KEY); showLogin(err.message); }
+    else if (err.status !== 401) setMain(h("h1", {}, "rayft console"), errorBox(err));
     return;
   }
   document.getElementById("who").replaceChildren(
@@ -215,6 +216,8 @@ async function render() {
     else if (page === "search" && parts.length === 2) await searchPage(parts[1]);
     else if (page === "compare" && parts.length === 1) await comparePage();
     else if (page === "playground" && parts.length === 1) await playgroundPage();
+    else if (page === "jobs" && parts.length === 1) await jobsPage();
+    else if (page === "jobs" && parts.length === 2) await jobPage(parts[1]);
     else setMain(h("h1", {}, "Not found"), errorBox(new ApiFailure(404, `no console page at ${location.pathname}`)));
   } catch (err) {
     if (err.status === 401) return;
@@ -245,7 +248,7 @@ async function runsPage() {
       h("td", { class: "num" }, `${r.step ?? "—"} / ${r.max_steps ?? "—"}`),
       h("td", { class: "num" }, r.state === "running" ? fmtEta(r.eta_s) : "—"),
       h("td", { class: "num" }, fmtNum(r.train_loss)), h("td", { class: "num" }, fmtNum(r.eval_loss)),
-      h("td", {}, fmtTime(r.started_at || r.updated_at)),
+      h("td", {}, r.started_at ? fmtTime(r.started_at) : r.updated_at ? `${fmtTime(r.updated_at)} (last progress)` : "—"),
       h("td", {}, r.published.map(ref => versionLink(ref))))))
     : empty("No runs yet in ", h("code", {}, data.storage), ". Start one with ", h("code", {}, "rayft train examples/lora.yaml"),
       " (or ", h("code", {}, "rayft submit"), ", or the fine-tuning API); it shows here once its first step is reported.");
@@ -272,7 +275,9 @@ async function runPage(runId) {
       ["started", fmtTime(r.started_at)], ["finished", fmtTime(r.finished_at)], ["progress written", fmtTime(r.updated_at)],
       ["started by", r.source], ["published", r.published.length ? h("div", {}, r.published.map(versionLink)) : "—"]]),
     r.error ? h("div", { class: "error", id: "run-error", role: "alert" }, r.error) : null,
-    r.state === "unknown" ? empty("This run has checkpoints but no run record (an older rayft or a tune trial): its state and spec are unknown.") : null,
+    r.search_id ? h("p", { class: "card" }, "A trial of the tune search ", link(`/search/${encodeURIComponent(r.search_id)}`, r.search_id, { class: "mono" }),
+      ": its state and config are in the search's trials table.") : null,
+    r.state === "unknown" ? empty("This run has checkpoints but no run record (written by an older rayft): its state and spec are unknown.") : null,
     section("Curves", r.history.length ? historyCharts(r.history) : empty("No history yet: the first point appears at the first logged step.")),
     section("Checkpoints", r.checkpoints.length
       ? h("table", { id: "checkpoints" }, h("tr", {}, h("th", {}, "step"), h("th", {}, "folder")),
@@ -396,13 +401,13 @@ async function searchPage(searchId) {
       if (y === null || y === undefined) return -1;
       return (x < y ? -1 : 1) * (ascending ? 1 : -1);
     });
-    table.replaceChildren(
+    table.replaceChildren(...[
       h("tr", {}, TRIAL_COLUMNS.map(([k, label]) => h("th", { class: "sortable", "data-key": k, "aria-sort": k === sortKey ? (ascending ? "ascending" : "descending") : "none",
         onclick: () => { ascending = sortKey === k ? !ascending : true; sortKey = k; fill(); } }, label))),
       rows.map(t => h("tr", { class: t.trial_id === s.winner ? "winner" : null, "data-trial": t.trial_id },
         TRIAL_COLUMNS.map(([k]) => k === "status" ? h("td", {}, badge(t.status), t.error ? h("div", { class: "sub" }, t.error) : null)
           : k === "trial_id" ? h("td", { class: "mono" }, link(`/runs/${encodeURIComponent(t.train_run_id)}`, t.trial_id))
-          : h("td", { class: typeof t[k] === "number" ? "num" : "" }, fmtNum(t[k]))))));
+          : h("td", { class: typeof t[k] === "number" ? "num" : "" }, fmtNum(t[k])))))].flat());
   }
   fill();
   const series = s.trials.filter(t => t.eval_history && t.eval_history.length)
@@ -554,6 +559,139 @@ async function playgroundPage() {
       h("div", { class: "controls" }, h("label", {}, "mode", mode), h("label", {}, "temperature", temperature),
         h("label", {}, "max tokens", maxTokens), run)),
     h("div", { class: "row" }, panes.map((p, i) => h("div", { class: "pane" }, h("label", {}, `answer ${i + 1}`, p.select), p.out, p.status))));
+}
+
+// ---------------------------------------------------------------- fine-tuning jobs (the app's /v1/files and /v1/fine_tuning API)
+
+const TERMINAL = ["succeeded", "failed", "cancelled"];
+
+async function v1(path, init) {
+  const resp = await fetch(`${ROOT}/v1${path}`, { cache: "no-store", ...(init || {}), headers: authHeaders((init && init.headers) || {}) });
+  if (!resp.ok) throw await failure(resp);
+  return resp.json();
+}
+
+function unixTime(t) { return t ? fmtTime(new Date(t * 1000).toISOString()) : "—"; }
+
+async function jobsPage() {
+  let jobs;
+  try {
+    jobs = await v1("/fine_tuning/jobs?limit=100");
+  } catch (err) {
+    if (err.status !== 404) throw err;
+    return setMain(h("h1", {}, "Fine-tuning jobs"), empty("This application has no fine-tuning API: add a ", h("code", {}, "fine_tuning:"),
+      " section to its serve spec (", h("code", {}, "examples/serve.yaml"), " has one) to upload files and start jobs here."));
+  }
+  const [files, models] = await Promise.all([v1("/files"), modelIds()]);
+  const fileOptions = files.data.map(f => h("option", { value: f.id }, `${f.filename} (${f.id}, ${fmtSize(f.bytes)})`));
+  // upload
+  const fileInput = h("input", { type: "file", id: "upload-file", accept: ".jsonl,application/jsonl,application/json" });
+  const uploadStatus = h("div", { class: "status", id: "upload-status" });
+  const upload = h("form", { class: "card", id: "upload" }, h("h2", {}, "Upload a training file (JSONL)"),
+    h("p", { class: "sub" }, 'One JSON object a line: {"messages": [...]}, {"prompt", "completion"} or {"text"}.'),
+    fileInput, " ", h("button", { type: "submit" }, "Upload"), uploadStatus);
+  upload.addEventListener("submit", async ev => {
+    ev.preventDefault();
+    if (!fileInput.files.length) { uploadStatus.replaceChildren(errorBox(new Error("choose a file first"))); return; }
+    const form = new FormData();
+    form.append("purpose", "fine-tune");
+    form.append("file", fileInput.files[0]);
+    uploadStatus.textContent = "uploading…";
+    try {
+      const f = await v1("/files", { method: "POST", body: form });
+      uploadStatus.textContent = `uploaded ${f.filename} as ${f.id}`;
+      uploadStatus.dataset.fileId = f.id;
+      training.append(h("option", { value: f.id, selected: true }, `${f.filename} (${f.id}, ${fmtSize(f.bytes)})`));
+      training.value = f.id;
+    } catch (err) { uploadStatus.replaceChildren(errorBox(err)); }
+  });
+  // create
+  const model = h("select", { id: "job-model" }, models.filter(m => m.kind === "base").map(m => h("option", { value: m.id }, m.id)));
+  const training = h("select", { id: "job-training-file" }, fileOptions);
+  const suffix = h("input", { type: "text", id: "job-suffix", placeholder: "suffix (optional)", maxlength: 64 });
+  const epochs = h("input", { type: "number", id: "job-epochs", min: 1, placeholder: "auto", style: "width:80px" });
+  const batch = h("input", { type: "number", id: "job-batch", min: 1, placeholder: "auto", style: "width:80px" });
+  const lrm = h("input", { type: "number", id: "job-lr", min: 0, step: "any", placeholder: "auto", style: "width:80px" });
+  const method = h("select", { id: "job-method" }, ["default", "lora", "dora", "rslora", "ia3", "full"].map(m => h("option", { value: m }, m)));
+  const rank = h("input", { type: "number", id: "job-r", min: 1, placeholder: "r", style: "width:70px" });
+  const steps = h("input", { type: "number", id: "job-steps", min: 1, placeholder: "from epochs", style: "width:110px" });
+  const createStatus = h("div", { class: "status", id: "create-status" });
+  const create = h("form", { class: "card", id: "create" }, h("h2", {}, "Start a job"),
+    h("div", { class: "controls" }, h("label", {}, "base model", model), h("label", {}, "training file", training), h("label", {}, "suffix", suffix)),
+    h("div", { class: "controls" }, h("label", {}, "epochs", epochs), h("label", {}, "batch size", batch), h("label", {}, "lr multiplier", lrm),
+      h("label", {}, "method", method), h("label", {}, "rank", rank), h("label", {}, "max steps", steps)),
+    h("button", { type: "submit", id: "create-job" }, "Start"), createStatus);
+  create.addEventListener("submit", async ev => {
+    ev.preventDefault();
+    const num = el => el.value === "" ? undefined : Number(el.value);
+    const hyperparameters = Object.fromEntries(Object.entries({ n_epochs: num(epochs), batch_size: num(batch), learning_rate_multiplier: num(lrm) })
+      .filter(([, v]) => v !== undefined));
+    const rayft = {};
+    if (method.value !== "default") rayft.method = { name: method.value, ...(num(rank) ? { r: num(rank) } : {}) };
+    if (num(steps)) rayft.max_steps = num(steps);
+    const body = { model: model.value, training_file: training.value, ...(suffix.value ? { suffix: suffix.value } : {}),
+      ...(Object.keys(hyperparameters).length ? { hyperparameters } : {}), ...(Object.keys(rayft).length ? { rayft } : {}) };
+    createStatus.textContent = "starting…";
+    try {
+      const job = await v1("/fine_tuning/jobs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+      navigate(`${BASE}/jobs/${encodeURIComponent(job.id)}`);
+    } catch (err) { createStatus.replaceChildren(errorBox(err)); }
+  });
+  const active = jobs.data.some(j => !TERMINAL.includes(j.status));
+  const table = jobs.data.length ? h("table", { id: "jobs" },
+    h("tr", {}, ["job", "status", "model", "fine-tuned model", "training file", "created", "finished", "estimated finish"].map(t => h("th", {}, t))),
+    jobs.data.map(j => h("tr", { "data-job": j.id }, h("td", { class: "mono" }, link(`/jobs/${encodeURIComponent(j.id)}`, j.id)),
+      h("td", {}, badge(j.status)), h("td", { class: "mono" }, j.model), h("td", { class: "mono" }, j.fine_tuned_model || "—"),
+      h("td", { class: "mono" }, j.training_file), h("td", {}, unixTime(j.created_at)), h("td", {}, unixTime(j.finished_at)),
+      h("td", {}, j.status === "running" ? unixTime(j.estimated_finish) : "—"))))
+    : empty("No fine-tuning jobs yet: upload a file and start one below (or with the openai client: ",
+      h("code", {}, "client.fine_tuning.jobs.create(...)"), ").");
+  setMain(h("h1", {}, "Fine-tuning jobs"), h("div", { class: "sub", id: "as-of" }, `data as of ${fmtTime(new Date().toISOString())}` + (active ? " · live: refreshes every 3 s" : "")),
+    table, h("div", { class: "row" }, upload, create));
+  if (!files.data.length) training.append(h("option", { value: "" }, "— upload a file first —"));
+  // Refresh only the table while a job is active, so a form being filled in is not reset.
+  if (active) timer = setTimeout(async function again() {
+    if (!location.pathname.endsWith("/jobs")) return;
+    try {
+      const fresh = await v1("/fine_tuning/jobs?limit=100");
+      for (const j of fresh.data) {
+        const row = document.querySelector(`#jobs tr[data-job="${CSS.escape(j.id)}"]`);
+        if (row) row.children[1].replaceChildren(badge(j.status));
+      }
+      document.getElementById("as-of").textContent = `data as of ${fmtTime(new Date().toISOString())} · live: refreshes every 3 s`;
+      if (fresh.data.some(j => !TERMINAL.includes(j.status))) timer = setTimeout(again, 3000);
+    } catch (err) { /* the next navigation shows the error */ }
+  }, 3000);
+}
+
+async function jobPage(jobId) {
+  const [job, events, checkpoints] = await Promise.all([v1(`/fine_tuning/jobs/${encodeURIComponent(jobId)}`),
+    v1(`/fine_tuning/jobs/${encodeURIComponent(jobId)}/events?limit=100`), v1(`/fine_tuning/jobs/${encodeURIComponent(jobId)}/checkpoints?limit=100`)]);
+  const running = !TERMINAL.includes(job.status);
+  const metrics = events.data.filter(e => e.type === "metrics" && e.data).map(e => [e.data.step, e.data.train_loss]).sort((a, b) => a[0] - b[0]);
+  const cancel = running ? h("button", { id: "cancel-job", class: "secondary", onclick: async () => {
+    cancel.disabled = true;
+    try { await v1(`/fine_tuning/jobs/${encodeURIComponent(jobId)}/cancel`, { method: "POST" }); await jobPage(jobId); }
+    catch (err) { cancel.after(errorBox(err)); cancel.disabled = false; }
+  } }, "Cancel job") : null;
+  const runId = job.rayft && job.rayft.run_id;
+  setMain(
+    h("h1", { class: "mono" }, job.id, " ", badge(job.status), " ", cancel), asOf({ as_of: new Date().toISOString() }, running),
+    facts([["base model", job.model], ["fine-tuned model", job.fine_tuned_model || "—"], ["training file", job.training_file],
+      ["validation file", job.validation_file || "—"], ["created", unixTime(job.created_at)], ["finished", unixTime(job.finished_at)],
+      ["estimated finish", running ? unixTime(job.estimated_finish) : "—"], ["trained tokens", job.trained_tokens ?? "—"],
+      ["hyperparameters", JSON.stringify(job.hyperparameters)], ["run", runId ? link(`/runs/${encodeURIComponent(runId)}`, runId, { class: "mono" }) : "—"]]),
+    job.error && job.error.message ? h("div", { class: "error", id: "job-error", role: "alert" }, job.error.message) : null,
+    section("Train loss (from the job's progress events)", chartWithLegend([{ name: "train_loss", points: metrics }], { id: "job-loss", title: "train loss by step", ylabel: "loss", emptyText: "no progress reported yet" })),
+    section("Checkpoints", checkpoints.data.length ? h("table", { id: "job-checkpoints" }, h("tr", {}, ["step", "model", "train loss", "valid loss"].map(t => h("th", {}, t))),
+      checkpoints.data.map(c => h("tr", {}, h("td", { class: "num" }, c.step_number), h("td", { class: "mono" }, c.fine_tuned_model_checkpoint || "— (servable once the job succeeded)"),
+        h("td", { class: "num" }, fmtNum(c.metrics && c.metrics.train_loss)), h("td", { class: "num" }, fmtNum(c.metrics && c.metrics.valid_loss)))))
+      : empty("No checkpoint yet.")),
+    section("Events (newest first)", events.data.length ? h("table", { id: "job-events" }, events.data.map(e =>
+      h("tr", { class: e.level === "error" ? "error-row" : null }, h("td", {}, unixTime(e.created_at)), h("td", {}, e.level), h("td", { class: "mono" }, e.message))))
+      : empty("No events yet.")),
+  );
+  live(() => jobPage(jobId), running);
 }
 
 start();
