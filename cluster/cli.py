@@ -27,11 +27,13 @@ COMMANDS = [
     "tune",
     "merge",
     "serve",
+    "console",
     "registry",
     "eval",
     "inspect",
     "submit",
     "jobs",
+    "ft",
     "demo",
 ]
 

@@ -33,14 +33,16 @@ def needs_pipeline(spec: JobSpec) -> bool:
     return spec.eval is not None or bool(spec.output.require)
 
 
-def train_and_publish(spec: JobSpec, *, address: str | None = None):
-    """Train the job; with `eval:`, evaluate and gate before publishing. Returns trainers.run.TrainResult."""
+def train_and_publish(spec: JobSpec, *, address: str | None = None, run_id: str | None = None):
+    """Train the job; with `eval:`, evaluate and gate before publishing. Returns trainers.run.TrainResult.
+
+    `run_id` names the run (its checkpoints go under runs/<run_id>); default: a fresh one."""
     from trainers.run import run_training, with_absolute_paths
 
     if not needs_pipeline(spec):
-        return run_training(spec, address=address)
+        return run_training(spec, address=address, run_id=run_id)
     spec = with_absolute_paths(spec)
-    result = run_training(spec, address=address, publish=False)
+    result = run_training(spec, address=address, run_id=run_id, publish=False)
     return gate_and_publish(spec, result)
 
 

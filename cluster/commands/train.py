@@ -13,6 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--merge", action="store_true", help="also publish the merged full model (<name>-merged)")
     p.add_argument("--storage", default=None, help="override storage.uri (s3://bucket/prefix or a local path)")
     p.add_argument("--force", action="store_true", help="start even when the pre-flight plan says it will not fit")
+    p.add_argument("--run-id", default=None, help="name of the run (its checkpoints are under runs/RUN_ID); default: <output.name>-<time>-<random>")
     p.set_defaults(func=run)
 
 
@@ -20,6 +21,10 @@ def run(args: argparse.Namespace) -> int:
     from trainers.spec import load_job_spec
 
     spec = load_job_spec(args.job)
+    if args.run_id is not None:
+        from storage.safety import validate_name
+
+        validate_name(args.run_id)  # it becomes a storage prefix
     if args.merge:
         spec = spec.model_copy(update={"output": spec.output.model_copy(update={"merge": True})})
     if args.storage:
@@ -34,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     # The top floor runs the job: training, then (with an eval: section) evaluation and the output.require gates.
     from evaluation.pipeline import train_and_publish
 
-    result = train_and_publish(spec, address=args.address)
+    result = train_and_publish(spec, address=args.address, run_id=args.run_id)
     print_summary(result)
     return 0
 

@@ -24,7 +24,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from trainers.ingest.formats import (
     FORMATS, IGNORE, EncodeOptions, apply_columns, detect_format, detect_hint, encode_rows, encoder_of,
@@ -102,6 +102,26 @@ def parse_row(raw: bytes, columns: dict | None) -> tuple[dict | None, str | None
     if missing:
         return None, f"no column {missing[0]!r} (named in data.columns); the row has {', '.join(sorted(row)) or 'no fields'}"
     return apply_columns(row, columns), None
+
+
+def scan_rows(text: str, fmt: str = "auto", kind: str = "text") -> Iterator[tuple[int, dict | None, str | None, str | None]]:
+    """(line number, row or None, the file's format, problem or None) for every non-blank line of JSONL `text`: the
+    checks of the pipeline, in one process, for small files (the fine-tuning API checks an upload with it).
+
+    The format is `fmt`, or (auto) the one of `kind` that the first usable row has; every row must have it.
+    """
+    detected = None if fmt == "auto" else fmt
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        row, problem = parse_row(line.encode(), None)
+        if problem is None and detected is None:
+            detected = detect_format(row, kind)
+            if detected is None:
+                problem = f"cannot tell the format: {detect_hint(kind)}"
+        if problem is None:
+            problem = FORMATS[detected].check(row)
+        yield line_no, (row if problem is None else None), detected, problem
 
 
 def encode_block(rows: list[tuple[int, int, bytes]], files: list[SourceFile], formats, cfg: dict, tok) -> dict:
