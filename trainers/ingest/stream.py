@@ -91,8 +91,20 @@ def steps_per_epoch(n_train: int, world: int, micro_batch_size: int, grad_accum:
     return micro_batches_per_epoch(n_train, world, micro_batch_size) // grad_accum
 
 
+def _read_files(batch, *, filesystem, columns: list[str]):
+    """Ray Data operator: the preprocessed Parquet files named in `batch["path"]`, read whole (≤ BLOCK_ROWS rows each)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(p, filesystem=filesystem, columns=columns) for p in batch.column("path").to_pylist()])
+
+
 def train_dataset(prepared, seed: int):
-    """The Ray Dataset of preprocessed training examples, files in a seeded order (a lazy Parquet read)."""
+    """The Ray Dataset of preprocessed training examples, files in a seeded order (a lazy read, one file per task).
+
+    The reading tasks reserve no CPU: while training runs, its workers may hold every CPU of the cluster (one worker
+    on a 2-core laptop takes both), and a read that waited for a CPU would never start. `read_parquet` cannot do
+    that (its file-listing step always asks for one CPU), hence a map over the file names."""
     import ray.data
 
     from trainers.ingest.sources import filesystem_for
@@ -100,7 +112,10 @@ def train_dataset(prepared, seed: int):
     files = list(prepared.train_files)
     random.Random(seed).shuffle(files)
     fs, _ = filesystem_for(prepared.uri)
-    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(read_columns(prepared))
+    ds = ray.data.from_items([{"path": p} for p in files]).map_batches(
+        _read_files, batch_size=1, batch_format="pyarrow", num_cpus=0,
+        fn_kwargs={"filesystem": fs, "columns": read_columns(prepared)},
+    )
     # the workers' console shows training progress; Ray Data's bars for each epoch's read would drown it
     ds.context.enable_progress_bars = False
     return ds
