@@ -93,7 +93,8 @@ def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, faults: dict | N
     fs, base_path = pyarrow_filesystem(storage_uri)
     return TorchTrainer(
         train_func,  # one worker loop; it picks the job's strategy (trainers.strategy)
-        train_loop_config={"spec": spec.model_dump(mode="json"), "storage_uri": storage_uri, "run_id": run_id, "faults": faults},
+        # The validated JobSpec itself travels (pickled): workers use it as it is, without validating it again.
+        train_loop_config={"spec": spec, "storage_uri": storage_uri, "run_id": run_id, "faults": faults},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.resources.num_workers,
             use_gpu=use_gpu(spec),
@@ -117,13 +118,25 @@ def run_training(
     run_id: str | None = None,
     publish: bool = True,
     faults: dict | None = None,
+    force: bool = False,
 ) -> TrainResult:
-    """Fit the job on Ray Train and publish its result to the registry."""
+    """Plan the job, fit it on Ray Train and publish its result to the registry.
+
+    `spec` is validated already (`trainers.spec`); the base model is resolved here once, and its local directory
+    serves the plan and the publishing (workers fetch it on their own nodes). The plan refuses a job that cannot
+    fit before Ray starts (DoesNotFit; `force` only prints it), and a model it cannot read is an error.
+    """
+    from trainers.plan import preflight_check, run_hardware
+
     t0 = time.perf_counter()
-    ensure_ray(address)
     storage_uri = spec.storage.uri or default_storage_uri()
+    spec = with_absolute_paths(spec)
+    model_dir = resolve_model_dir(spec.model.source, storage_uri)
+    preflight_check(spec, force=force, hardware=run_hardware(spec, remote=bool(address or os.environ.get("RAY_ADDRESS"))),
+                    model_dir=model_dir)
+    ensure_ray(address)
     run_id = run_id or new_run_id(spec)
-    spec = with_resolved_cpus(with_absolute_paths(spec))
+    spec = with_resolved_cpus(spec)
     print(f"[rayft] run {run_id}: {spec.method.name} on {spec.resources.num_workers} worker(s) "
           f"× {spec.resources.cpus_per_worker:g} CPU(s), storage {storage_uri}", flush=True)
     import ray.train
@@ -140,7 +153,6 @@ def run_training(
     out = TrainResult(run_id=run_id, metrics=metrics, checkpoint_path=checkpoint.path, checkpoint=checkpoint)
     if publish:
         registry = Registry(open_store(storage_uri))
-        model_dir = resolve_model_dir(spec.model.source, storage_uri)
         with checkpoint_for_publishing(checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="rayft-publish-") as work:
             out.manifests = publish_run(spec, registry, Path(ckpt), model_dir, metrics, run_id, Path(work))
     out.wall_s = time.perf_counter() - t0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,34 +16,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainers.run import run_training
     from trainers.spec import load_job_spec
 
-    spec = load_job_spec(args.job)
+    overrides = {}
     if args.merge:
-        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"merge": True})})
+        overrides["output.merge"] = True
     if args.storage:
-        spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"uri": args.storage})})
-    preflight(spec, force=args.force, remote=bool(args.address or os.environ.get("RAY_ADDRESS")))
-
-    from trainers.run import run_training
-
-    result = run_training(spec, address=args.address)
+        overrides["storage.uri"] = args.storage
+    spec = load_job_spec(args.job, overrides)  # flags validated with the file, once
+    result = run_training(spec, address=args.address, force=args.force)  # plans before starting anything
     print_summary(result)
     return 0
-
-
-def preflight(spec, force: bool, remote: bool) -> None:
-    """Refuse a job that cannot fit its resources (the planner's verdict), unless forced.
-
-    Submitting to a cluster, this machine's hardware says nothing about the workers': plan for GPUs
-    of unknown size there (which never refuses) rather than for this host.
-    """
-    from trainers.plan import Hardware, preflight_check
-
-    hardware = None
-    if remote and spec.resources.use_gpu is not False:
-        hardware = Hardware(device="cuda", workers=spec.resources.num_workers, cpus_per_worker=spec.resources.cpus_per_worker or 1.0)
-    preflight_check(spec, force=force, hardware=hardware)
 
 
 def print_summary(result) -> None:
