@@ -122,18 +122,19 @@ def run_training(
 ) -> TrainResult:
     """Plan the job, fit it on Ray Train and publish its result to the registry.
 
-    `spec` is validated already (`trainers.spec`); the base model is resolved here once, and its local directory
-    serves the plan and the publishing (workers fetch it on their own nodes). The plan refuses a job that cannot
-    fit before Ray starts (DoesNotFit; `force` only prints it), and a model it cannot read is an error.
+    `spec` is validated already (`trainers.spec`). The plan (from the model's config.json alone) refuses a job that
+    cannot fit before Ray starts (DoesNotFit; `force` only prints it), and a model it cannot read is an error. The
+    base model is then resolved here once for publishing (workers fetch it on their own nodes).
     """
     from trainers.plan import preflight_check, run_hardware
 
     t0 = time.perf_counter()
     storage_uri = spec.storage.uri or default_storage_uri()
+    # The plan first (it reads the model's config.json alone): a job that cannot fit is refused before any
+    # weights are fetched or anything starts.
+    preflight_check(spec, force=force, hardware=run_hardware(spec, remote=bool(address or os.environ.get("RAY_ADDRESS"))))
     spec = with_absolute_paths(spec)
-    model_dir = resolve_model_dir(spec.model.source, storage_uri)
-    preflight_check(spec, force=force, hardware=run_hardware(spec, remote=bool(address or os.environ.get("RAY_ADDRESS"))),
-                    model_dir=model_dir)
+    model_dir = resolve_model_dir(spec.model.source, storage_uri)  # once: publishing uses it; workers fetch their own
     ensure_ray(address)
     run_id = run_id or new_run_id(spec)
     spec = with_resolved_cpus(spec)
