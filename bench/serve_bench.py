@@ -14,6 +14,14 @@ Measures, on a local Ray + Serve + embedded S3 server, through the real HTTP API
   and cold vs warm latency of an adapter's first and later requests (cold = fetched from
   S3, verified and attached on demand).
 Prints a table and writes bench/results/serve_bench.{json,md,png} (`_quick` with --quick).
+
+    python -m bench.serve_bench --engines [--quick]     (also: python -m bench.serve_engines_bench)
+
+runs the engine side by side instead, at each of --engine-hidden: rayft with `engine: transformers`,
+rayft with `engine: vllm`, and bare Ray Serve LLM (`build_openai_app` on the same files, adapters
+from the same S3 server), each alone on the machine, with the adapters and with the base model
+only; plus greedy outputs compared across the three for every adapter. Writes
+bench/results/serve_engines.{json,md} (target: rayft vllm >= 0.95x bare Ray Serve LLM).
 """
 
 from __future__ import annotations
@@ -37,7 +45,9 @@ from bench.common import add_common_args, machine, markdown_table, median, pyplo
 TARGET_BATCHING = 3.0
 TARGET_UNMERGED = 1.3
 QUICK = {"adapters": 2, "clients": 8, "requests": 32, "hidden": 128, "layers": 2, "latency_repeats": 5,
-         "latency_hidden": [128]}
+         "latency_hidden": [128], "engine_hidden": [256]}
+#: Issue 16: what rayft adds around vLLM costs at most 5% of bare Ray Serve LLM's throughput.
+TARGET_VLLM_VS_BARE = 0.95
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-repeats", type=int, default=20, help="one-client request pairs (unmerged, merged)")
     p.add_argument("--latency-hidden", type=int, nargs="+", default=[256, 1024],
                    help="hidden sizes of the models the one-client latency is measured on (each its own base)")
+    p.add_argument("--engines", action="store_true",
+                   help="run the engine side by side (transformers / vllm / bare Ray Serve LLM) instead of the scenarios")
+    p.add_argument("--engine-hidden", type=int, nargs="+", default=[256, 1024],
+                   help="hidden sizes of the side by side (head size 64: hidden/64 heads)")
     add_common_args(p)
     args = p.parse_args(argv)
     if args.quick:
@@ -77,6 +91,7 @@ def make_artifacts(work: Path, storage: str, args: argparse.Namespace, *, base: 
     from trainers.tiny import build_random_lora_dir, build_tiny_model_dir
 
     hidden = hidden or args.hidden
+    # Head size 64 (hidden 256 and up): the one vLLM's CPU attention and the transformers engine both run.
     base_dir = build_tiny_model_dir(work / base, hidden_size=hidden, num_layers=args.layers,
                                     num_heads=max(4, hidden // 64), num_kv_heads=max(2, hidden // 128))
     registry = open_registry(storage)
@@ -96,11 +111,13 @@ def make_artifacts(work: Path, storage: str, args: argparse.Namespace, *, base: 
 
 
 def spec_for(storage: str, *, batch: int, adapters: int, merged: list[str], cpus: int, merged_cpus: float | None = None,
-             base: str = "bench-base"):
+             base: str = "bench-base", engine: str = "transformers"):
     from serve.spec import parse_serve_spec
 
     per_merged = merged_cpus if merged_cpus is not None else max(0.1, (cpus - 1.2) / max(len(merged), 1))
+    vllm = {"engine": "vllm", "vllm": {**VLLM_SETTINGS, "max_loras": max(adapters, 1)}} if engine == "vllm" else {}
     return parse_serve_spec({
+        **vllm,
         "storage": storage,
         "base": {"name": base, "source": f"registry:{base}",
                  "deployment": {"cpus": 1, "max_ongoing_requests": 256},
@@ -113,7 +130,7 @@ def spec_for(storage: str, *, batch: int, adapters: int, merged: list[str], cpus
     }, "bench spec")
 
 
-async def run_load(url: str, models: list[str], prompt: str, args: argparse.Namespace) -> dict:
+async def run_load(url: str, models: list[str], prompt: str | list[int], args: argparse.Namespace) -> dict:
     """`--requests` requests over `models` (round robin) from `--clients` concurrent clients."""
     import httpx
 
@@ -267,9 +284,160 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.engines:
+        results = run_engines(args)
+        report("serve_engines", args.quick, results, engines_table(results))
+        return 0
     results = run(args)
     report("serve_bench", args.quick, results, table(results), plot(results))
     return 0
+
+
+# --------------------------------------------------------------------------- engines side by side
+
+#: The vLLM settings of both vLLM rows (rayft's engine and bare Ray Serve LLM), so they differ only in what is around vLLM.
+VLLM_SETTINGS = {"max_lora_rank": 8, "cpu_kv_cache_gib": 1}
+ENGINES = ("rayft_transformers", "rayft_vllm", "bare_serve_llm")
+
+
+def bare_serve_llm_app(base: str, base_dir: str, lora_uri: str, adapters: int, max_model_len: int):
+    """Ray Serve LLM's own OpenAI app (`build_openai_app`) on the same model and adapter files, as its docs set it up."""
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    config = LLMConfig(
+        model_loading_config={"model_id": base, "model_source": base_dir},
+        lora_config={"dynamic_lora_loading_path": lora_uri, "max_num_adapters_per_replica": max(adapters, 1)},
+        engine_kwargs={"enable_lora": True, "max_lora_rank": VLLM_SETTINGS["max_lora_rank"], "max_loras": max(adapters, 1),
+                       "max_cpu_loras": max(adapters, 1), "dtype": "float32", "max_model_len": max_model_len},
+        placement_group_config={"bundles": [{"CPU": 1}]},
+        deployment_config={"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 256, "num_replicas": 1},
+        runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+                     | {"VLLM_CPU_KVCACHE_SPACE": str(VLLM_SETTINGS["cpu_kv_cache_gib"])}},
+    )
+    return build_openai_app({"llm_configs": [config]})
+
+
+def upload_adapters(work: Path, storage_bucket: str, prefix: str, names: list[str]) -> str:
+    """The adapters as Ray Serve LLM expects them: s3://bucket/prefix/<name>/{adapter_config.json, adapter_model.safetensors}."""
+    import boto3
+
+    client = boto3.client("s3")
+    for name in names:
+        for file in ("adapter_config.json", "adapter_model.safetensors"):
+            client.upload_file(str(work / name / file), storage_bucket, f"{prefix}/{name}/{file}")
+    return f"s3://{storage_bucket}/{prefix}"
+
+
+async def greedy_texts(url: str, models: list[str], prompt: str | list[int], max_tokens: int, headers: dict | None = None) -> list[str]:
+    import httpx
+
+    texts = []
+    async with httpx.AsyncClient(timeout=600, headers=headers) as client:
+        for model in models:
+            response = await client.post(f"{url}/v1/completions",
+                                         json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+            response.raise_for_status()
+            texts.append(response.json()["choices"][0]["text"])
+    return texts
+
+
+def run_engines(args: argparse.Namespace) -> dict:
+    """The three engines at each hidden size, one deployment on the machine at a time."""
+    import ray
+    from ray import serve
+
+    from storage.local_s3 import S3Server, s3_env
+    from storage.registry import open_registry
+
+    hiddens = args.engine_hidden
+    results: dict = {"title": "Serving engines side by side: rayft transformers, rayft vLLM, bare Ray Serve LLM",
+                     "machine": machine(), "quick": args.quick,
+                     "config": {k: v for k, v in vars(args).items() if k != "quick"}, "vllm_settings": VLLM_SETTINGS,
+                     "targets": {"rayft_vllm_vs_bare_min": TARGET_VLLM_VS_BARE}, "rows": []}
+    with S3Server() as s3, tempfile.TemporaryDirectory(prefix="rayft-serve-engines-") as tmp:
+        os.environ.update(s3_env(s3.endpoint_url))
+        os.environ["RAYFT_HOME"] = str(Path(tmp) / "home")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(VLLM_SETTINGS["cpu_kv_cache_gib"]))
+        s3.ensure_bucket("bench")
+        storage = "s3://bench/store"
+        # Ray Serve LLM's own ingress needs logical CPUs beside the replica's bundle (STACK-NOTES); placement only.
+        ray.init(num_cpus=max(args.cpus, 8), include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        root = f"http://127.0.0.1:{port}"
+        try:
+            for hidden in hiddens:
+                base = f"eng{hidden}"
+                say(f"[bench] engines: a random Llama (hidden {hidden}, {args.layers} layers) and {args.adapters} adapters")
+                adapters, prompt_ids = make_artifacts(Path(tmp), storage, args, base=base, hidden=hidden)
+                base_dir = str(open_registry(storage).download(base))
+                from transformers import AutoTokenizer
+
+                prompt = AutoTokenizer.from_pretrained(base_dir).decode(prompt_ids)
+                lora_uri = upload_adapters(Path(tmp), "bench", f"lora/{base}", adapters)
+                max_len = args.prompt_tokens + args.max_tokens + 64
+                outputs = {}
+                for engine in ENGINES:
+                    app = f"{engine}_{hidden}"
+                    say(f"[bench] engines: hidden {hidden}, {engine}: deploying")
+                    t0 = time.perf_counter()
+                    if engine == "bare_serve_llm":
+                        serve.run(bare_serve_llm_app(base, base_dir, lora_uri, len(adapters), max_len), name=app, route_prefix=f"/{app}")
+                        # Ray Serve LLM names adapters base:folder and tokenizes a text prompt with special tokens:
+                        # the same token ids as rayft's prompt are sent as ids.
+                        models, base_model, sent = [f"{base}:{a}" for a in adapters], base, prompt_ids
+                    else:
+                        spec = spec_for(storage, batch=args.batch, adapters=len(adapters), merged=[], cpus=args.cpus,
+                                        base=base, engine=engine.removeprefix("rayft_"))
+                        deploy(spec, app)
+                        models, base_model, sent = adapters, base, prompt
+                    deploy_s = time.perf_counter() - t0
+                    url = f"{root}/{app}"
+                    outputs[engine] = asyncio.run(greedy_texts(url, [base_model, *models], sent, args.max_tokens))  # also warms up
+                    with_adapters = asyncio.run(run_load(url, models, sent, args))
+                    base_only = asyncio.run(run_load(url, [base_model], sent, args))
+                    serve.delete(app)
+                    results["rows"].append({"hidden": hidden, "layers": args.layers, "engine": engine, "deploy_s": deploy_s,
+                                            "adapters": with_adapters, "base_only": base_only})
+                    say(f"[bench] engines: hidden {hidden}, {engine}: {with_adapters['req_per_s']:.1f} req/s with adapters, "
+                        f"{base_only['req_per_s']:.1f} base only")
+                reference = outputs["bare_serve_llm"]
+                results.setdefault("greedy_equal", {})[str(hidden)] = {
+                    engine: [a == b for a, b in zip(texts, reference)] for engine, texts in outputs.items()}
+                results.setdefault("greedy_outputs", {})[str(hidden)] = outputs
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    return results
+
+
+def engines_table(results: dict) -> str:
+    cfg = results["config"]
+    rows, ratios = [], []
+    by = {(r["hidden"], r["engine"]): r for r in results["rows"]}
+    for (hidden, engine), r in by.items():
+        equal = results["greedy_equal"][str(hidden)][engine]
+        rows.append([hidden, engine, r["adapters"]["req_per_s"], r["adapters"]["tokens_per_s"], r["adapters"]["p50_ms"],
+                     r["adapters"]["p99_ms"], r["base_only"]["req_per_s"],
+                     r["adapters"]["failures"] + r["base_only"]["failures"], f"{sum(equal)}/{len(equal)}", r["deploy_s"]])
+    load = markdown_table(["hidden", "engine", "req/s (adapters)", "tok/s", "p50 ms", "p99 ms", "req/s (base only)",
+                           "errors", "greedy = bare", "deploy s"], rows, "rlrrrrrrrr")
+    checks = []
+    for hidden in sorted({h for h, _ in by}):
+        for kind in ("adapters", "base_only"):
+            ratio = by[(hidden, "rayft_vllm")][kind]["req_per_s"] / by[(hidden, "bare_serve_llm")][kind]["req_per_s"]
+            ratios.append(ratio)
+            checks.append([f"hidden {hidden}, {kind.replace('_', ' ')}: rayft vllm / bare Ray Serve LLM, req/s", f"{ratio:.2f}x",
+                           f">= {TARGET_VLLM_VS_BARE}x", "met" if ratio >= TARGET_VLLM_VS_BARE else "missed"])
+    errors = sum(r["adapters"]["failures"] + r["base_only"]["failures"] for r in results["rows"])
+    same = all(all(v) for per in results["greedy_equal"].values() for v in per.values())
+    checks.append(["errors, every run", str(errors), "0", "met" if errors == 0 else "missed"])
+    checks.append(["greedy outputs identical across the three (base + every adapter)", "yes" if same else "no", "yes",
+                   "met" if same else "missed"])
+    return (f"{cfg['adapters']} LoRA adapters (r=8, all-linear) on random Llamas ({cfg['layers']} layers, head size 64, fp32), "
+            f"{cfg['clients']} concurrent clients, {cfg['requests']} requests per run of {cfg['prompt_tokens']} prompt + "
+            f"{cfg['max_tokens']} output tokens, over HTTP; each deployment alone on the machine, one replica with one CPU.\n\n"
+            f"{load}\n\n{markdown_table(['figure', 'measured', 'target', 'verdict'], checks, 'llll')}\n")
 
 
 SCENARIOS = ("mixed_batching", "no_batching", "merged_per_adapter")

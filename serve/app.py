@@ -460,13 +460,21 @@ class OpenAIIngress:
 
 
 def build_app(spec: ServeSpec) -> Application:
-    """The Serve application for a spec: API ingress → base deployment (+ merged deployments). Binds only."""
+    """The Serve application for a spec: API ingress → base deployment (+ merged deployments). Binds only.
+
+    The ingress is the same for both engines; `engine` picks what decodes behind it (serve.deployments'
+    transformers replicas, or serve.vllm_engine's Ray Serve LLM deployments)."""
     if not isinstance(spec, ServeSpec):
         spec = parse_serve_spec(spec, "serve args")
     raw = spec.model_dump(mode="json")
-    base = BaseModelServer.options(**spec.base.deployment.serve_options()).bind(raw)
-    merged = {
-        m.name: MergedModelServer.options(name=f"MergedModel-{m.name}", **m.deployment.serve_options()).bind(raw, m.name)
-        for m in spec.merged
-    }
+    if spec.engine == "vllm":
+        from serve.vllm_engine import build_vllm_deployments
+
+        base, merged = build_vllm_deployments(spec, raw)
+    else:
+        base = BaseModelServer.options(**spec.base.deployment.serve_options()).bind(raw)
+        merged = {
+            m.name: MergedModelServer.options(name=f"MergedModel-{m.name}", **m.deployment.serve_options()).bind(raw, m.name)
+            for m in spec.merged
+        }
     return OpenAIIngress.options(**spec.api.deployment.serve_options()).bind(raw, base, merged)

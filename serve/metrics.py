@@ -143,3 +143,17 @@ def count_s3_requests(store: Any, callback: Any) -> None:
         callback(model.name, params.get("Key", ""))
 
     client.meta.events.register("before-parameter-build.s3", before)
+
+
+def count_registry_downloads(store: Any, metrics: ModelMetrics) -> None:
+    """Count every file of a published version a replica fetches from S3 (`metrics.file_downloaded`)."""
+
+    def on_request(operation: str, key: str) -> None:
+        # registry/<name>/<version>/files/<path>: a file of a published version (what "a download" means).
+        parts = key.split("/")
+        if operation == "GetObject" and "files" in parts:
+            at = parts.index("files")
+            if at >= 3 and parts[at - 3] == "registry":
+                metrics.file_downloaded(f"{parts[at - 2]}@{parts[at - 1]}", "/".join(parts[at + 1 :]))
+
+    count_s3_requests(store, on_request)

