@@ -18,7 +18,7 @@ ROOT = BENCH_DIR.parent
 #: Benches whose module name does not end in `_bench`.
 EXTRA = ("plan_vs_measured",)
 #: Cheap ones first: a failure shows up before the long runs.
-ORDER = ("memory_bench", "plan_vs_measured", "overhead_bench", "methods_bench")
+ORDER = ("memory_bench", "plan_vs_measured", "overhead_bench", "dpo_bench", "methods_bench")
 
 
 def discover() -> list[str]:

@@ -41,49 +41,64 @@ class InMemoryBatches:
     """The whole tokenized dataset in each worker's memory; batches drawn by index, a pure function of
     (seed, step, micro): a resumed run replays exactly the batches it would have seen."""
 
-    def __init__(self, datasets: data_mod.Datasets, training: TrainingSpec, world: int, rank: int, pad_id: int, device: torch.device):
+    def __init__(self, datasets: data_mod.Datasets, training: TrainingSpec, world: int, rank: int, pad_id: int, device: torch.device,
+                 collate=None):
         self.datasets, self.training = datasets, training
+        #: examples -> padded batch (default: the SFT collate; preference pairs bring their own)
+        self.collate = collate or (lambda examples: data_mod.collate(examples, pad_id))
         self.world, self.rank, self.pad_id, self.device = world, rank, pad_id, device
         self.train_size, self.eval_size = len(datasets.train), len(datasets.eval)
         self.skipped_rows = datasets.skipped_rows
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        return micro_batch(self.datasets.train, self.training, step, micro, self.world, self.rank, self.pad_id, self.device)
+        return micro_batch(self.datasets.train, self.training, step, micro, self.world, self.rank, self.pad_id, self.device,
+                           self.collate)
 
     def eval_batches(self, lockstep: bool) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
         yield from eval_batches(self.datasets.eval, self.training.micro_batch_size, self.pad_id, self.device,
-                                self.world, self.rank, lockstep)
+                                self.world, self.rank, lockstep, self.collate)
 
     def probe_input_ids(self) -> torch.Tensor:
-        example = (self.datasets.eval or self.datasets.train)[0]
+        from trainers.objectives.runtime import first_sequence
+
+        example = first_sequence((self.datasets.eval or self.datasets.train)[0])
         return torch.tensor([example.input_ids], device=self.device)
 
 
 def worker_batches(spec: JobSpec, tokenizer, world: int, rank: int, pad_id: int, device: torch.device) -> Batches:
-    """The batch source of one worker of the job."""
+    """The batch source of one worker of the job: the SFT shapes, or preference rows for a preference objective."""
+    from trainers.objectives import objective_module
+
+    kind = objective_module(spec.objective.name).DATA
+    if kind != "text":
+        from trainers.preference_data import build_preference_datasets, collate_preference
+
+        datasets = build_preference_datasets(spec.data, tokenizer, spec.training.seed, kind)
+        return InMemoryBatches(datasets, spec.training, world, rank, pad_id, device, lambda ex: collate_preference(ex, pad_id))
     datasets = data_mod.build_datasets(spec.data, tokenizer, spec.training.seed)
     return InMemoryBatches(datasets, spec.training, world, rank, pad_id, device)
 
 
 def micro_batch(train: list, tcfg: TrainingSpec, step: int, micro: int, world: int, rank: int, pad_id: int,
-                device: torch.device) -> dict[str, torch.Tensor]:
+                device: torch.device, collate=None) -> dict[str, torch.Tensor]:
     """Rank `rank`'s micro-batch `micro` of optimizer step `step` (1-based) of `train`, padded and on `device`."""
     idx = data_mod.micro_batch_indices(
         len(train), step_micro=(step - 1) * tcfg.grad_accum + micro,
         micro_batch_size=tcfg.micro_batch_size, world=world, rank=rank, seed=tcfg.seed,
     )
-    return _on(data_mod.collate([train[i] for i in idx], pad_id), device)
+    examples = [train[i] for i in idx]
+    return _on(collate(examples) if collate else data_mod.collate(examples, pad_id), device)
 
 
 def eval_batches(examples: list, batch_size: int, pad_id: int, device: torch.device, world: int, rank: int,
-                 lockstep: bool = False) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+                 lockstep: bool = False, collate=None) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
     """Rank `rank`'s share of `examples` as padded batches on `device`, each with whether it counts."""
     batches = [(batch, True) for batch in data_mod.eval_batches(examples, batch_size, world, rank)]
     if lockstep:
         most = math.ceil(math.ceil(len(examples) / world) / batch_size)
         batches += [(examples[:1], False)] * (most - len(batches))
     for batch, counts in batches:
-        yield _on(data_mod.collate(batch, pad_id), device), counts
+        yield _on(collate(batch) if collate else data_mod.collate(batch, pad_id), device), counts
 
 
 def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

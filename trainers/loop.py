@@ -27,6 +27,7 @@ from trainers.batches import Batches, eval_batches, worker_batches
 from trainers.checkpoints import rng_state, set_rng_state
 from trainers.methods import method_module
 from trainers.objectives import objective_for
+from trainers.objectives import runtime as objective_runtime
 from trainers.precision import Precision, autocast
 from trainers.spec import JobSpec
 from trainers.strategy import Strategy, Worker, prepare_process, strategy_for
@@ -195,6 +196,10 @@ def train_func(config: dict) -> None:
 
     start_step, history, resumes = 0, [], []
     state = strategy.restore()
+    # full fine-tuning with a reference objective: the base's log-probabilities, before step 1 (or as checkpointed)
+    kept = objective_runtime.prepare_reference(
+        spec, strategy.inner, getattr(batches, "datasets", None), state, getattr(batches, "collate", None),
+        w.device, world, rank, lambda: autocast(w.device, strategy.precision), strategy.lockstep_eval)
     if state is not None:
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         start_step, history, resumes = state["step"], state["history"], state["resumes"] + [state["step"]]
@@ -207,10 +212,11 @@ def train_func(config: dict) -> None:
             f"train {batches.train_size} / eval {batches.eval_size} examples"
             + (f", {batches.skipped_rows} bad rows skipped" if batches.skipped_rows else "")
         )
-    run_steps(w, strategy, batches, start_step, history, resumes)
+    run_steps(w, strategy, batches, start_step, history, resumes, kept)
 
 
-def run_steps(w: Worker, strategy: Strategy, batches: Batches, start_step: int, history: list, resumes: list) -> None:
+def run_steps(w: Worker, strategy: Strategy, batches: Batches, start_step: int, history: list, resumes: list,
+              kept: dict | None = None) -> None:
     """Steps `start_step + 1 ..= max_steps` with their evals, checkpoints and reports."""
     import ray.train
 
@@ -221,6 +227,23 @@ def run_steps(w: Worker, strategy: Strategy, batches: Batches, start_step: int, 
     running_loss, running_n, eval_loss = 0.0, 0, None
     running_metrics: dict[str, float] = {}
     step_s: list[float] = []
+    preference = objective_runtime.is_preference(spec)
+    eval_metrics: dict[str, float] = {}
+
+    def evaluate_now() -> float:
+        """Eval loss; a preference objective also fills `eval_metrics` (preference accuracy, reward margin...)."""
+        lockstep = strategy.lockstep_eval
+        if not preference:
+            return token_loss(strategy.model, batches.eval_batches(lockstep), w.device, strategy.precision, world)
+        eval_metrics.update(objective_runtime.evaluate(objective, strategy.model, batches.eval_batches(lockstep), w.device, world,
+                                                       lambda: autocast(w.device, strategy.precision)))
+        return eval_metrics["eval_loss"]
+
+    if preference and start_step == 0 and batches.eval_size:  # where preference accuracy starts (rewards are 0)
+        evaluate_now()
+        history.append({"step": 0, "train_loss": None, **eval_metrics})
+        if rank == 0:
+            say(f"[rayft] before training: {objective_runtime.format_eval(eval_metrics)}")
 
     for step in range(start_step + 1, tcfg.max_steps + 1):
         maybe_inject_fault(w.config.get("faults"), step, rank)
@@ -242,7 +265,8 @@ def run_steps(w: Worker, strategy: Strategy, batches: Batches, start_step: int, 
         progress.add_step(step, progress.tokens - step_tokens0, step_s[-1])
 
         if rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.max_steps):
-            say(progress.line(step, running_loss / running_n, strategy.lr()))
+            say(progress.line(step, running_loss / running_n, strategy.lr())
+                + objective_runtime.progress_suffix(running_metrics, running_n))
         train_loss = running_loss / running_n
         do_eval = step % tcfg.eval_every == 0 or step == tcfg.max_steps
         do_ckpt = step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps
@@ -250,15 +274,19 @@ def run_steps(w: Worker, strategy: Strategy, batches: Batches, start_step: int, 
             continue
         extra_metrics, extra_state = strategy.report_extras()  # before eval: ZeRO-3 measures its shards between steps
         if do_eval and batches.eval_size:
-            eval_loss = token_loss(strategy.model, batches.eval_batches(strategy.lockstep_eval), w.device, strategy.precision, world)
-        history.append({"step": step, "train_loss": train_loss, "eval_loss": eval_loss if do_eval else None})
+            eval_loss = evaluate_now()
+            if preference and rank == 0:
+                say(f"[rayft] step {step} {objective_runtime.format_eval(eval_metrics)}")
+        train_metrics = {f"train_{key}": value / running_n for key, value in running_metrics.items()}
+        history.append({"step": step, "train_loss": train_loss, **train_metrics,
+                        **({"eval_loss": eval_loss, **eval_metrics} if do_eval else {"eval_loss": None})})
         metrics = {
             "step": step, "train_loss": train_loss, "eval_loss": eval_loss,
             "trainable_params": strategy.trainable, "total_params": strategy.total,
             "tokens_per_s": progress.tokens / max(time.perf_counter() - progress.t0, 1e-9),
             "steady_tokens_per_s": progress.steady_tokens_per_s(), "peak_rss_bytes": peak_rss_bytes(),
             "step_time_s": sum(step_s) / len(step_s),
-            **{key: value / running_n for key, value in running_metrics.items()},
+            **train_metrics, **eval_metrics,
             **extra_metrics,
         }
         running_loss, running_n, running_metrics = 0.0, 0, {}
@@ -267,5 +295,6 @@ def run_steps(w: Worker, strategy: Strategy, batches: Batches, start_step: int, 
             continue
         final = step == tcfg.max_steps
         probe = probe_logits(strategy.model, batches.probe_input_ids(), w.device, strategy.precision) if final else None
-        state = {"step": step, "history": history, "resumes": resumes, **extra_state, "rng": all_rng_states(world)}
+        state = {"step": step, "history": history, "resumes": resumes, **extra_state, **(kept or {}),
+                 "rng": all_rng_states(world)}
         strategy.report_checkpoint(metrics, state, probe)

@@ -17,8 +17,15 @@ from trainers.spec import JobSpec
 from trainers.state_io import load_state
 
 def method_params(spec: JobSpec) -> dict:
-    """The method's parameters as recorded in the manifest (rank, alpha, targets...)."""
-    return spec.method.model_dump(mode="json")
+    """The method's parameters as recorded in the manifest (rank, alpha, targets...), and the objective with its own
+    (`objective: {name: dpo, beta: 0.1, ...}`)."""
+    return {**spec.method.model_dump(mode="json"), "objective": spec.objective.model_dump(mode="json")}
+
+
+#: Preference metrics plotted beside the loss when the history has them: (history key, label).
+PREFERENCE_CURVES = (("train_preference_accuracy", "train preference accuracy"), ("eval_preference_accuracy", "eval preference accuracy"),
+                     ("eval_logp_accuracy", "eval: chosen more likely"), ("train_reward_margin", "train reward margin"),
+                     ("eval_reward_margin", "eval reward margin"))
 
 
 def plot_loss_curve(history: list[dict], out: Path) -> Path:
@@ -27,9 +34,12 @@ def plot_loss_curve(history: list[dict], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [h["step"] for h in history]
-    ax.plot(steps, [h["train_loss"] for h in history], marker="o", label="train")
+    curves = [(key, label) for key, label in PREFERENCE_CURVES if any(h.get(key) is not None for h in history)]
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(11 if curves else 6, 3.5), squeeze=False)
+    ax = axes[0][0]
+    tr = [(h["step"], h["train_loss"]) for h in history if h.get("train_loss") is not None]
+    if tr:
+        ax.plot(*zip(*tr), marker="o", label="train")
     ev = [(h["step"], h["eval_loss"]) for h in history if h.get("eval_loss") is not None]
     if ev:
         ax.plot(*zip(*ev), marker="s", label="eval")
@@ -37,6 +47,14 @@ def plot_loss_curve(history: list[dict], out: Path) -> Path:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if curves:  # preference objectives: accuracy and reward margin by step
+        right = axes[0][1]
+        for key, label in curves:
+            points = [(h["step"], h[key]) for h in history if h.get(key) is not None]
+            right.plot(*zip(*points), marker="s" if key.startswith("eval") else "o", label=label)
+        right.set_xlabel("step")
+        right.grid(alpha=0.3)
+        right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

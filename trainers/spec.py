@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from storage.configs import ConfigError, raw_get, read_yaml, short as _short, validation_problems
 from storage.errors import RayftError
 from storage.safety import validate_name
 from trainers.methods import MethodConfig, known_traits, method_problems, traits
+from trainers.objectives import OBJECTIVES, PREFERENCE_OBJECTIVES, ObjectiveConfig
 from trainers.tune_spec import TuneSpec, tune_problems
 
 
@@ -213,12 +214,23 @@ class JobSpec(_Strict):
     model: ModelSpec
     data: DataSpec
     method: MethodConfig = Field(description="Fine-tuning method and its parameters, chosen by `name`.")
+    objective: ObjectiveConfig = Field(
+        default_factory=lambda: OBJECTIVES["sft"].Config(),
+        description="What the loss is, chosen by `name` (trainers/objectives/): sft (next-token, the default), dpo, orpo, "
+        "simpo (pairs {prompt, chosen, rejected}) or kto ({prompt, completion, label}); `objective: dpo` is short for "
+        "`{name: dpo}`. Any objective works with any method and strategy.",
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     output: OutputSpec
     storage: StorageSpec = Field(default_factory=StorageSpec)
     tune: TuneSpec | None = Field(None, description="The search `rayft tune` runs over this job (trainers/tune_spec.py); ignored by `rayft train`.")
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "JobSpec":
@@ -285,7 +297,25 @@ def cross_field_problems(raw: dict) -> list[str]:
     if ds_extra and strategy != "deepspeed_zero3" and not auto_zero3:
         problems.append("deepspeed.extra: set, but the job does not use strategy deepspeed_zero3; remove it or set the strategy")
     problems += deepspeed_extra_problems(ds_extra)
+    problems += objective_problems(raw)
     problems += tune_problems(raw)
+    return problems
+
+
+def objective_problems(raw: dict) -> list[str]:
+    """Data options that mean nothing for a preference objective (its rows are pairs or labelled completions)."""
+    objective = raw_get(raw, "objective")
+    name = objective if isinstance(objective, str) else raw_get(raw, "objective", "name")
+    if name not in PREFERENCE_OBJECTIVES:
+        return []
+    rows = "{prompt, completion, label}" if name == "kto" else "{prompt, chosen, rejected}"
+    problems = []
+    if raw_get(raw, "data", "format") not in (None, "auto"):
+        problems.append(f"data.format: got {raw_get(raw, 'data', 'format')!r}, objective {name} reads {rows} rows; remove data.format")
+    if raw_get(raw, "data", "packing"):
+        problems.append(f"data.packing: objective {name} compares whole responses, which packing would mix; remove data.packing")
+    if raw_get(raw, "data", "train_on_prompt"):
+        problems.append(f"data.train_on_prompt: objective {name} scores the responses only; remove data.train_on_prompt")
     return problems
 
 

@@ -164,6 +164,23 @@ def task_examples(task: str, n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def preference_examples(task: str, n: int, seed: int = 0, kto: bool = False) -> list[dict]:
+    """`n` preference rows of a task: {"prompt", "chosen" (the right answer), "rejected" (a wrong one)}, or with
+    `kto`, unpaired {"prompt", "completion", "label"} rows, half right (label true) and half wrong."""
+    rng = random.Random(seed + 7919)
+    rows = []
+    for row in task_examples(task, n, seed):
+        word = row["prompt"].split()[1]
+        other = rng.choice([w for w in WORDS[:20] if w != word])
+        wrong = " " + word if rng.random() < 0.5 else " " + other[::-1]
+        if kto:
+            good = rng.random() < 0.5
+            rows.append({"prompt": row["prompt"], "completion": row["completion"] if good else wrong, "label": good})
+        else:
+            rows.append({"prompt": row["prompt"], "chosen": row["completion"], "rejected": wrong})
+    return rows
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

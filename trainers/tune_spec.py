@@ -109,6 +109,7 @@ Ratio = Annotated[float, Field(gt=0, le=1024)]
 Alpha = Annotated[float, Field(gt=0, le=1e6)]
 LearningRate = Annotated[float, Field(gt=0, le=1)]
 Dropout = Annotated[float, Field(ge=0, lt=1)]
+Beta = Annotated[float, Field(gt=0, le=100)]
 
 
 def _ratio_of(value: Any) -> float | None:
@@ -192,13 +193,18 @@ class SearchSpace(_Strict):
     )
     lr: Dimension[LearningRate] | None = Field(None, description="Peak learning rate (training.lr).")
     dropout: Dimension[Dropout] | None = Field(None, description="Dropout on the adapter input.")
+    objective: list[Literal["sft", "dpo", "orpo", "simpo", "kto"]] | None = Field(
+        None, description="Objectives to try (the base job's objective block carries over when the name matches). Trials of "
+        "different objectives are ranked by eval preference accuracy."
+    )
+    beta: Dimension[Beta] | None = Field(None, description="The preference objective's beta (objective.beta).")
 
-    @field_validator("method", mode="before")
+    @field_validator("method", "objective", mode="before")
     @classmethod
     def _method_shorthand(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("method", "target_modules")
+    @field_validator("method", "target_modules", "objective")
     @classmethod
     def _choice_not_empty(cls, value: list | None) -> list | None:
         return _require_values(value)
@@ -226,7 +232,15 @@ class SearchSpace(_Strict):
 
     def dimensions(self) -> list[str]:
         """Names of the dimensions that are set."""
-        return [name for name in ("lr", "dropout", "method", "r", "alpha", "target_modules") if getattr(self, name) is not None]
+        return [name for name in ("lr", "dropout", "method", "r", "alpha", "target_modules", "objective", "beta")
+                if getattr(self, name) is not None]
+
+    def ranking(self) -> tuple[str, str]:
+        """(metric, mode) trials are ranked by: eval loss, unless they train different objectives, whose losses do not
+        compare; then eval preference accuracy."""
+        if self.objective is not None and len(set(self.objective)) > 1:
+            return "eval_preference_accuracy", "max"
+        return "eval_loss", "min"
 
 
 class AshaSpec(_Strict):
@@ -289,6 +303,12 @@ def tune_problems(raw: dict) -> list[str]:
             "set the base method to one of them"
         )
     space = tune.space
+    objective = raw_get(raw, "objective")
+    base_objective = objective if isinstance(objective, str) else raw_get(raw, "objective", "name") or "sft"
+    if space.beta is not None and "sft" in (space.objective or [base_objective]):
+        problems.append("tune.space.beta: sft has no beta; set the job's objective (or tune.space.objective) to dpo, orpo, simpo or kto")
+    if space.objective is not None and len(set(space.objective)) > 1 and "sft" in space.objective:
+        problems.append("tune.space.objective: sft reports no preference accuracy to rank it against preference objectives; remove sft")
     if not space.dimensions():
         problems.append("tune.space: empty; give at least one of method, r, alpha, target_modules, lr, dropout")
     if tune.searcher == "grid":

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", choices=["auto", "single", "ddp", "deepspeed_zero3"], default=None, help="distribution strategy")
     p.add_argument("--offload", choices=["none", "optimizer", "all"], default=None, help="ZeRO-3 CPU offload")
     p.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], default="adamw", help="optimizer states to count")
+    p.add_argument("--objective", choices=["sft", "dpo", "orpo", "simpo", "kto"], default=None,
+                   help="training objective (default: the job's, or sft); preference pairs double the rows per forward pass")
     p.add_argument("--task", choices=list(TASK_HELP), default=None,
                    help="also recommend a method and strategy for this task: " + "; ".join(f"{k} = {v}" for k, v in TASK_HELP.items()))
     p.add_argument("--json", action="store_true", help="print the plan (and recommendation) as JSON")
@@ -103,7 +105,7 @@ def build_request(args: argparse.Namespace):
     hw["gpus_per_node"] = args.gpus_per_node
     data["hardware"] = hw
     for flag, key in (("seq_len", "seq_len"), ("batch", "micro_batch"), ("precision", "precision"),
-                      ("gradient_checkpointing", "gradient_checkpointing"), ("strategy", "strategy")):
+                      ("gradient_checkpointing", "gradient_checkpointing"), ("strategy", "strategy"), ("objective", "objective")):
         value = getattr(args, flag)
         if value is not None:
             data[key] = value

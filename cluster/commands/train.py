@@ -40,6 +40,10 @@ def print_summary(result) -> None:
     if m.get("eval_loss") is not None:
         print(f"  final eval loss  : {m['eval_loss']:.4f}")
     print(f"  final train loss : {m.get('train_loss', float('nan')):.4f}")
+    if m.get("eval_preference_accuracy") is not None:
+        margin = m.get("eval_reward_margin")
+        print(f"  eval preference  : accuracy {m['eval_preference_accuracy']:.4f}"
+              + (f", reward margin {margin:.4f}" if margin is not None else ""))
     print(f"  checkpoint       : {result.checkpoint_path}")
     for manifest in result.manifests:
         print(f"  published        : {manifest.name}@{manifest.version} ({manifest.kind})")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainers.methods import traits
+from trainers.objectives import objective_module
 from trainers.plan.configs import load_model_config
 from trainers.plan.models import (
     ActivationFigures,
@@ -155,7 +156,8 @@ def _breakdown(
     import torch
 
     hw = req.hardware
-    batch = req.micro_batch
+    # the rows one forward pass holds: a preference pair is chosen + rejected
+    batch = req.micro_batch * sequences_per_example(req.objective)
     outside, _, largest_layer_saved, inputs = acts.parts(batch)
     saved = acts.saved(batch, req.gradient_checkpointing)
     saved_no_gc, saved_gc = acts.saved(batch, False), acts.saved(batch, True)
@@ -166,6 +168,9 @@ def _breakdown(
     logits_fp32 = batch * req.seq_len * skel.vocab_size * 4
     # Backward starts at the loss: log_softmax's and nll_loss's fp32 gradients, cast back to the logits dtype.
     loss_transient = 2 * logits_fp32 + (logits if out_dtype != torch.float32 else 0)
+    # A reference (adapter off) or KL pass runs without gradient while the policy's activations are held: its logits
+    # and their fp32 copy are alive on top of them. Full fine-tuning precomputes the reference before step 1 instead.
+    loss_transient += (logits + logits_fp32) * no_grad_passes(req.objective, traits(req.method.name).is_adapter)
     dequant = inv.largest_quantized_numel * _itemsize(setup.compute_dtype) if setup.quantized else 0
     trainable_bytes = sum(n * s for n, s in inv.trainable_tensors)
     host = 0
@@ -212,6 +217,20 @@ def _breakdown(
         per_layer=int(largest_layer_saved), logits=int(logits),
     )
     return breakdown, host, figures
+
+
+def sequences_per_example(objective: str) -> int:
+    """Sequences one example puts through the policy's forward pass with gradient: 2 for a preference pair."""
+    return 2 if objective_module(objective).DATA == "paired" else 1
+
+
+def no_grad_passes(objective: str, is_adapter: bool) -> int:
+    """Forward passes without gradient per step besides the policy's: the live reference (adapter methods) and
+    KTO's KL estimate (policy, and reference when live)."""
+    module = objective_module(objective)
+    live_reference = module.REFERENCE and is_adapter
+    kl = module.DATA == "unpaired"
+    return int(live_reference) + int(kl) * (1 + int(live_reference))
 
 
 def _itemsize(dtype) -> int:
@@ -338,4 +357,12 @@ def _notes(req: PlanRequest, setup: _Setup) -> list[str]:
         notes.append("ZeRO-3 model states follow DeepSpeed's own accounting (18 B/trainable param over the GPUs)")
     if traits(req.method.name).prompt_learning:
         notes.append(f"{req.method.name.replace('_', ' ')} traced without a padding mask")
+    module = objective_module(req.objective)
+    if module.DATA == "paired":
+        notes.append(f"objective {req.objective}: each example is 2 sequences (chosen + rejected), {req.micro_batch * 2} rows per forward pass")
+    if module.REFERENCE and traits(req.method.name).is_adapter:
+        notes.append(f"objective {req.objective}: the reference is the base with the adapter off, one more forward pass per step (no gradient)")
+    elif module.REFERENCE:
+        notes.append(f"objective {req.objective}: reference log-probabilities are computed once by the frozen base before step 1 "
+                     "(one forward pass over the data set, no gradient)")
     return notes

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage.errors import RayftError
 from trainers.methods import MethodConfig
+from trainers.objectives import OBJECTIVES
 from trainers.spec import auto_strategy, strategy_problems
 
 
@@ -101,6 +102,10 @@ class PlanRequest(_Strict):
         "adamw", description="adamw = torch AdamW (what the loop runs); adamw_8bit = bitsandbytes' 8-bit AdamW."
     )
     total_steps: int = Field(DEFAULT_TOTAL_STEPS, ge=1, description="Optimizer steps (AdaLoRA's schedule depends on it).")
+    objective: Literal[tuple(OBJECTIVES)] = Field(  # type: ignore[valid-type]
+        "sft", description="Training objective, as objective.name: a preference pair is two sequences per example, and a "
+        "reference (or KTO's KL) pass adds a no-gradient forward of the same rows."
+    )
 
     @model_validator(mode="after")
     def _combinations(self) -> "PlanRequest":

@@ -37,7 +37,7 @@ def request_for_spec(spec: JobSpec, hardware: Hardware | None = None, model_dir:
         micro_batch=spec.training.micro_batch_size, precision=spec.training.precision, model_dtype=spec.model.dtype,
         gradient_checkpointing=spec.model.gradient_checkpointing, strategy=spec.resources.strategy,
         offload_optimizer=spec.deepspeed.offload_optimizer, offload_params=spec.deepspeed.offload_params,
-        total_steps=spec.training.max_steps,
+        total_steps=spec.training.max_steps, objective=spec.objective.name,
     )
 
 

@@ -167,8 +167,9 @@ def _trial_error(trial) -> str:
 
 
 def describe_config(record: TrialRecord) -> str:
+    objective = "" if record.objective == "sft" else f" {record.objective}" + (f" beta={record.beta:g}" if record.beta is not None else "")
     return (f"{record.method} r={record.r} alpha={record.alpha:g} targets={record.target_modules} "
-            f"lr={record.lr:.2g} dropout={record.dropout:g}")
+            f"lr={record.lr:.2g} dropout={record.dropout:g}{objective}")
 
 
 def record_for(context: SearchContext, trial_id: str, config: dict[str, Any], status: str) -> TrialRecord:
@@ -179,6 +180,7 @@ def record_for(context: SearchContext, trial_id: str, config: dict[str, Any], st
         trial_id=trial_id, status=status, config=_jsonable(config), method=method.name, r=method.r, alpha=method.alpha,
         target_modules=target_label(config.get("target_modules") or _label_of(method.target_modules)),
         lr=spec.training.lr, dropout=method.dropout, train_run_id=train_run_id(context.run_id, trial_id),
+        objective=spec.objective.name, beta=getattr(spec.objective, "beta", None),
     )
 
 
@@ -194,6 +196,8 @@ def _from_metrics(metrics: dict) -> dict[str, Any]:
     out: dict[str, Any] = {"steps": int(metrics.get("step") or 0)}
     if metrics.get(METRIC) is not None:
         out["eval_loss"] = float(metrics[METRIC])
+    if metrics.get("eval_preference_accuracy") is not None:
+        out["eval_preference_accuracy"] = float(metrics["eval_preference_accuracy"])
     if metrics.get("train_loss") is not None:
         out["train_loss"] = float(metrics["train_loss"])
     if metrics.get("trainable_params") is not None:

@@ -44,6 +44,10 @@ class TrialRecord(BaseModel):
     dropout: float = Field(description="Adapter dropout.")
     steps: int = Field(0, description="Last step the trial reported.")
     eval_loss: float | None = Field(None, description="Eval loss at the last reported step (what trials are ranked by).")
+    objective: str = Field("sft", description="Training objective of the trial.")
+    beta: float | None = Field(None, description="The preference objective's beta.")
+    eval_preference_accuracy: float | None = Field(
+        None, description="Eval preference accuracy at the last reported step (ranks trials of different objectives).")
     best_eval_loss: float | None = Field(None, description="Lowest eval loss the trial reported.")
     train_loss: float | None = Field(None, description="Train loss at the last reported step.")
     trainable_params: int | None = Field(None, description="Trainable parameters of the adapter.")

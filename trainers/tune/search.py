@@ -31,7 +31,6 @@ from trainers.tune.progress import (
 from trainers.tune.results import (
     CHECKPOINT_PATH,
     METRIC,
-    MODE,
     SearchResult,
     TUNE_DIR,
     TrialRecord,
@@ -292,7 +291,7 @@ def _new_tuner(context: SearchContext, concurrent: int, on_progress: ProgressFn 
         trainable(context),
         param_space=param_space(tune_spec),
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode=MODE,
+            metric=tune_spec.space.ranking()[0], mode=tune_spec.space.ranking()[1],
             search_alg=search_algorithm(tune_spec, concurrent),
             scheduler=scheduler(tune_spec, spec),
             num_samples=1 if tune_spec.searcher == "grid" else num_trials(tune_spec),
@@ -314,7 +313,7 @@ def _fit(context: SearchContext, tuner, concurrent: int) -> SearchResult:
     t0 = time.perf_counter()
     grid = tuner.fit()
     trials = collect_records(context, grid)
-    winner = best_trial(trials, context.storage_uri)
+    winner = best_trial(trials, context.storage_uri, context.spec.tune.space.ranking()[0])
     max_steps = context.spec.training.max_steps
     result = SearchResult(
         run_id=context.run_id, storage_uri=context.storage_uri, searcher=context.spec.tune.searcher,
@@ -359,8 +358,9 @@ def collect_records(context: SearchContext, grid) -> list[TrialRecord]:
     return sorted(records, key=lambda t: t.trial_id)
 
 
-def best_trial(trials: list[TrialRecord], storage_uri: str) -> TrialRecord | None:
-    """The trial with the lowest eval loss at its last reported checkpoint; errored trials never win.
+def best_trial(trials: list[TrialRecord], storage_uri: str, metric: str = METRIC) -> TrialRecord | None:
+    """The trial with the lowest eval loss (or, ranked by `eval_preference_accuracy`, the highest preference accuracy)
+    at its last reported checkpoint; errored trials never win.
 
     A trial ASHA stopped may have trained a little past the report Tune acted on, and
     `keep_checkpoints` may then have rotated that checkpoint out: such a trial cannot be
@@ -370,8 +370,8 @@ def best_trial(trials: list[TrialRecord], storage_uri: str) -> TrialRecord | Non
 
     fs, _ = pyarrow_filesystem(storage_uri)
     candidates = sorted(
-        (t for t in trials if t.status in ("completed", "stopped") and t.eval_loss is not None and t.checkpoint),
-        key=lambda t: (t.eval_loss, t.trial_id),
+        (t for t in trials if t.status in ("completed", "stopped") and getattr(t, metric) is not None and t.checkpoint),
+        key=lambda t: (-t.eval_preference_accuracy if metric == "eval_preference_accuracy" else t.eval_loss, t.trial_id),
     )
     for trial in candidates:
         if fs.get_file_info(f"{trial.checkpoint}/{STATE_NAME}.json").type == pyarrow.fs.FileType.File:
@@ -400,7 +400,8 @@ def promote(context: SearchContext, winner: TrialRecord) -> list[Manifest]:
 
 def _metrics_of(trial: TrialRecord) -> dict[str, Any]:
     return {"step": trial.steps, "eval_loss": trial.eval_loss, "train_loss": trial.train_loss,
-            "trainable_params": trial.trainable_params, "best_eval_loss": trial.best_eval_loss}
+            "trainable_params": trial.trainable_params, "best_eval_loss": trial.best_eval_loss,
+            "eval_preference_accuracy": trial.eval_preference_accuracy}
 
 
 def published_from(registry: Registry, name: str, run_id: str) -> list[Manifest]:

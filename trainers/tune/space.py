@@ -39,8 +39,8 @@ def param_space(tune_spec: TuneSpec) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in space.dimensions():
         dim = getattr(space, name)
-        if name == "method":
-            out["method"] = _categorical(dim, grid)
+        if name in ("method", "objective"):
+            out[name] = _categorical(dim, grid)
         elif name == "target_modules":
             out["target_modules"] = _categorical([target_label(t) for t in dim], grid)
         elif name == "alpha":
@@ -90,9 +90,14 @@ def trial_spec(base: JobSpec, config: dict[str, Any], source: str = "<trial>") -
     training = raw["training"]
     if "lr" in config:
         training["lr"] = float(config["lr"])
+    objective = raw["objective"]
+    if config.get("objective", objective["name"]) != objective["name"]:
+        objective = {"name": config["objective"]}
+    if "beta" in config:
+        objective["beta"] = float(config["beta"])
     training["checkpoint_every"] = training["eval_every"]
     training["log_every"] = training["max_steps"]
-    raw.update(method=method, training=training, tune=None)
+    raw.update(method=method, training=training, objective=objective, tune=None)
     return parse_job_spec(raw, source)
 
 
