@@ -39,7 +39,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_common_args, machine, markdown_table, median, pyplot, report, say
+from bench.common import add_common_args, load_now, machine, markdown_table, median, pyplot, report, say
 
 #: Issue 10 §3: mixed batching >= 3x no batching (req/s); unmerged single-request latency <= 1.3x merged.
 TARGET_BATCHING = 3.0
@@ -285,8 +285,8 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.engines:
-        results = run_engines(args)
-        report("serve_engines", args.quick, results, engines_table(results))
+        # Written after each model size too: on a busy machine the second size may not finish.
+        run_engines(args, lambda partial: report("serve_engines", args.quick, partial, engines_table(partial)))
         return 0
     results = run(args)
     report("serve_bench", args.quick, results, table(results), plot(results))
@@ -341,8 +341,9 @@ async def greedy_texts(url: str, models: list[str], prompt: str | list[int], max
     return texts
 
 
-def run_engines(args: argparse.Namespace) -> dict:
-    """The three engines at each hidden size, one deployment on the machine at a time."""
+def run_engines(args: argparse.Namespace, on_size_done=None) -> dict:
+    """The three engines at each hidden size, one deployment on the machine at a time; `on_size_done(results)`
+    after each size."""
     import ray
     from ray import serve
 
@@ -392,19 +393,24 @@ def run_engines(args: argparse.Namespace) -> dict:
                         deploy(spec, app)
                         models, base_model, sent = adapters, base, prompt
                     deploy_s = time.perf_counter() - t0
+                    load_before = load_now()
                     url = f"{root}/{app}"
                     outputs[engine] = asyncio.run(greedy_texts(url, [base_model, *models], sent, args.max_tokens))  # also warms up
                     with_adapters = asyncio.run(run_load(url, models, sent, args))
                     base_only = asyncio.run(run_load(url, [base_model], sent, args))
                     serve.delete(app)
+                    # The machine's 1-minute load average around the runs: other work on a shared machine shows here.
                     results["rows"].append({"hidden": hidden, "layers": args.layers, "engine": engine, "deploy_s": deploy_s,
-                                            "adapters": with_adapters, "base_only": base_only})
+                                            "adapters": with_adapters, "base_only": base_only,
+                                            "load_avg": [load_before, load_now()]})
                     say(f"[bench] engines: hidden {hidden}, {engine}: {with_adapters['req_per_s']:.1f} req/s with adapters, "
                         f"{base_only['req_per_s']:.1f} base only")
                 reference = outputs["bare_serve_llm"]
                 results.setdefault("greedy_equal", {})[str(hidden)] = {
                     engine: [a == b for a, b in zip(texts, reference)] for engine, texts in outputs.items()}
                 results.setdefault("greedy_outputs", {})[str(hidden)] = outputs
+                if on_size_done is not None:
+                    on_size_done(results)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -419,9 +425,10 @@ def engines_table(results: dict) -> str:
         equal = results["greedy_equal"][str(hidden)][engine]
         rows.append([hidden, engine, r["adapters"]["req_per_s"], r["adapters"]["tokens_per_s"], r["adapters"]["p50_ms"],
                      r["adapters"]["p99_ms"], r["base_only"]["req_per_s"],
-                     r["adapters"]["failures"] + r["base_only"]["failures"], f"{sum(equal)}/{len(equal)}", r["deploy_s"]])
+                     r["adapters"]["failures"] + r["base_only"]["failures"], f"{sum(equal)}/{len(equal)}", r["deploy_s"],
+                     "–".join(f"{x:.0f}" for x in r.get("load_avg", []))])
     load = markdown_table(["hidden", "engine", "req/s (adapters)", "tok/s", "p50 ms", "p99 ms", "req/s (base only)",
-                           "errors", "greedy = bare", "deploy s"], rows, "rlrrrrrrrr")
+                           "errors", "greedy = bare", "deploy s", "load avg"], rows, "rlrrrrrrrrr")
     checks = []
     for hidden in sorted({h for h, _ in by}):
         for kind in ("adapters", "base_only"):

@@ -52,7 +52,8 @@ def run_demo_queries(storage_uri: str, base: str, adapters: list[str]) -> None:
     from openai import OpenAI
     from ray import serve
 
-    from cluster.commands.serve import connect, deploy
+    from cluster.commands.serve import deploy
+    from cluster.ray_connect import connect
 
     connect(None)
     spec = demo_spec(storage_uri, base, adapters)
@@ -84,11 +85,11 @@ def run_demo_queries(storage_uri: str, base: str, adapters: list[str]) -> None:
             print(f"\nadapter latency through the API, one client: cold (first request: fetch from S3, verify, attach) "
                   f"p50 {1000 * statistics.median(cold):.0f} ms, warm p50 {1000 * statistics.median(warm):.0f} ms")
         stream_model = adapters[-1] if adapters else base
-        print(f"\n[{stream_model}] streamed chunks:", end=" ", flush=True)
-        for chunk in client.completions.create(model=stream_model, prompt=prompt_for(stream_model, "tiger"),
-                                               max_tokens=12, temperature=0, stream=True):
-            print(repr(chunk.choices[0].text), end=" ", flush=True)
-        print()
+        # Collected, then printed as one line: pieces printed as they come interleave with other output.
+        prompt = prompt_for(stream_model, "tiger")
+        chunks = [chunk.choices[0].text for chunk in client.completions.create(
+            model=stream_model, prompt=prompt, max_tokens=12, temperature=0, stream=True)]
+        print(f"\n[{stream_model}] streamed {prompt!r} -> {''.join(chunks)!r} in {len(chunks)} server-sent events")
         asyncio.run(_burst(url, [base] + adapters, 48))
         _print_replica_stats(serve.get_deployment_handle("BaseModel", APP_NAME).stats.remote().result())
     finally:

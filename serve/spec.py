@@ -11,13 +11,24 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from storage.configs import ConfigError, read_yaml, short as _short, validation_problems
 from storage.errors import InvalidName
 from storage.safety import parse_ref, validate_name
 
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+#: Joins the lines of a check that found several problems at once (format_errors lists them one by one).
+PROBLEM_SEPARATOR = "\n"
 
 
 class ServeSpecError(ConfigError):
@@ -259,6 +270,30 @@ def vllm_engine_arg_names() -> set[str]:
     return names
 
 
+def engine_kwargs_problems(kwargs: dict[str, Any]) -> list[str]:
+    """engine_kwargs that are not plain data, that rayft sets itself, or that the installed vLLM does not know."""
+    import difflib
+    import json
+
+    problems = []
+    for key, item in kwargs.items():
+        try:
+            json.dumps(item)
+        except (TypeError, ValueError):
+            problems.append(f"vllm.engine_kwargs.{key}: not plain YAML/JSON data (strings, numbers, lists, mappings)")
+    problems += [f"vllm.engine_kwargs.{key}: rayft sets it from {VLLM_MANAGED_KWARGS[key]}; set that instead"
+                 for key in sorted(set(kwargs) & set(VLLM_MANAGED_KWARGS))]
+    others = [key for key in kwargs if key not in VLLM_MANAGED_KWARGS]
+    if others and vllm_installed():
+        known = vllm_engine_arg_names()
+        for key in others:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"did you mean {close[0]}?" if close else "see `vllm serve --help` (engine arguments, with _ for -)"
+                problems.append(f"vllm.engine_kwargs.{key}: not an engine argument of the installed vLLM; {hint}")
+    return problems
+
+
 class VllmSpec(_Strict):
     """Settings of the vLLM engine (`engine: vllm`); unset fields are derived as each one says."""
 
@@ -293,53 +328,42 @@ class VllmSpec(_Strict):
 
     @field_validator("engine_kwargs")
     @classmethod
-    def _plain_values(cls, value: dict[str, Any]) -> dict[str, Any]:
-        import json
-
-        bad = []
-        for key, item in value.items():
-            try:
-                json.dumps(item)
-            except (TypeError, ValueError):
-                bad.append(key)
-        if bad:
-            raise ValueError(f"values of {', '.join(bad)} are not plain YAML/JSON data (strings, numbers, lists, mappings)")
+    def _checked_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Checked here, not with the rest of the engine settings, so these lines come even when another
+        # field of the section is wrong. Names need vLLM's source: without vLLM, ServeSpec says what to install.
+        problems = engine_kwargs_problems(value)
+        if problems:
+            raise ValueError("".join(PROBLEM_SEPARATOR + line for line in problems))
         return value
 
+    @model_validator(mode="after")
+    def _cpu_loras_hold_a_batch(self) -> VllmSpec:
+        if self.max_loras is not None and self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"{PROBLEM_SEPARATOR}vllm.max_cpu_loras ({self.max_cpu_loras}) is below vllm.max_loras "
+                             f"({self.max_loras}): vLLM keeps at least the adapters of one batch in host memory")
+        return self
 
-def vllm_problems(settings: VllmSpec, engine: str, base: BaseModelSpec | None, merged: list[MergedModelSpec]) -> list[str]:
-    """Every problem of the engine choice and the vLLM settings, each a line starting with its field path."""
+
+def vllm_problems(given: bool, tensor_parallel_size: int, engine: str, base: BaseModelSpec | None,
+                  merged: list[MergedModelSpec]) -> list[str]:
+    """Problems of the engine choice against the deployments, each a line starting with its field path.
+    `given`: the spec sets something in its vllm section."""
     if engine != "vllm":
-        if settings != VllmSpec():
+        if given:
             return ["vllm: settings are given but engine is transformers: set engine: vllm, or drop the vllm section"]
         return []
     if not vllm_installed():
         return [VLLM_INSTALL_HINT]
     problems = []
-    if settings.max_loras is not None and settings.max_cpu_loras is not None and settings.max_cpu_loras < settings.max_loras:
-        problems.append(f"vllm.max_cpu_loras ({settings.max_cpu_loras}) is below vllm.max_loras ({settings.max_loras}): "
-                        "vLLM keeps at least the adapters of one batch in host memory")
     gpus = ([("base", base.deployment)] if base is not None else []) + [(f"merged[{m.name}]", m.deployment) for m in merged]
-    if settings.tensor_parallel_size > 1:
-        problems += [f"{where}.deployment.gpus is {d.gpus}: vllm.tensor_parallel_size {settings.tensor_parallel_size} "
+    if tensor_parallel_size > 1:
+        problems += [f"{where}.deployment.gpus is {d.gpus}: vllm.tensor_parallel_size {tensor_parallel_size} "
                      "splits each model over that many whole GPUs; set gpus to it" for where, d in gpus
-                     if d.gpus != settings.tensor_parallel_size]
+                     if d.gpus != tensor_parallel_size]
     problems += [f"{where}.deployment.gpus is {d.gpus}: vLLM runs a replica on whole GPUs (or gpus: 0 for CPU)"
                  for where, d in gpus if d.gpus != int(d.gpus)]
     problems += [f"{where}.deployment.cpus is {d.cpus}: a vLLM replica on CPU needs at least 1 CPU"
                  for where, d in gpus if d.gpus == 0 and d.cpus < 1]
-    managed = sorted(set(settings.engine_kwargs) & set(VLLM_MANAGED_KWARGS))
-    problems += [f"vllm.engine_kwargs.{key}: rayft sets it from {VLLM_MANAGED_KWARGS[key]}; set that instead" for key in managed]
-    others = [key for key in settings.engine_kwargs if key not in VLLM_MANAGED_KWARGS]
-    if others:
-        import difflib
-
-        known = vllm_engine_arg_names()
-        for key in others:
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f"did you mean {close[0]}?" if close else "see `vllm serve --help` (engine arguments, with _ for -)"
-                problems.append(f"vllm.engine_kwargs.{key}: not an engine argument of the installed vLLM; {hint}")
     return problems
 
 
@@ -360,13 +384,23 @@ class ServeSpec(_Strict):
     vllm: VllmSpec = Field(default_factory=VllmSpec, validate_default=True,
                            description="vLLM engine settings (used with engine: vllm).")
 
-    @field_validator("vllm")
+    @field_validator("vllm", mode="wrap")
     @classmethod
-    def _vllm_settings(cls, value: VllmSpec, info: ValidationInfo) -> VllmSpec:
-        problems = vllm_problems(value, info.data.get("engine", "transformers"), info.data.get("base"), info.data.get("merged", []))
+    def _vllm_settings(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> VllmSpec:
+        # Wrapped, so the cross-field checks run even when a field of the section itself is wrong:
+        # every problem of the engine settings is reported in one pass.
+        try:
+            settings, problems = handler(value), []
+        except ValidationError as err:
+            settings = None
+            problems = format_errors(err, prefix=("vllm",))
+        tp = settings.tensor_parallel_size if settings is not None else (value or {}).get("tensor_parallel_size", 1)
+        given = settings != VllmSpec() if settings is not None else True
+        problems += vllm_problems(given, tp if isinstance(tp, int) else 1, info.data.get("engine", "transformers"),
+                                  info.data.get("base"), info.data.get("merged", []))
         if problems:
             raise ValueError("".join(PROBLEM_SEPARATOR + line for line in problems))
-        return value
+        return settings
 
     @model_validator(mode="after")
     def _distinct_names(self) -> ServeSpec:
@@ -384,19 +418,17 @@ class ServeSpec(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
-PROBLEM_SEPARATOR = "\n"
-
-
-def format_errors(exc: ValidationError) -> list[str]:
-    """One line per problem: `field.path: got <value>, <what is wrong>`. A check that found several problems at once
-    (the vLLM settings) raised them as lines that each name their field: they are listed as they are."""
-    lines = []
+def format_errors(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[str]:
+    """One line per problem: `field.path: got <value>, <what is wrong>` (paths under `prefix`). A check that found
+    several problems at once (the vLLM settings) raised them as lines that each name their field: listed as they are."""
+    lines: list[str] = []
     for err in exc.errors():
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "value_error" and message.startswith(PROBLEM_SEPARATOR):
-            lines += [line for line in message.split(PROBLEM_SEPARATOR) if line and line not in lines]
+            found = message.split(PROBLEM_SEPARATOR)
         else:
-            lines += [line for line in validation_problems([err], "check the spelling against serve/spec.py") if line not in lines]
+            found = validation_problems([{**err, "loc": (*prefix, *err["loc"])}], "check the spelling against serve/spec.py")
+        lines += [line for line in found if line and line not in lines]
     return lines
 
 

@@ -12,6 +12,16 @@ class RayftError(Exception):
 
     #: HTTP status the serve layer answers with for this kind of error.
     http_status: int = 400
+    #: Exit status of the CLI: 2 for bad input or usage (the caller's to fix before running), 1 for a run
+    #: that failed while running (`RunFailed`).
+    exit_code: int = 2
+
+
+class RunFailed(RayftError):
+    """Work that had started failed (a training run, a deployment); the message carries the original error."""
+
+    http_status = 500
+    exit_code = 1
 
 
 class InvalidName(RayftError):
@@ -58,3 +68,25 @@ class AlreadyExists(RayftError):
     """An exclusive write (a version claim, a manifest) found its target already there."""
 
     http_status = 409
+
+
+# Exception class names end with one of these; a line starting with such a name (optionally dotted,
+# `ray.exceptions.RayTaskError: ...`) is an error line.
+_ERROR_NAME_ENDINGS = ("Error", "Exception", "Failed", "Interrupt", "NotFound", "NotServable")
+
+
+def root_cause(error: BaseException | str) -> str:
+    """The innermost error line of a wrapped error (a Ray Train worker's, a Serve replica's, a Tune trial's):
+    e.g. `DataError: file:3: ...` out of Ray's multi-line wrapping with its tracebacks."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.rsplit(".", 1)[-1].endswith(_ERROR_NAME_ENDINGS) or head.startswith("trainers."):
+            return line
+    return lines[-1] if lines else repr(error)
+
+
+def first_line(error: BaseException | str) -> str:
+    """The first non-empty line of an error's message (its type name when it has none)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

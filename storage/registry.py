@@ -241,9 +241,22 @@ class Registry:
         if version is None:
             published = self.versions(name)
             if not published:
-                raise NotFound(f"no published version of {name!r} in {self.store.uri}; publish one or check the name")
+                raise NotFound(f"no published version of {name!r} in {self.store.uri}; {self._name_hint(name)}")
             version = published[-1]
         return self._read_manifest(name, version)
+
+    def names(self) -> list[str]:
+        """Every name with at least one published version, sorted."""
+        return sorted(self._published())
+
+    def _name_hint(self, name: str) -> str:
+        """What to do about an unknown name: the closest published names, if any is close (a typo)."""
+        import difflib
+
+        close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.6)
+        if close:
+            return f"did you mean {' or '.join(repr(c) for c in close)}? (`rayft registry list` shows what is published)"
+        return "publish one or check the name (`rayft registry list` shows what is published)"
 
     def _read_manifest(self, name: str, version: int) -> Manifest:
         key = self._manifest_key(name, version)
@@ -265,16 +278,21 @@ class Registry:
 
     def list(self, *, all_versions: bool = False) -> list[Manifest]:
         """Manifests of the latest version of every name (or of every version), sorted by name, version."""
-        found: dict[str, list[int]] = {}
-        for key in self.store.list(REGISTRY_ROOT):
-            parts = key.split("/")
-            if len(parts) == 4 and parts[3] == "manifest.json" and _is_version(parts[2]) and _is_name(parts[1]):
-                found.setdefault(parts[1], []).append(int(parts[2]))
+        found = self._published()
         manifests = []
         for name in sorted(found):
             chosen = sorted(found[name]) if all_versions else [max(found[name])]
             manifests.extend(self._read_manifest(name, version) for version in chosen)
         return manifests
+
+    def _published(self) -> dict[str, list[int]]:
+        """Published versions by name, from one listing of the registry."""
+        found: dict[str, list[int]] = {}
+        for key in self.store.list(REGISTRY_ROOT):
+            parts = key.split("/")
+            if len(parts) == 4 and parts[3] == "manifest.json" and _is_version(parts[2]) and _is_name(parts[1]):
+                found.setdefault(parts[1], []).append(int(parts[2]))
+        return found
 
     def show(self, ref: str) -> dict[str, Any]:
         """A JSON-ready description of one version: the manifest plus ref, files URI and total size."""

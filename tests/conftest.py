@@ -80,6 +80,26 @@ def local_uri(tmp_path: Path) -> str:
     return str(tmp_path / "store")
 
 
+@pytest.fixture
+def enforced_auth(s3_server: S3Server) -> Iterator[None]:
+    """Make the S3 server check credentials (it accepts any by default), then restore."""
+    import json
+    import urllib.request
+
+    def set_free_requests(count: str) -> None:
+        request = urllib.request.Request(
+            f"{s3_server.endpoint_url}/moto-api/reset-auth", data=count.encode(), method="POST", headers={"Content-Type": "text/plain"}
+        )
+        with urllib.request.urlopen(request) as response:
+            json.load(response)
+
+    set_free_requests("0")
+    try:
+        yield
+    finally:
+        set_free_requests("inf")
+
+
 # ============================ end of storage fixtures ========================
 
 
@@ -161,8 +181,9 @@ def serve_http(ray_session: None) -> Iterator[str]:
 # ============================ end of Ray Serve fixtures ======================
 
 
-def run_cli_isolated(args: list[str], cwd=None) -> tuple[int, str, bool]:
-    """Run `rayft ARGS` in a fresh interpreter; returns (exit code, stderr, whether Ray got started).
+def run_cli_isolated(args: list[str], cwd=None, env: dict[str, str] | None = None) -> tuple[int, str, bool]:
+    """Run `rayft ARGS` in a fresh interpreter (with `env`, default this one's); returns (exit code, stderr,
+    whether Ray got started).
 
     In-process, the session's Ray instance may already be up, so "refused before starting Ray"
     can only be observed in a process of its own.
@@ -170,12 +191,28 @@ def run_cli_isolated(args: list[str], cwd=None) -> tuple[int, str, bool]:
     import subprocess
     import sys
 
-    code = (
-        "import sys, ray\n"
+    code = (  # ray is not imported here: a command that never imports it has not started it (and runs faster)
+        "import sys\n"
         "from cluster.cli import main\n"
         f"rc = main({args!r})\n"
-        "sys.stdout.write('RAY_STARTED=%s\\n' % ray.is_initialized())\n"
+        "ray = sys.modules.get('ray')\n"
+        "sys.stdout.write('RAY_STARTED=%s\\n' % bool(ray and ray.is_initialized()))\n"
         "sys.exit(rc)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd or Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd or Path(__file__).resolve().parents[1],
+                          env=env)
     return proc.returncode, proc.stderr, "RAY_STARTED=True" in proc.stdout
+
+
+# =============================================================================
+# A Ray head of its own (owner: cluster/): `ray start --head` with token auth on free ports, for the
+# tests of `rayft submit`/`jobs` and of `--address`; one per session (it takes ~10-20 s to start).
+# =============================================================================
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    from tests.ray_head import running_head
+
+    with running_head() as head:
+        yield head

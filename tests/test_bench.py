@@ -20,7 +20,7 @@ from bench.common import markdown_table, result_name
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES = ["memory_bench", "plan_vs_measured", "overhead_bench", "methods_bench", "serve_bench", "serve_engines_bench",
-           "dpo_bench"]
+           "dpo_bench", "eval_bench"]
 
 
 def test_runner_finds_every_bench_cheap_ones_first() -> None:

@@ -237,7 +237,7 @@ def test_every_command_group_takes_its_options_after_the_action_too():
 def test_validate_recognises_every_example(path, capsys):
     code, out, err = rayft(capsys, "validate", str(REPO / "examples" / path))
     assert code == 0, err
-    expected = {"serve.yaml": "serve spec", "tune-lora.yaml": "tune job"}.get(path, "job spec")
+    expected = {"serve.yaml": "serve spec", "serve-vllm.yaml": "serve spec", "tune-lora.yaml": "tune job"}.get(path, "job spec")
     assert out.startswith(f"OK: {REPO / 'examples' / path}: {expected}:"), out
 
 

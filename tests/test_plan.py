@@ -304,16 +304,22 @@ def test_preflight_passes_a_tiny_job_on_this_host(tmp_path, tiny_model_dir):
     assert result is not None and result.fits is True and result.request.hardware.device == "cpu"
 
 
-def test_rayft_train_refuses_before_starting_ray(tmp_path, capsys):
+def test_rayft_train_refuses_before_starting_ray(tmp_path, capsys, monkeypatch):
     from cluster.cli import main
 
-    job = _job_yaml(tmp_path, LLAMA_7B, {"name": "full"}, resources={"use_gpu": False})
+    # Inputs are resolved before the plan: a model directory (its config is all the planner reads) and a data file.
+    model = tmp_path / "llama-7b"
+    model.mkdir()
+    (model / "config.json").write_text(Path(LLAMA_7B).read_text())
+    (tmp_path / "unused.jsonl").write_text('{"text": "x"}\n')
+    monkeypatch.chdir(tmp_path)
+    job = _job_yaml(tmp_path, str(model), {"name": "full"}, resources={"use_gpu": False})
     assert main(["train", str(job)]) == 2
     err = _error_lines(capsys, "train")
     assert len(err) == 1 and "job does not fit" in err[0] and "--force" in err[0]
     from tests.conftest import run_cli_isolated
 
-    rc, stderr, ray_started = run_cli_isolated(["train", str(job)])
+    rc, stderr, ray_started = run_cli_isolated(["train", str(job)], cwd=tmp_path)
     assert rc == 2 and "job does not fit" in stderr and not ray_started
 
 

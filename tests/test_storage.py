@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import socket
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,24 +179,6 @@ def test_missing_credentials_message(s3_uri: str, monkeypatch: pytest.MonkeyPatc
     store = open_store(s3_uri)
     with pytest.raises(StorageError, match=r"no usable AWS credentials.*AWS_ACCESS_KEY_ID"):
         store.get_bytes("k")
-
-
-@pytest.fixture
-def enforced_auth(s3_server: S3Server) -> Iterator[None]:
-    """Make the S3 server check credentials (it accepts any by default), then restore."""
-
-    def set_free_requests(count: str) -> None:
-        request = urllib.request.Request(
-            f"{s3_server.endpoint_url}/moto-api/reset-auth", data=count.encode(), method="POST", headers={"Content-Type": "text/plain"}
-        )
-        with urllib.request.urlopen(request) as response:
-            json.load(response)
-
-    set_free_requests("0")
-    try:
-        yield
-    finally:
-        set_free_requests("inf")
 
 
 def test_bad_credentials_message(s3_uri: str, enforced_auth: None) -> None:

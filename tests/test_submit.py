@@ -1,51 +1,29 @@
 """`rayft submit` and `rayft jobs` against a real Ray head with token auth on.
 
-The head is a cluster of its own (`ray start --head --block` on 127.0.0.1, free ports, its own
-temp dir and token), separate from the session's in-process Ray. It gets no storage or AWS
-variables of its own, so a job reaches the S3 API server only through the runtime env that
-`rayft submit` builds, as on a real cluster. Every CLI call runs as a subprocess with its own
-environment — what a user types, with the cluster's token in RAY_AUTH_TOKEN.
+The head is a cluster of its own (the session's `ray_head` fixture, tests/ray_head.py), separate
+from the session's in-process Ray. It gets no storage or AWS variables of its own, so a job reaches
+the S3 API server only through the runtime env that `rayft submit` builds, as on a real cluster,
+and rayft is not on its PATH. Every CLI call runs as a subprocess with its own environment — what a
+user types, with the cluster's token in RAY_AUTH_TOKEN.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import random
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cluster.auth import AuthToken, ClusterAuthError, find_auth_token
 from cluster.cli import main
-from cluster.submit import (
-    DEFAULT_EXCLUDES,
-    AuthToken,
-    ClusterAuthError,
-    JobsClient,
-    SubmitError,
-    SubmitOptions,
-    WorkingDirTooLarge,
-    check_package_size,
-    endpoint_notes,
-    find_auth_token,
-    jobs_api_address,
-    last_error_line,
-    packed_paths,
-    prepare_submission,
-)
-
-VENV_BIN = Path(sys.executable).parent
+from cluster.follow import last_error_line
+from cluster.jobs_client import SubmitError, jobs_api_address
+from cluster.packaging import DEFAULT_EXCLUDES, WorkingDirTooLarge, check_package_size, packed_paths
+from cluster.submission import SubmitOptions, endpoint_notes, prepare_submission
+from tests.ray_head import Head, rayft, user_env
 
 
 # =============================================================================
@@ -122,7 +100,9 @@ def test_runtime_env_forwards_storage_settings_but_credentials_only_when_asked(t
     assert ".venv" in env["excludes"] and ".git" in env["excludes"]
     assert env["env_vars"] == {"RAYFT_STORAGE": "s3://bucket/prefix", "AWS_ENDPOINT_URL": "http://minio:9000",
                                "AWS_REGION": "eu-west-1", "PYTHONUNBUFFERED": "1"}
-    assert plain.entrypoint() == "rayft train job.yaml"
+    assert plain.command_line() == "rayft train job.yaml"
+    # Run by the cluster's own Python (rayft need not be on the cluster's PATH).
+    assert plain.entrypoint().endswith('exec "$py" -m cluster.cli train job.yaml')
     assert plain.submission_id.startswith("rayft-train-an-adapter-")
 
     asked = prepare_submission(
@@ -134,7 +114,7 @@ def test_runtime_env_forwards_storage_settings_but_credentials_only_when_asked(t
     assert env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "shh" and env["env_vars"]["HF_TOKEN"] == "hf_x"
     assert env["env_vars"]["LOG_LEVEL"] == "debug" and "OTHER" not in env["env_vars"]
     assert env["pip"] == ["peft==0.21.2"]
-    assert asked.entrypoint() == "rayft train job.yaml --merge --storage s3://other/p"
+    assert asked.command_line() == "rayft train job.yaml --merge --storage s3://other/p"
     assert any("credentials" in note for note in asked.notes)
 
     own = prepare_submission(SubmitOptions(job="job.yaml", forward_env=False), environ=environ, cwd=tmp_path)
@@ -205,135 +185,8 @@ def test_last_error_line_finds_the_drivers_error() -> None:
 
 
 # =============================================================================
-# A real head: ray start --head with token auth, on ports of its own.
+# A real head: ray start --head with token auth, on ports of its own (the session's `ray_head`).
 # =============================================================================
-
-
-@dataclass(frozen=True)
-class Head:
-    address: str
-    token: str
-
-    def client(self) -> JobsClient:
-        return JobsClient(self.address, AuthToken(self.token, "test"))
-
-
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct free ports: all held open at once, so the OS cannot hand out one twice."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _free_port_range(count: int) -> tuple[int, int]:
-    """`count` consecutive free ports for the head's workers, away from the session Ray's default range."""
-    for _ in range(50):
-        base = random.randrange(20000, 29000)
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base, base + count - 1
-        except OSError:
-            continue
-    raise RuntimeError("no free port range for the Ray head's workers")
-
-
-_PORT_FLAGS = ("--port", "--node-manager-port", "--object-manager-port", "--ray-client-server-port",
-               "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-               "--metrics-export-port", "--dashboard-port")
-
-
-def _head_command(temp_dir: Path, ports: dict[str, int]) -> list[str]:
-    low, high = _free_port_range(60)
-    assert not any(low <= port <= high for port in ports.values())
-    return [
-        str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--object-store-memory=100000000",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", *(f"{flag}={port}" for flag, port in ports.items()),
-        f"--min-worker-port={low}", f"--max-worker-port={high}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-    ]
-
-
-def _head_env(token: str, home: Path) -> dict[str, str]:
-    """The head's own environment: auth on with its token, rayft on PATH, and no storage or AWS settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "RAYFT_"))}
-    env.update(
-        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAYFT_HOME=str(home), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-        AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true",
-        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
-    )
-    return env
-
-
-def _wait_until_up(head: Head, proc: subprocess.Popen, log: Path, timeout_s: float = 150) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{head.address}/api/version", headers={"Authorization": f"Bearer {head.token}"}, timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"Ray head did not answer within {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")
-
-
-def _stop_head(proc: subprocess.Popen, token: str) -> None:
-    """Stop this head and only it: `ray stop` would kill every Ray on the machine, the session's too.
-
-    `ray start --block` shuts its processes down on SIGTERM; anything left is found by the
-    session the head was started in, or by the head's unique token in a job's environment.
-    """
-    import psutil
-
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=8)
-    except subprocess.TimeoutExpired:
-        pass
-    leftovers = []
-    for p in psutil.process_iter():
-        try:
-            if p.pid != os.getpid() and (os.getsid(p.pid) == proc.pid or p.environ().get("RAY_AUTH_TOKEN") == token):
-                leftovers.append(p)
-        except (psutil.Error, OSError):
-            continue
-    for p in leftovers:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(leftovers, timeout=10)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[Head]:
-    # Short temp dir: Ray's unix socket paths live under it and must stay under ~107 characters.
-    temp_dir = Path(tempfile.mkdtemp(prefix="rayft-head-", dir="/tmp"))
-    token = secrets.token_hex(32)
-    ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
-    head = Head(f"http://127.0.0.1:{ports['--dashboard-port']}", token)
-    log = temp_dir / "ray-start.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(_head_command(temp_dir / "ray", ports), env=_head_env(token, temp_dir / "home"),
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_until_up(head, proc, log)
-        yield head
-    finally:
-        _stop_head(proc, token)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -352,18 +205,6 @@ def jobs_storage(s3_server, tiny_model_dir: Path) -> Iterator[str]:
         for item in page.get("Contents", []):
             client.delete_object(Bucket=bucket, Key=item["Key"])
     client.delete_bucket(Bucket=bucket)
-
-
-def rayft(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def user_env(home: Path, **extra: str) -> dict[str, str]:
-    """A user's shell: this session's S3 settings (endpoint, test credentials), no Ray variables, its own HOME."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HOME=str(home), **extra)
-    return env
 
 
 def job_dir(root: Path, reverse_data: Path, storage: str, name: str, train: str = "data/reverse.jsonl") -> Path:
@@ -397,7 +238,7 @@ def test_submit_runs_a_lora_job_with_auth_on_and_publishes_its_adapter(
     # The job ran with what `rayft submit` gave it, and nothing more.
     job_id = out.split("[rayft] submitted job ", 1)[1].split()[0]
     details = ray_head.client().info(job_id)
-    assert details.entrypoint == "rayft train job.yaml"
+    assert details.entrypoint.endswith('-m cluster.cli train job.yaml') and details.metadata["rayft_command_line"] == "rayft train job.yaml"
     assert details.runtime_env["env_vars"]["RAYFT_STORAGE"] == jobs_storage
 
 
@@ -413,8 +254,9 @@ def test_a_failing_job_exits_non_zero_and_shows_why(
 
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "note: data.train is the absolute path /nonexistent/rayft-test/train.jsonl" in result.stdout
-    assert "FAILED" in result.stderr
-    assert "rayft train: error: data.train: '/nonexistent/rayft-test/train.jsonl' does not exist" in result.stderr
+    # One line: the worker's own error, without its `rayft train: error:` prefix, after the job's state.
+    assert "rayft submit: error: job " in result.stderr
+    assert " FAILED: data.train: '/nonexistent/rayft-test/train.jsonl' does not exist" in result.stderr
     job_id = result.stdout.split("[rayft] submitted job ", 1)[1].split()[0]
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head.token)

@@ -37,31 +37,23 @@ def test_without_vllm_installed_engine_vllm_fails_validation_with_one_line(monke
 def test_every_vllm_setting_problem_is_reported_at_once():
     problems = problems_of({
         "engine": "vllm",
-        "vllm": {"max_lora_rank": 12, "max_loras": 8, "max_cpu_loras": 4,
-                 "engine_kwargs": {"dtype": "half", "max_num_seq": 4, "enable_prefix_caching": True}},
+        "vllm": {"max_lora_rank": 12, "engine_kwargs": {"dtype": "half", "max_num_seq": 4, "enable_prefix_caching": True}},
         "base": {**BASE, "deployment": {"gpus": 0.5}},
         "merged": [{"name": "m", "source": "registry:m", "deployment": {"cpus": 0.5}}],
         "api": {"max_body_bytes": 1},
     })
-    text = "\n".join(problems)
-    assert "vllm.max_lora_rank: got 12, must be one of 1, 8, 16" in text
-    assert "api.max_body_bytes: got 1" in text
-    # max_lora_rank was invalid, so the cross-field check of the vllm section waits for it; fix it and the rest shows
-    problems = problems_of({
-        "engine": "vllm",
-        "vllm": {"max_loras": 8, "max_cpu_loras": 4, "engine_kwargs": {"dtype": "half", "max_num_seq": 4, "enable_prefix_caching": True}},
-        "base": {**BASE, "deployment": {"gpus": 0.5}},
-        "merged": [{"name": "m", "source": "registry:m", "deployment": {"cpus": 0.5}}],
-        "api": {"max_body_bytes": 1},
-    })
-    assert problems[0].startswith("api.max_body_bytes")
-    assert problems[1:] == [
-        "vllm.max_cpu_loras (4) is below vllm.max_loras (8): vLLM keeps at least the adapters of one batch in host memory",
-        "base.deployment.gpus is 0.5: vLLM runs a replica on whole GPUs (or gpus: 0 for CPU)",
-        "merged[m].deployment.cpus is 0.5: a vLLM replica on CPU needs at least 1 CPU",
+    assert problems == [
+        "api.max_body_bytes: got 1, must be ≥ 1024",
+        "vllm.max_lora_rank: got 12, must be one of 1, 8, 16, 32, 64, 128, 256, 320 or 512",
         "vllm.engine_kwargs.dtype: rayft sets it from base.dtype; set that instead",
         "vllm.engine_kwargs.max_num_seq: not an engine argument of the installed vLLM; did you mean max_num_seqs?",
+        "base.deployment.gpus is 0.5: vLLM runs a replica on whole GPUs (or gpus: 0 for CPU)",
+        "merged[m].deployment.cpus is 0.5: a vLLM replica on CPU needs at least 1 CPU",
     ]  # enable_prefix_caching is a real vLLM argument: passed through
+    assert problems_of({"engine": "vllm", "base": BASE, "vllm": {"max_loras": 8, "max_cpu_loras": 4}}) == [
+        "vllm.max_cpu_loras (4) is below vllm.max_loras (8): vLLM keeps at least the adapters of one batch in host memory"]
+    assert problems_of({"engine": "vllm", "base": {**BASE, "deployment": {"gpus": 1}}, "vllm": {"tensor_parallel_size": 2}}) == [
+        "base.deployment.gpus is 1.0: vllm.tensor_parallel_size 2 splits each model over that many whole GPUs; set gpus to it"]
 
 
 def test_vllm_settings_without_engine_vllm_are_refused():

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage.errors import RayftError
+from storage.errors import RayftError, RunFailed, root_cause
 from storage.registry import Manifest, Registry
 from storage.store import default_storage_uri, open_store, pyarrow_filesystem
 from trainers.loop import train_func
@@ -19,10 +19,8 @@ from trainers.spec import JobSpec
 from trainers.state_io import load_state
 
 
-class TrainingFailed(RayftError):
+class TrainingFailed(RunFailed):
     """The run ended in error after its allowed restarts; the message carries the original error."""
-
-    http_status = 500
 
 
 @dataclass
@@ -33,6 +31,7 @@ class TrainResult:
     checkpoint: object = None  # ray.train.Checkpoint of the final step
     manifests: list[Manifest] = field(default_factory=list)
     wall_s: float = 0.0
+    model_dir: str | None = None  # the base model as the driver resolved it (publishing and eval reuse it)
 
 
 def new_run_id(spec: JobSpec) -> str:
@@ -145,19 +144,27 @@ def run_training(
     try:
         result = build_trainer(spec, run_id, storage_uri, faults).fit()
     except ray.train.TrainingFailedError as exc:
-        raise TrainingFailed(f"run {run_id} failed: {root_cause(exc)}") from None
+        raise TrainingFailed(f"run {run_id} failed: {root_cause(exc)}") from exc  # the cause: for --verbose
     if result.error is not None:
-        raise TrainingFailed(f"run {run_id} failed: {root_cause(result.error)}")
+        raise TrainingFailed(f"run {run_id} failed: {root_cause(result.error)}") from result.error
     if result.checkpoint is None:
         raise TrainingFailed(f"run {run_id} finished without a checkpoint")
     checkpoint, metrics = final_checkpoint(result, storage_uri, run_id)
-    out = TrainResult(run_id=run_id, metrics=metrics, checkpoint_path=checkpoint.path, checkpoint=checkpoint)
+    out = TrainResult(run_id=run_id, metrics=metrics, checkpoint_path=checkpoint.path, checkpoint=checkpoint, model_dir=model_dir)
     if publish:
-        registry = Registry(open_store(storage_uri))
-        with checkpoint_for_publishing(checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="rayft-publish-") as work:
-            out.manifests = publish_run(spec, registry, Path(ckpt), model_dir, metrics, run_id, Path(work))
+        out.manifests = publish_result(spec, out, storage_uri)
     out.wall_s = time.perf_counter() - t0
     return out
+
+
+def publish_result(spec: JobSpec, result: TrainResult, storage_uri: str, extra_metrics: dict | None = None) -> list[Manifest]:
+    """Publish a finished run's final checkpoint (a run trained with publish=False, e.g. one that had to pass its
+    gates first); `extra_metrics` join the training metrics in the manifest."""
+    registry = Registry(open_store(storage_uri))
+    model_dir = result.model_dir or resolve_model_dir(spec.model.source, storage_uri)
+    metrics = {**result.metrics, **(extra_metrics or {})}
+    with checkpoint_for_publishing(result.checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="rayft-publish-") as work:
+        return publish_run(spec, registry, Path(ckpt), model_dir, metrics, result.run_id, Path(work))
 
 
 def final_checkpoint(result, storage_uri: str, run_id: str):
@@ -200,13 +207,3 @@ def with_absolute_paths(spec: JobSpec) -> JobSpec:
 
 class DataNotFound(RayftError):
     """A local data file named by the job spec does not exist."""
-
-
-def root_cause(error: BaseException) -> str:
-    """The worker's own error line (e.g. `DataError: file:3: ...`), without Ray's wrapping."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in reversed(lines):
-        head = line.split(":", 1)[0]
-        if head.endswith(("Error", "Exception", "Failed", "Interrupt")) or head.startswith("trainers."):
-            return line
-    return lines[-1] if lines else repr(error)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from storage.configs import ConfigError, raw_get, read_yaml, short as _short, validation_problems
 from storage.errors import RayftError
 from storage.safety import validate_name
+from trainers.eval_spec import EvalSpec, eval_problems
 from trainers.methods import MethodConfig, known_traits, method_problems, traits
 from trainers.objectives import OBJECTIVES, PREFERENCE_OBJECTIVES, ObjectiveConfig
 from trainers.tune_spec import TuneSpec, tune_problems
@@ -200,6 +201,11 @@ def _zero_extra_problems(zero: Any) -> list[str]:
 class OutputSpec(_Strict):
     name: str = Field(description="Registry name the result is published under (a new version each run).")
     merge: bool = Field(False, description="Also publish the merged full model as `<name>-merged`.")
+    require: dict[str, str] = Field(
+        default_factory=dict,
+        description='Gates on eval metrics, e.g. {exact_match: ">= 0.8"}: publish only if every one holds (needs an eval: '
+        "section); otherwise the run fails with the figure and the threshold, and the adapter stays under runs/.",
+    )
 
 
 class StorageSpec(_Strict):
@@ -226,6 +232,9 @@ class JobSpec(_Strict):
     output: OutputSpec
     storage: StorageSpec = Field(default_factory=StorageSpec)
     tune: TuneSpec | None = Field(None, description="The search `rayft tune` runs over this job (trainers/tune_spec.py); ignored by `rayft train`.")
+    eval: EvalSpec | None = Field(
+        None, description="Score generations after training (trainers/eval_spec.py); results go into the published manifest and the run's folder."
+    )
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -299,6 +308,7 @@ def cross_field_problems(raw: dict) -> list[str]:
     problems += deepspeed_extra_problems(ds_extra)
     problems += objective_problems(raw)
     problems += tune_problems(raw)
+    problems += eval_problems(raw)
     return problems
 
 

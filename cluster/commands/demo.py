@@ -1,7 +1,8 @@
 """`rayft demo`: the whole flow on local Ray against an embedded S3 server.
 
-Builds a tiny base model, publishes it, fine-tunes two adapters on Ray Train, shows the
-registry, then serves both adapters multiplexed and queries them through the OpenAI client.
+Builds a tiny base model, publishes it, fine-tunes two adapters on Ray Train, scores them against
+the base on held-out rows (`rayft eval`), shows the registry, then serves both adapters multiplexed
+and queries them through the OpenAI client.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
         banner(f"2. tiny base model published as {base.name}@{base.version} ({base.total_size:,} bytes)")
 
         adapters = train_demo_adapters(storage, args.steps, args.lr)
+        eval_demo_adapters(storage, base.ref, [m.ref for m in adapters], work)
         merged = merge_demo_adapters(registry, [m.name for m in adapters])
-        banner("5. registry")
+        banner("6. registry")
         print(format_table(registry.list()), flush=True)
         if not args.no_serve:
             serve_and_query(storage, [m.name for m in adapters] + [merged.name])
@@ -64,16 +66,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_demo_adapters(storage: str, steps: int, lr: float):
+    from cluster.ray_connect import prepare
     from trainers.run import run_training
-    from trainers.spec import load_job_spec
+    from trainers.spec import JobSpec, load_job_spec
+
+    prepare(None)  # a local Ray; only rayft's lines of what its workers print reach the console
 
     manifests = []
     for job in ("examples/lora.yaml", "examples/upper-lora.yaml"):
-        spec = load_job_spec(job)
-        training = spec.training.model_copy(update={
-            "max_steps": steps, "lr": lr, "eval_every": steps // 2, "checkpoint_every": steps // 2, "log_every": steps // 4,
-        })
-        spec = spec.model_copy(update={"training": training, "storage": spec.storage.model_copy(update={"uri": storage})})
+        raw = load_job_spec(job).model_dump(mode="json")
+        # warmup must stay below max_steps when --steps is small (a 4-step smoke run)
+        raw["training"].update(max_steps=steps, lr=lr, eval_every=max(1, steps // 2), checkpoint_every=max(1, steps // 2),
+                               log_every=max(1, steps // 4), warmup_steps=min(raw["training"]["warmup_steps"], steps // 10))
+        raw["storage"]["uri"] = storage
+        spec = JobSpec.model_validate(raw)  # the edited spec is validated like the file was
         banner(f"3. fine-tuning {spec.output.name} ({spec.method.name}) on Ray Train: {job}")
         result = run_training(spec)
         from cluster.commands.train import print_summary
@@ -83,10 +89,23 @@ def train_demo_adapters(storage: str, steps: int, lr: float):
     return manifests
 
 
+def eval_demo_adapters(storage: str, base: str, adapters: list[str], work: Path) -> None:
+    """The base and both adapters on the same held-out rows (half reverse, half upper): one actor, one base load."""
+    from evaluation.runner import evaluate
+    from trainers.eval_spec import EvalSpec
+
+    data = "examples/data/demo-heldout.jsonl"
+    banner(f"4. rayft eval: {base} vs {' vs '.join(adapters)} on {data}")
+    spec = EvalSpec.model_validate({"data": data, "metrics": ["exact_match", "chrf"], "max_tokens": 8})
+    report = evaluate([base, *adapters], spec, storage_uri=storage)
+    print(report.table(), flush=True)
+    print(f"(each adapter knows its own task: half the rows; plot: {report.plot(work / 'eval.png')})", flush=True)
+
+
 def merge_demo_adapters(registry, names: list[str]):
     from trainers.merge import merge_adapters, parse_merge_options
 
-    banner(f"4. merging {' + '.join(names)} with TIES into one adapter")
+    banner(f"5. merging {' + '.join(names)} with TIES into one adapter")
     options = parse_merge_options({"sources": names, "into": "reverse-upper-ties", "method": "ties", "density": 0.5})
     result = merge_adapters(options, registry)
     print(f"published {result.manifest.name}@{result.manifest.version} (r={result.rank})", flush=True)
@@ -96,5 +115,5 @@ def merge_demo_adapters(registry, names: list[str]):
 def serve_and_query(storage: str, adapter_names: list[str]) -> None:
     from cluster.serve_demo import run_demo_queries
 
-    banner("6. Ray Serve: base model + multiplexed adapters behind the OpenAI API")
+    banner("7. Ray Serve: base model + multiplexed adapters behind the OpenAI API")
     run_demo_queries(storage, base="tiny-llama", adapters=adapter_names)

@@ -23,9 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.submit import JobsClient
+    from cluster import console
+    from cluster.jobs_client import JobsClient
 
     client = JobsClient.connect(args.address)
+    console.quiet_ray_driver()  # Ray's INFO lines about uploads
     if args.action == "list":
         print(format_jobs(client.list()))
     elif args.action == "status":
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         if args.follow:
             from cluster.commands.submit import follow_and_report
 
-            return follow_and_report(client, args.job_id)
+            return follow_and_report(client, args.job_id, "jobs")
         sys.stdout.write(client.logs(args.job_id))
     elif args.action == "stop":
         if client.stop(args.job_id):
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_status(info) -> str:
-    from cluster.submit import format_time
+    from cluster.jobs_client import format_time
 
     rows = [
         ("job", info.submission_id or info.job_id or "-"),
@@ -61,7 +63,7 @@ def format_status(info) -> str:
 
 
 def format_jobs(jobs) -> str:
-    from cluster.submit import format_time
+    from cluster.jobs_client import format_time
 
     if not jobs:
         return "(no jobs)"

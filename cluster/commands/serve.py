@@ -7,11 +7,15 @@ import os
 import signal
 import threading
 
-from storage.errors import RayftError
+from storage.errors import RayftError, RunFailed, root_cause
 
 
-class DeployFailed(RayftError):
+class DeployFailed(RunFailed):
     """The Serve application did not come up (a replica failed to start); the message says why."""
+
+
+class ServeUsageError(RayftError):
+    """A serve option that cannot work (a port in use, --detach without a cluster)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,13 +35,16 @@ def run(args: argparse.Namespace) -> int:
     spec = load_serve_spec(args.spec)  # every problem in the file, before Ray is touched
     address = args.address or os.environ.get("RAY_ADDRESS")
     if args.detach and not address:
-        raise DeployFailed(
+        raise ServeUsageError(
             "--detach leaves the application on a running Ray cluster, and a local Ray ends with this command: "
             "pass --address (or set RAY_ADDRESS), or drop --detach"
         )
     if not address:
         # Only for a local Ray: a cluster's replicas may see storage this machine cannot.
         preflight(spec)
+        check_port_free(args.host, args.port)  # a local Ray starts Serve's proxy here: its port must be free
+    from cluster.ray_connect import connect
+
     connect(address)
     url = deploy(spec, host=args.host, port=args.port, name=args.name)
     print(f"[rayft] serving on {url}/v1", flush=True)
@@ -95,19 +102,27 @@ def preflight(spec) -> None:
             except RayftError as err:
                 problems.append(f"merged[{i}].adapter: {err}")
     if problems:
-        raise DeployFailed("the serve spec names what storage does not hold:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ServeUsageError("the serve spec names what storage does not hold:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def connect(address: str | None) -> None:
-    """Connect to `address`, or start a local Ray instance (which lives as long as this process)."""
-    import ray
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a --port something already listens on: Serve's proxy would fail to bind, with a traceback."""
+    import errno
+    import socket
 
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise port_in_use(host, port) from None
+            raise ServeUsageError(f"--host {host} --port {port}: cannot listen there ({err.strerror}); choose another") from None
+
+
+def port_in_use(host: str, port: int) -> ServeUsageError:
+    return ServeUsageError(f"port {port} on {host} is already in use (another server, or another rayft serve); "
+                           "choose a free one with --port")
 
 
 def deploy(spec, *, host: str = "127.0.0.1", port: int = 8000, name: str = "rayft") -> str:
@@ -118,23 +133,18 @@ def deploy(spec, *, host: str = "127.0.0.1", port: int = 8000, name: str = "rayf
     """
     from ray import serve
 
+    from cluster import console
     from serve.app import build_app
 
-    serve.start(http_options={"host": host, "port": port})
+    console.quiet_ray_driver()
+    logging_config = console.serve_logging_config()
     try:
-        serve.run(build_app(spec), name=name, route_prefix="/", blocking=False)
+        serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+        serve.run(build_app(spec), name=name, route_prefix="/", blocking=False, logging_config=logging_config)
     except RuntimeError as exc:
+        if "Failed to bind to address" in str(exc):
+            raise port_in_use(host, port) from exc
         serve.delete(name)
-        raise DeployFailed(f"application {name!r} did not start: {root_cause(exc)}") from None
+        raise DeployFailed(f"application {name!r} did not start: {root_cause(exc)}") from exc
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}"
-
-
-def root_cause(error: BaseException) -> str:
-    """The replica's own error line (e.g. `NotFound: no published version ...`), without Serve's wrapping."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in reversed(lines):
-        head = line.split(":", 1)[0]
-        if head.rsplit(".", 1)[-1].endswith(("Error", "Exception", "NotFound", "NotServable", "Failed")):
-            return line
-    return lines[-1] if lines else repr(error)

@@ -8,6 +8,7 @@ STOPPED. `--no-wait` prints the job id and returns; `rayft jobs status|logs|stop
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 
@@ -45,28 +46,32 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.submit import JobsClient, SubmitOptions, endpoint_notes, prepare_submission, submit_job
+    from cluster import console
+    from cluster.jobs_client import JobsClient
+    from cluster.submission import SubmitOptions, endpoint_notes, prepare_submission, submit_job
 
     extra = shlex.split(args.args) + (["--merge"] if args.merge else []) + (["--force"] if args.force else [])
+    extra += ["--verbose"] if args.verbose else []
     job = prepare_submission(SubmitOptions(
         command=args.command, job=args.job, args=extra, working_dir=args.working_dir, excludes=args.exclude,
         env=args.env, env_from_local=args.env_from_local, aws_credentials=args.aws_credentials, forward_env=not args.no_forward_env, pip=args.pip,
         image_uri=args.image_uri, storage=args.storage,
-    ))
+    ), check_storage=True)
     client = JobsClient.connect(args.address)
+    console.quiet_ray_driver()  # Ray's INFO lines about uploads
     for note in [*job.notes, *endpoint_notes(job.env_vars, client.address)]:
         print(f"[rayft] note: {note}", flush=True)
     job_id = submit_job(client, job)
-    print(f"[rayft] submitted job {job_id} to {client.address}: {job.entrypoint()}", flush=True)
+    print(f"[rayft] submitted job {job_id} to {client.address}: {job.command_line()}", flush=True)
     if args.no_wait:
         print(job_id)
         return 0
     return follow_and_report(client, job_id)
 
 
-def follow_and_report(client, job_id: str) -> int:
+def follow_and_report(client, job_id: str, command: str = "submit") -> int:
     """Stream the job to the end and print its outcome; Ctrl-C stops following, not the job."""
-    from cluster.submit import follow_job
+    from cluster.follow import follow_job
 
     try:
         outcome = follow_job(client, job_id)
@@ -76,7 +81,10 @@ def follow_and_report(client, job_id: str) -> int:
     if outcome.status == "SUCCEEDED":
         print(f"[rayft] job {job_id} SUCCEEDED", flush=True)
     else:
-        print(f"[rayft] job {job_id} {outcome.status}: {outcome.message}", file=sys.stderr, flush=True)
-        if outcome.error_line:
-            print(f"[rayft]   {outcome.error_line}", file=sys.stderr, flush=True)
+        # One line: the job's own error when its log has one (rayft's error line on the cluster), else Ray's message.
+        why = _ERROR_PREFIX.sub("", outcome.error_line) if outcome.error_line else outcome.message
+        print(f"rayft {command}: error: job {job_id} {outcome.status}: {why}", file=sys.stderr, flush=True)
     return outcome.exit_code
+
+
+_ERROR_PREFIX = re.compile(r"^rayft \w+: error: ")

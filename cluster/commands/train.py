@@ -16,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainers.run import run_training
+    from cluster.ray_connect import prepare
+    from evaluation.pipeline import train_and_publish
+    from trainers.inputs import resolve_inputs
     from trainers.spec import load_job_spec
 
     overrides = {}
@@ -25,7 +27,11 @@ def run(args: argparse.Namespace) -> int:
     if args.storage:
         overrides["storage.uri"] = args.storage
     spec = load_job_spec(args.job, overrides)  # flags validated with the file, once
-    result = run_training(spec, address=args.address, force=args.force)  # plans before starting anything
+    spec = resolve_inputs(spec).spec  # model, data, storage and output name, before Ray starts
+    prepare(args.address)  # the cluster's token checked and set up (Ray not started); Ray's output kept quiet
+    # The top floor runs the job: training (planned first, inside run_training: a job that cannot fit is refused
+    # before anything starts unless --force), then (with an eval: section) evaluation and the output.require gates.
+    result = train_and_publish(spec, address=args.address, force=args.force)
     print_summary(result)
     return 0
 

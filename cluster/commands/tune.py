@@ -21,11 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cluster.cli import UserError
+    from cluster.ray_connect import prepare
+    from trainers.inputs import resolve_inputs
     from trainers.spec import load_job_spec
-    from trainers.tune import resume_search, run_search
 
     if args.resume:
+        from trainers.tune import resume_search
+
         storage = args.storage or (load_job_spec(args.job).storage.uri if args.job else None)
+        prepare(args.address)
         result, resumed = resume_search(args.resume, storage_uri=storage, address=args.address)
         if not resumed:
             print(f"[rayft] search {result.run_id} already finished; nothing to resume")
@@ -33,9 +37,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.job:
         raise UserError("give a job YAML file (rayft tune JOB.yaml), or --resume RUN")
-    spec = load_job_spec(args.job)
-    if args.storage:
-        spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"uri": args.storage})})
+    spec = load_job_spec(args.job, {"storage.uri": args.storage} if args.storage else None)  # the flag validated with the file
+    spec = resolve_inputs(spec).spec  # model, data, storage and output name, before Ray starts
+    from trainers.tune import run_search
+
+    prepare(args.address)
     result = run_search(spec, address=args.address, on_progress=show_progress, source=args.job)
     print_result(result)
     return 0

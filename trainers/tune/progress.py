@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import JsonValue
 from ray.tune import Callback
 
+from storage.errors import root_cause
 from trainers.tune_spec import target_label
 from trainers.tune.results import CHECKPOINT_PATH, METRIC, TrialRecord
 from trainers.tune.space import SearchContext, train_run_id, trial_spec
@@ -20,12 +21,6 @@ from trainers.tune.space import SearchContext, train_run_id, trial_spec
 # Progress: a Tune callback that keeps a record per trial and tells the caller what changed.
 
 ProgressFn = Callable[[list[TrialRecord], str], None]
-
-
-def root_cause(text: str) -> str:
-    from trainers.run import root_cause as root_cause
-
-    return root_cause(RuntimeError(text))
 
 
 class TrialProgress(Callback):

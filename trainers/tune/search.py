@@ -12,7 +12,7 @@ from typing import Any
 
 from ray import tune
 
-from storage.errors import NotFound, RayftError
+from storage.errors import NotFound, RayftError, root_cause
 from storage.models import read_model_config, resolve_model_dir
 from storage.registry import Manifest, Registry
 from storage.store import default_storage_uri, open_store, pyarrow_filesystem
@@ -26,7 +26,6 @@ from trainers.tune.progress import (
     _by_step,
     _from_metrics,
     record_for,
-    root_cause,
 )
 from trainers.tune.results import (
     CHECKPOINT_PATH,

@@ -1,0 +1,129 @@
+"""A client of a Ray cluster's Jobs API: the user's address, the cluster's token, errors as one line."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Mapping
+
+from cluster.auth import AuthToken, ClusterUnreachable, find_auth_token, missing_token_error, refused_token_error
+from storage.errors import NotFound, RayftError, first_line
+
+TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+
+
+class SubmitError(RayftError):
+    """What was asked cannot be submitted (bad option, file outside the working dir, ...)."""
+
+
+class JobNotFound(NotFound):
+    """No job with that id on the cluster."""
+
+
+def jobs_api_address(address: str | None, environ: Mapping[str, str] = os.environ) -> str:
+    """The Jobs API URL from --address, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS; `host:port` gets http://."""
+    chosen = address or environ.get("RAY_API_SERVER_ADDRESS") or environ.get("RAY_ADDRESS")
+    if not chosen:
+        raise SubmitError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS to it")
+    chosen = chosen.strip().rstrip("/")
+    if chosen.startswith("ray://") or chosen == "auto":
+        raise SubmitError(
+            f"address {chosen!r} is a Ray Client / local address; the Jobs API is the head's dashboard "
+            "URL, e.g. http://HEAD:8265"
+        )
+    if "://" not in chosen:
+        chosen = f"http://{chosen}"
+    if not chosen.startswith(("http://", "https://")):
+        raise SubmitError(f"address {chosen!r}: must be an http(s):// URL of the head's dashboard, e.g. http://HEAD:8265")
+    return chosen
+
+
+class JobsClient:
+    """Ray's JobSubmissionClient with the cluster's token, its errors turned into one-line RayftErrors."""
+
+    def __init__(self, address: str, token: AuthToken | None):
+        self.address = address
+        self.token = token
+        headers = {"Authorization": f"Bearer {token.value}"} if token else {}
+        from ray.job_submission import JobSubmissionClient
+
+        # Ray lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override the address it is given;
+        # the address the user chose must win.
+        with self.errors(), _env_removed("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+            self._client = JobSubmissionClient(address, headers=headers)
+
+    @classmethod
+    def connect(cls, address: str | None) -> "JobsClient":
+        """A client for --address / RAY_ADDRESS with the token from the environment or ~/.ray/auth_token."""
+        return cls(jobs_api_address(address), find_auth_token())
+
+    @contextlib.contextmanager
+    def errors(self, job_id: str | None = None) -> Iterator[None]:
+        """Ray's exceptions for auth, connection and unknown jobs, as RayftErrors naming the fix."""
+        from ray.exceptions import AuthenticationError
+
+        try:
+            yield
+        except AuthenticationError as exc:
+            raise self._auth_error(str(exc)) from None
+        except ConnectionError as exc:
+            raise ClusterUnreachable(
+                f"cannot reach a Ray Jobs API at {self.address} ({first_line(exc)}); pass the head's dashboard "
+                "URL (port 8265), reachable from here, e.g. through `kubectl port-forward` or `ray dashboard`"
+            ) from None
+        except RuntimeError as exc:
+            if job_id and "404" in str(exc):
+                raise JobNotFound(f"no job {job_id!r} on the cluster at {self.address}; `rayft jobs list` shows them") from None
+            raise
+
+    def _auth_error(self, detail: str) -> RayftError:
+        return missing_token_error(self.address) if self.token is None else refused_token_error(self.address, self.token, detail)
+
+    def submit(self, entrypoint: str, runtime_env: dict, submission_id: str, metadata: dict[str, str]) -> str:
+        import logging
+
+        # Ray warns on every upload that it now skips .venv/.git by default; so do we, on purpose.
+        logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
+        with self.errors():
+            return self._client.submit_job(
+                entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id, metadata=metadata
+            )
+
+    def info(self, job_id: str):
+        """Ray's JobDetails (status, message, entrypoint, start/end times, ...)."""
+        with self.errors(job_id):
+            return self._client.get_job_info(job_id)
+
+    def status(self, job_id: str) -> str:
+        return str(self.info(job_id).status)
+
+    def logs(self, job_id: str) -> str:
+        with self.errors(job_id):
+            return self._client.get_job_logs(job_id)
+
+    def stop(self, job_id: str) -> bool:
+        """Ask the job to stop; False when it had already ended."""
+        with self.errors(job_id):
+            return self._client.stop_job(job_id)
+
+    def list(self) -> list:
+        with self.errors():
+            return self._client.list_jobs()
+
+    def tail(self, job_id: str):
+        """Async iterator over chunks of the driver's log, from the start, until the job ends."""
+        return self._client.tail_job_logs(job_id)
+
+
+@contextlib.contextmanager
+def _env_removed(*names: str) -> Iterator[None]:
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def format_time(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"

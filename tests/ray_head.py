@@ -1,0 +1,177 @@
+"""A Ray head of its own for tests: `ray start --head --block` on 127.0.0.1 with token auth, free ports,
+its own temp dir and token, separate from the session's in-process Ray; and how to run the CLI as a
+user would against it (a subprocess with a user's environment).
+
+The head gets no storage or AWS variables of its own, and rayft is not on its PATH (as for a head
+started as `.venv/bin/ray start` without activating the venv): a job reaches the S3 API server only
+through what `rayft submit` gives it, and runs rayft only through the cluster's own Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cluster.auth import AuthToken
+from cluster.jobs_client import JobsClient
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Head:
+    address: str  # the Jobs API (dashboard) URL
+    token: str
+    gcs_address: str  # what `ray.init(address=...)` takes
+
+    def client(self) -> JobsClient:
+        return JobsClient(self.address, AuthToken(self.token, "test"))
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: all held open at once, so the OS cannot hand out one twice."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _free_port_range(count: int) -> tuple[int, int]:
+    """`count` consecutive free ports for the head's workers, away from the session Ray's default range."""
+    for _ in range(50):
+        base = random.randrange(20000, 29000)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base, base + count - 1
+        except OSError:
+            continue
+    raise RuntimeError("no free port range for the Ray head's workers")
+
+
+_PORT_FLAGS = ("--port", "--node-manager-port", "--object-manager-port", "--ray-client-server-port",
+               "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+               "--metrics-export-port", "--dashboard-port")
+
+
+def _head_command(temp_dir: Path, ports: dict[str, int]) -> list[str]:
+    low, high = _free_port_range(60)
+    assert not any(low <= port <= high for port in ports.values())
+    return [
+        str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--object-store-memory=100000000",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", *(f"{flag}={port}" for flag, port in ports.items()),
+        f"--min-worker-port={low}", f"--max-worker-port={high}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]
+
+
+
+def _head_env(token: str, home: Path) -> dict[str, str]:
+    """The head's own environment: auth on with its token, no storage or AWS settings, no venv on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "RAYFT_", "VIRTUAL_ENV"))}
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != VENV_BIN.resolve()]
+    env.update(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAYFT_HOME=str(home), PATH=os.pathsep.join(path),
+        AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true",
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
+    )
+    return env
+
+
+def _wait_until_up(head: Head, proc: subprocess.Popen, log: Path, timeout_s: float = 150) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{head.address}/api/version", headers={"Authorization": f"Bearer {head.token}"}, timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"Ray head did not answer within {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")
+
+
+def _stop_head(proc: subprocess.Popen, token: str) -> None:
+    """Stop this head and only it: `ray stop` would kill every Ray on the machine, the session's too.
+
+    `ray start --block` shuts its processes down on SIGTERM; anything left is found by the
+    session the head was started in, or by the head's unique token in a job's environment.
+    """
+    import psutil
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=8)
+    except subprocess.TimeoutExpired:
+        pass
+    leftovers = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and (os.getsid(p.pid) == proc.pid or p.environ().get("RAY_AUTH_TOKEN") == token):
+                leftovers.append(p)
+        except (psutil.Error, OSError):
+            continue
+    for p in leftovers:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(leftovers, timeout=10)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+
+@contextlib.contextmanager
+def running_head() -> Iterator[Head]:
+    # Short temp dir: Ray's unix socket paths live under it and must stay under ~107 characters.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayft-head-", dir="/tmp"))
+    token = secrets.token_hex(32)
+    ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
+    head = Head(f"http://127.0.0.1:{ports['--dashboard-port']}", token, f"127.0.0.1:{ports['--port']}")
+    log = temp_dir / "ray-start.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_head_command(temp_dir / "ray", ports), env=_head_env(token, temp_dir / "home"),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_until_up(head, proc, log)
+        yield head
+    finally:
+        _stop_head(proc, token)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def rayft(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def user_env(home: Path, **extra: str) -> dict[str, str]:
+    """A user's shell: this session's S3 settings (endpoint, test credentials), no Ray variables, its own HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), **extra)
+    return env
+
+
