@@ -437,8 +437,10 @@ def test_rayft_train_plans_inside_the_run_and_an_unreadable_model_is_an_error(tm
     from cluster.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # the job's inputs are checked first: its data file and storage are there
+    (tmp_path / "unused.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
     job = _job_yaml(tmp_path, "no-such-org/no-such-model", {"name": "lora"}, resources={"use_gpu": False})
-    assert main(["train", str(job)]) == 2
+    assert main(["train", str(job), "--storage", str(tmp_path / "store")]) == 2
     err = _error_lines(capsys, "train")
     assert len(err) == 1 and "no-such-org/no-such-model" in err[0] and "hub is not reachable" in err[0]
 
