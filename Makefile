@@ -20,11 +20,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# `make demo DEMO_ARGS=--keep-serving` keeps the application and its web console up after the demo
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(BIN)/rayft demo
+	$(BIN)/rayft demo $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

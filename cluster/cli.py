@@ -27,6 +27,7 @@ COMMANDS = [
     "tune",
     "merge",
     "serve",
+    "console",
     "registry",
     "eval",
     "inspect",

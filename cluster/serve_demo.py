@@ -47,8 +47,9 @@ def demo_spec(storage_uri: str, base: str, adapters: list[str]):
     return parse_serve_spec(raw, "demo serve spec")
 
 
-def run_demo_queries(storage_uri: str, base: str, adapters: list[str]) -> None:
-    """Deploy base + adapters (+ the first adapter merged) and print answers through the OpenAI client."""
+def run_demo_queries(storage_uri: str, base: str, adapters: list[str], keep_serving: bool = False) -> None:
+    """Deploy base + adapters (+ the first adapter merged) and print answers through the OpenAI client; with
+    `keep_serving`, the application and its web console stay up until Ctrl-C."""
     from openai import OpenAI
     from ray import serve
 
@@ -92,6 +93,12 @@ def run_demo_queries(storage_uri: str, base: str, adapters: list[str]) -> None:
         print(f"\n[{stream_model}] streamed {prompt!r} -> {''.join(chunks)!r} in {len(chunks)} server-sent events")
         asyncio.run(_burst(url, [base] + adapters, 48))
         _print_replica_stats(serve.get_deployment_handle("BaseModel", APP_NAME).stats.remote().result())
+        print(f"\n[rayft] console: {url}/console (runs, registry, compare, playground; the demo needs no token)", flush=True)
+        if keep_serving:
+            from cluster.commands.serve import wait_for_stop_signal
+
+            print("[rayft] --keep-serving: the application stays up; Ctrl-C to stop", flush=True)
+            wait_for_stop_signal()
     finally:
         serve.delete(APP_NAME)
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API on Ray Serve, and `build_app`, the application builder.
 
 Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
-POST /v1/chat/completions (both with `stream: true` as server-sent events).
+POST /v1/chat/completions (both with `stream: true` as server-sent events), and the web
+console under /console (serve/console.py).
 
 Every request is checked here, in this order, before any model or storage is touched:
 bearer token (if configured) → body size → JSON → request schema → limits → model id.
@@ -35,6 +36,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.console import console_router
 from serve.deployments import BaseModelServer, MergedModelServer
 from serve.metrics import ApiMetrics, count_s3_requests
 from serve.protocol import (
@@ -53,6 +55,8 @@ from storage.safety import parse_ref
 logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="rayft", docs_url=None, redoc_url=None, openapi_url=None)
+# The web console (/console): its page and its data routes, behind the same tokens (serve/console.py).
+api.include_router(console_router())
 
 
 def _error_response(err: ApiError) -> JSONResponse:

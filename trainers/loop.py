@@ -29,6 +29,7 @@ from trainers.methods import method_module
 from trainers.objectives import objective_for
 from trainers.objectives import runtime as objective_runtime
 from trainers.precision import Precision, autocast
+from trainers.progress import TAIL, ProgressWriter
 from trainers.spec import JobSpec
 from trainers.strategy import Strategy, Worker, prepare_process, strategy_for
 
@@ -37,6 +38,7 @@ def say(message: str) -> None:
     """One console line from a worker. Written to the real stdout: Ray Train's print patch
     would otherwise both log and tee it, and the driver would show every line twice."""
     print(message, file=sys.__stdout__, flush=True)
+    TAIL.add(message)
 
 
 #: Optimizer steps left out of `steady_tokens_per_s`: the first steps pay for lazy allocation and kernel set-up.
@@ -69,10 +71,13 @@ class Progress:
     def steady_tokens_per_s(self) -> float | None:
         return self.steady_tokens / self.steady_s if self.steady_s > 0 else None
 
+    def eta_s(self, step: int) -> float:
+        """Seconds left at the pace of the steps this process ran."""
+        return (self.total - step) * (time.perf_counter() - self.t0) / max(step - self.start_step, 1)
+
     def line(self, step: int, loss: float, lr: float) -> str:
         elapsed = time.perf_counter() - self.t0
-        done = max(step - self.start_step, 1)
-        eta = (self.total - step) * elapsed / done
+        eta = self.eta_s(step)
         tps = self.tokens / elapsed if elapsed > 0 else 0.0
         return (
             f"[rayft] step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
@@ -224,6 +229,7 @@ def run_steps(w: Worker, strategy: Strategy, batches: Batches, start_step: int, 
     objective = objective_for(spec)
     after_step = method_module(spec.method.name).after_optimizer_step
     progress = Progress(tcfg.max_steps, start_step)
+    record = ProgressWriter(w.config, tcfg.max_steps) if rank == 0 else None
     running_loss, running_n, eval_loss = 0.0, 0, None
     running_metrics: dict[str, float] = {}
     step_s: list[float] = []
@@ -267,6 +273,7 @@ def run_steps(w: Worker, strategy: Strategy, batches: Batches, start_step: int, 
         if rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.max_steps):
             say(progress.line(step, running_loss / running_n, strategy.lr())
                 + objective_runtime.progress_suffix(running_metrics, running_n))
+            record.write(step, history, progress.eta_s(step))
         train_loss = running_loss / running_n
         do_eval = step % tcfg.eval_every == 0 or step == tcfg.max_steps
         do_ckpt = step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps
@@ -280,6 +287,8 @@ def run_steps(w: Worker, strategy: Strategy, batches: Batches, start_step: int, 
         train_metrics = {f"train_{key}": value / running_n for key, value in running_metrics.items()}
         history.append({"step": step, "train_loss": train_loss, **train_metrics,
                         **({"eval_loss": eval_loss, **eval_metrics} if do_eval else {"eval_loss": None})})
+        if record is not None:
+            record.write(step, history, progress.eta_s(step))
         metrics = {
             "step": step, "train_loss": train_loss, "eval_loss": eval_loss,
             "trainable_params": strategy.trainable, "total_params": strategy.total,

@@ -141,20 +141,77 @@ def run_training(
           f"× {spec.resources.cpus_per_worker:g} CPU(s), storage {storage_uri}", flush=True)
     import ray.train
 
+    record = RunRecorder(spec, run_id, storage_uri)
     try:
-        result = build_trainer(spec, run_id, storage_uri, faults).fit()
-    except ray.train.TrainingFailedError as exc:
-        raise TrainingFailed(f"run {run_id} failed: {root_cause(exc)}") from exc  # the cause: for --verbose
-    if result.error is not None:
-        raise TrainingFailed(f"run {run_id} failed: {root_cause(result.error)}") from result.error
-    if result.checkpoint is None:
-        raise TrainingFailed(f"run {run_id} finished without a checkpoint")
-    checkpoint, metrics = final_checkpoint(result, storage_uri, run_id)
-    out = TrainResult(run_id=run_id, metrics=metrics, checkpoint_path=checkpoint.path, checkpoint=checkpoint, model_dir=model_dir)
-    if publish:
-        out.manifests = publish_result(spec, out, storage_uri)
+        try:
+            result = build_trainer(spec, run_id, storage_uri, faults).fit()
+        except ray.train.TrainingFailedError as exc:
+            raise TrainingFailed(f"run {run_id} failed: {root_cause(exc)}") from exc  # the cause: for --verbose
+        if result.error is not None:
+            raise TrainingFailed(f"run {run_id} failed: {root_cause(result.error)}") from result.error
+        if result.checkpoint is None:
+            raise TrainingFailed(f"run {run_id} finished without a checkpoint")
+        checkpoint, metrics = final_checkpoint(result, storage_uri, run_id)
+        out = TrainResult(run_id=run_id, metrics=metrics, checkpoint_path=checkpoint.path, checkpoint=checkpoint, model_dir=model_dir)
+        if publish:
+            out.manifests = publish_result(spec, out, storage_uri)
+    except BaseException as err:
+        record.finish("failed", error=str(err) or type(err).__name__)
+        raise
+    record.finish("succeeded", metrics=metrics)
     out.wall_s = time.perf_counter() - t0
     return out
+
+
+class RunRecorder:
+    """The driver's run record in storage (`storage.runs.RunRecord`): written when the run starts and when it ends.
+
+    Best effort: a store that refuses the record costs one warning line; the run itself still trains (and its
+    checkpoints will meet the same store)."""
+
+    def __init__(self, spec: JobSpec, run_id: str, storage_uri: str, source: str = "cli"):
+        from storage.runs import RunRecord, now
+
+        self.store = None
+        self.record = RunRecord(
+            run_id=run_id, state="running", name=spec.output.name, method=spec.method.name, objective=spec.objective.name,
+            base=spec.model.source, max_steps=spec.training.max_steps, spec=spec.model_dump(mode="json"),
+            started_at=now(), source=os.environ.get("RAYFT_RUN_SOURCE", source),
+        )
+        try:
+            self.store = open_store(storage_uri)
+        except Exception as err:
+            self._warn(err)
+        self._write()
+
+    def finish(self, state: str, error: str | None = None, metrics: dict | None = None) -> None:
+        from storage.runs import now
+
+        self.record = self.record.model_copy(update={"state": state, "error": error, "finished_at": now(),
+                                                     "metrics": _json_ready(metrics or {})})
+        self._write()
+
+    def _write(self) -> None:
+        from storage.runs import write_record
+
+        if self.store is None:
+            return
+        try:
+            write_record(self.store, self.record)
+        except Exception as err:
+            self.store = None
+            self._warn(err)
+
+    @staticmethod
+    def _warn(err: Exception) -> None:
+        print(f"[rayft] warning: run record not written ({type(err).__name__}: {err}); the run goes on", flush=True)
+
+
+def _json_ready(metrics: dict) -> dict:
+    """Metrics as plain JSON values (Ray hands back numpy scalars and nested dicts)."""
+    import json
+
+    return json.loads(json.dumps(metrics, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
 def publish_result(spec: JobSpec, result: TrainResult, storage_uri: str, extra_metrics: dict | None = None) -> list[Manifest]:

@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=400, help="training steps per adapter")
     p.add_argument("--lr", type=float, default=0.01, help="peak learning rate of the demo adapters")
     p.add_argument("--no-serve", action="store_true", help="stop after training")
+    p.add_argument("--keep-serving", action="store_true",
+                   help="after the queries, keep the application (and its web console) up until Ctrl-C")
     p.set_defaults(func=run)
 
 
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         banner("6. registry")
         print(format_table(registry.list()), flush=True)
         if not args.no_serve:
-            serve_and_query(storage, [m.name for m in adapters] + [merged.name])
+            serve_and_query(storage, [m.name for m in adapters] + [merged.name], keep_serving=args.keep_serving)
     banner(f"demo finished in {time.perf_counter() - t0:.0f}s")
     return 0
 
@@ -112,8 +114,8 @@ def merge_demo_adapters(registry, names: list[str]):
     return result.manifest
 
 
-def serve_and_query(storage: str, adapter_names: list[str]) -> None:
+def serve_and_query(storage: str, adapter_names: list[str], keep_serving: bool = False) -> None:
     from cluster.serve_demo import run_demo_queries
 
     banner("7. Ray Serve: base model + multiplexed adapters behind the OpenAI API")
-    run_demo_queries(storage, base="tiny-llama", adapters=adapter_names)
+    run_demo_queries(storage, base="tiny-llama", adapters=adapter_names, keep_serving=keep_serving)

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"[rayft] serving on {url}/v1", flush=True)
     print(f"[rayft] models: {', '.join(spec.model_names())} + adapters of {spec.base.name} from the registry "
           f"(GET {url}/v1/models)", flush=True)
+    print(f"[rayft] console: {url}/console (`rayft console` opens it)", flush=True)
     if args.detach:
         print(f"[rayft] detached: `serve shutdown` or `serve delete {args.name}` on the cluster stops it", flush=True)
         return 0

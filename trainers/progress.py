@@ -1,0 +1,46 @@
+"""Rank 0's live progress record (`storage.runs.RunProgress`): what the console's run page shows while a run trains.
+
+Written at every console line and every evaluation/checkpoint, into `runs/<run_id>/rayft-progress.json` next to
+the checkpoints. Best effort: a store that cannot take the write costs one warning line, never the run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from storage.runs import LogTail, RunProgress, now, write_progress
+
+#: Rank 0's console lines of this process (a worker process trains one run at a time).
+TAIL = LogTail()
+
+
+class ProgressWriter:
+    """Writes one run's progress record; a no-op without a storage URI or run id (a loop driven outside trainers.run)."""
+
+    def __init__(self, config: dict, max_steps: int):
+        self.run_id = config.get("run_id")
+        self.storage_uri = config.get("storage_uri")
+        self.max_steps = max_steps
+        self.store = None
+        self.failed = False
+        if self.run_id and self.storage_uri:
+            from storage.store import open_store
+
+            try:
+                self.store = open_store(self.storage_uri)
+            except Exception as err:  # the checkpoints will say the same; the run still trains
+                self._give_up(err)
+
+    def write(self, step: int, history: list[dict], eta_s: float | None) -> None:
+        if self.store is None or self.failed:
+            return
+        try:
+            write_progress(self.store, RunProgress(run_id=self.run_id, step=step, max_steps=self.max_steps, eta_s=eta_s,
+                                                   history=history, log_tail=TAIL.list(), updated_at=now()))
+        except Exception as err:
+            self._give_up(err)
+
+    def _give_up(self, err: Exception) -> None:
+        self.failed = True
+        print(f"[rayft] warning: progress record not written ({type(err).__name__}: {err}); training goes on",
+              file=sys.__stdout__, flush=True)
