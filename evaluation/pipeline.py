@@ -33,15 +33,17 @@ def needs_pipeline(spec: JobSpec) -> bool:
     return spec.eval is not None or bool(spec.output.require)
 
 
-def train_and_publish(spec: JobSpec, *, address: str | None = None, force: bool = False):
+def train_and_publish(spec: JobSpec, *, address: str | None = None, run_id: str | None = None, force: bool = False):
     """Train the job (planned first: `force` starts one the plan says will not fit); with `eval:`, evaluate and
-    gate before publishing. Returns trainers.run.TrainResult."""
+    gate before publishing. Returns trainers.run.TrainResult.
+
+    `run_id` names the run (its checkpoints go under runs/<run_id>); default: a fresh one."""
     from trainers.run import run_training, with_absolute_paths
 
     if not needs_pipeline(spec):
-        return run_training(spec, address=address, force=force)
+        return run_training(spec, address=address, run_id=run_id, force=force)
     spec = with_absolute_paths(spec)
-    result = run_training(spec, address=address, publish=False, force=force)
+    result = run_training(spec, address=address, run_id=run_id, publish=False, force=force)
     return gate_and_publish(spec, result)
 
 

@@ -12,6 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--merge", action="store_true", help="also publish the merged full model (<name>-merged)")
     p.add_argument("--storage", default=None, help="override storage.uri (s3://bucket/prefix or a local path)")
     p.add_argument("--force", action="store_true", help="start even when the pre-flight plan says it will not fit")
+    p.add_argument("--run-id", default=None, help="name of the run (its checkpoints are under runs/RUN_ID); default: <output.name>-<time>-<random>")
     p.set_defaults(func=run)
 
 
@@ -21,6 +22,10 @@ def run(args: argparse.Namespace) -> int:
     from trainers.inputs import resolve_inputs
     from trainers.spec import load_job_spec
 
+    if args.run_id is not None:
+        from storage.safety import validate_name
+
+        validate_name(args.run_id)  # it becomes a storage prefix
     overrides = {}
     if args.merge:
         overrides["output.merge"] = True
@@ -31,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     prepare(args.address)  # the cluster's token checked and set up (Ray not started); Ray's output kept quiet
     # The top floor runs the job: training (planned first, inside run_training: a job that cannot fit is refused
     # before anything starts unless --force), then (with an eval: section) evaluation and the output.require gates.
-    result = train_and_publish(spec, address=args.address, force=args.force)
+    result = train_and_publish(spec, address=args.address, run_id=args.run_id, force=args.force)
     print_summary(result)
     return 0
 
