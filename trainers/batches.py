@@ -36,6 +36,9 @@ class Batches(Protocol):
     def probe_input_ids(self) -> torch.Tensor:
         """One fixed example's input ids, shape (1, n), on the device: the final checkpoint's probe."""
 
+    def eval_examples(self) -> list:
+        """The whole eval split in a fixed order, the same on every rank (a task metric answers its first rows)."""
+
 
 class InMemoryBatches:
     """The whole tokenized dataset in each worker's memory; batches drawn by index, a pure function of
@@ -57,6 +60,9 @@ class InMemoryBatches:
     def eval_batches(self, lockstep: bool) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
         yield from eval_batches(self.datasets.eval, self.training.micro_batch_size, self.pad_id, self.device,
                                 self.world, self.rank, lockstep, self.collate)
+
+    def eval_examples(self) -> list:
+        return self.datasets.eval
 
     def probe_input_ids(self) -> torch.Tensor:
         from trainers.objectives.runtime import first_sequence

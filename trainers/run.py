@@ -17,6 +17,7 @@ from storage.models import resolve_model_dir
 from trainers.publish import checkpoint_for_publishing, publish_run
 from trainers.spec import JobSpec
 from trainers.state_io import load_state
+from trainers.tune_spec import TaskEval
 
 
 class TrainingFailed(RunFailed):
@@ -84,8 +85,10 @@ def with_resolved_cpus(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"resources": spec.resources.model_copy(update={"cpus_per_worker": cpus})})
 
 
-def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, faults: dict | None = None, callbacks: list | None = None):
-    """A TorchTrainer for the job; `callbacks` are Ray Train callbacks (e.g. Tune's TuneReportCallback)."""
+def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, faults: dict | None = None, callbacks: list | None = None,
+                  task_eval: TaskEval | None = None):
+    """A TorchTrainer for the job; `callbacks` are Ray Train callbacks (e.g. Tune's TuneReportCallback); `task_eval`:
+    a task metric the workers score on generated answers at each evaluation (a tune trial ranked by exact_match)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -93,7 +96,7 @@ def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, faults: dict | N
     return TorchTrainer(
         train_func,  # one worker loop; it picks the job's strategy (trainers.strategy)
         # The validated JobSpec itself travels (pickled): workers use it as it is, without validating it again.
-        train_loop_config={"spec": spec, "storage_uri": storage_uri, "run_id": run_id, "faults": faults},
+        train_loop_config={"spec": spec, "storage_uri": storage_uri, "run_id": run_id, "faults": faults, "task_eval": task_eval},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.resources.num_workers,
             use_gpu=use_gpu(spec),

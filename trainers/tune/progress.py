@@ -13,6 +13,7 @@ from ray.tune import Callback
 
 from storage.errors import root_cause
 from trainers.tune_spec import target_label
+from trainers.task_metrics import PAIR_METRICS
 from trainers.tune.results import CHECKPOINT_PATH, METRIC, TrialRecord
 from trainers.tune.space import SearchContext, train_run_id, trial_spec
 
@@ -191,8 +192,9 @@ def _from_metrics(metrics: dict) -> dict[str, Any]:
     out: dict[str, Any] = {"steps": int(metrics.get("step") or 0)}
     if metrics.get(METRIC) is not None:
         out["eval_loss"] = float(metrics[METRIC])
-    if metrics.get("eval_preference_accuracy") is not None:
-        out["eval_preference_accuracy"] = float(metrics["eval_preference_accuracy"])
+    for key in ("eval_preference_accuracy", *(f"eval_{name}" for name in PAIR_METRICS)):
+        if metrics.get(key) is not None:
+            out[key] = float(metrics[key])
     if metrics.get("train_loss") is not None:
         out["train_loss"] = float(metrics["train_loss"])
     if metrics.get("trainable_params") is not None:

@@ -48,6 +48,10 @@ class TrialRecord(BaseModel):
     beta: float | None = Field(None, description="The preference objective's beta.")
     eval_preference_accuracy: float | None = Field(
         None, description="Eval preference accuracy at the last reported step (ranks trials of different objectives).")
+    eval_exact_match: float | None = Field(
+        None, description="Exact match of greedy answers at the last reported step (tune.metric: exact_match).")
+    eval_contains: float | None = Field(
+        None, description="Share of greedy answers containing their reference at the last reported step (tune.metric: contains).")
     best_eval_loss: float | None = Field(None, description="Lowest eval loss the trial reported.")
     train_loss: float | None = Field(None, description="Train loss at the last reported step.")
     trainable_params: int | None = Field(None, description="Trainable parameters of the adapter.")
@@ -87,7 +91,7 @@ class SearchResult(BaseModel):
 
 RESULTS_JSON, RESULTS_CSV, RESULTS_PNG = "results.json", "results.csv", "search.png"
 CSV_COLUMNS = ("trial_id", "status", "method", "r", "alpha", "target_modules", "lr", "dropout", "steps",
-               "eval_loss", "best_eval_loss", "train_loss", "trainable_params", "failures", "error", "train_run_id", "checkpoint")
+               "eval_loss", "eval_exact_match", "eval_contains", "best_eval_loss", "train_loss", "trainable_params", "failures", "error", "train_run_id", "checkpoint")
 
 
 def results_csv(result: SearchResult) -> str:

@@ -18,6 +18,7 @@ from storage.registry import Manifest, Registry
 from storage.store import default_storage_uri, open_store, pyarrow_filesystem
 from trainers.checkpoints import STATE_NAME
 from trainers.spec import JobSpec, SpecError, parse_job_spec
+from trainers.task_metrics import PAIR_METRICS
 from trainers.tune_spec import DEFAULT_SAMPLES, LIBRARY_SEARCHERS, TuneSpec, problems_for_model
 from trainers.tune.progress import (
     ProgressFn,
@@ -69,7 +70,9 @@ def trial_driver(config: dict[str, Any], context: SearchContext) -> None:
     # Planned like every run (trainers.run.run_training): a trial that cannot fit errors before its workers start.
     preflight_check(spec, hardware=run_hardware(spec, remote=False), model_dir=context.model_dir)
     run_id = train_run_id(context.run_id, trial_id)
-    result = build_trainer(spec, run_id, context.storage_uri, callbacks=[TuneReportCallback()]).fit()
+    # A task metric (tune.metric: exact_match) is scored by the trial's workers at each evaluation.
+    result = build_trainer(spec, run_id, context.storage_uri, callbacks=[TuneReportCallback()],
+                           task_eval=context.spec.tune.task_eval_for_workers()).fit()
     # A retried or resumed trial whose Train run had already reached its last step reports
     # nothing in this attempt, and Tune fails the whole search on a trial without a result:
     # repeat the run's last report (the same step twice is harmless to ASHA and the records).
@@ -290,7 +293,7 @@ def _new_tuner(context: SearchContext, concurrent: int, on_progress: ProgressFn 
         trainable(context),
         param_space=param_space(tune_spec),
         tune_config=tune.TuneConfig(
-            metric=tune_spec.space.ranking()[0], mode=tune_spec.space.ranking()[1],
+            metric=tune_spec.ranking()[0], mode=tune_spec.ranking()[1],
             search_alg=search_algorithm(tune_spec, concurrent),
             scheduler=scheduler(tune_spec, spec),
             num_samples=1 if tune_spec.searcher == "grid" else num_trials(tune_spec),
@@ -312,7 +315,7 @@ def _fit(context: SearchContext, tuner, concurrent: int) -> SearchResult:
     t0 = time.perf_counter()
     grid = tuner.fit()
     trials = collect_records(context, grid)
-    winner = best_trial(trials, context.storage_uri, context.spec.tune.space.ranking()[0])
+    winner = best_trial(trials, context.storage_uri, context.spec.tune.ranking()[0])
     max_steps = context.spec.training.max_steps
     result = SearchResult(
         run_id=context.run_id, storage_uri=context.storage_uri, searcher=context.spec.tune.searcher,
@@ -358,8 +361,9 @@ def collect_records(context: SearchContext, grid) -> list[TrialRecord]:
 
 
 def best_trial(trials: list[TrialRecord], storage_uri: str, metric: str = METRIC) -> TrialRecord | None:
-    """The trial with the lowest eval loss (or, ranked by `eval_preference_accuracy`, the highest preference accuracy)
-    at its last reported checkpoint; errored trials never win.
+    """The trial with the lowest eval loss (or, ranked by `eval_preference_accuracy` or a task metric such as
+    `eval_exact_match`, the highest value) at its last reported checkpoint; ties go to the lower eval loss, then
+    the trial id. Errored trials never win.
 
     A trial ASHA stopped may have trained a little past the report Tune acted on, and
     `keep_checkpoints` may then have rotated that checkpoint out: such a trial cannot be
@@ -370,7 +374,8 @@ def best_trial(trials: list[TrialRecord], storage_uri: str, metric: str = METRIC
     fs, _ = pyarrow_filesystem(storage_uri)
     candidates = sorted(
         (t for t in trials if t.status in ("completed", "stopped") and getattr(t, metric) is not None and t.checkpoint),
-        key=lambda t: (-t.eval_preference_accuracy if metric == "eval_preference_accuracy" else t.eval_loss, t.trial_id),
+        key=lambda t: (t.eval_loss if metric == METRIC else -getattr(t, metric),
+                       t.eval_loss if t.eval_loss is not None else math.inf, t.trial_id),
     )
     for trial in candidates:
         if fs.get_file_info(f"{trial.checkpoint}/{STATE_NAME}.json").type == pyarrow.fs.FileType.File:
@@ -400,7 +405,8 @@ def promote(context: SearchContext, winner: TrialRecord) -> list[Manifest]:
 def _metrics_of(trial: TrialRecord) -> dict[str, Any]:
     return {"step": trial.steps, "eval_loss": trial.eval_loss, "train_loss": trial.train_loss,
             "trainable_params": trial.trainable_params, "best_eval_loss": trial.best_eval_loss,
-            "eval_preference_accuracy": trial.eval_preference_accuracy}
+            "eval_preference_accuracy": trial.eval_preference_accuracy,
+            **{f"eval_{name}": getattr(trial, f"eval_{name}") for name in PAIR_METRICS}}
 
 
 def published_from(registry: Registry, name: str, run_id: str) -> list[Manifest]:
