@@ -31,6 +31,7 @@ from trainers.tune import (
     load_search,
     max_concurrent_trials,
     param_space,
+    results_csv,
     preflight,
     run_search,
     trial_spec,
@@ -464,3 +465,49 @@ def test_task_metric_in_the_loop_scores_greedy_answers_without_ray(tiny_model_di
 
     with pytest.raises(TaskEvalError, match="none of the 1 eval examples has a prompt before its trained tokens"):
         task_scorer(task, tokenizer, _Text(), torch.device("cpu"), fp32, 1, 0, False)
+
+
+@pytest.mark.slow
+def test_tune_by_task_metric_promotes_the_best_by_that_metric(ray_session, tiny_model_dir, local_uri, tmp_path):
+    """Ranked by exact match, the winner is the best by exact match even where eval loss says otherwise.
+
+    The eval file's first rows (the ones answered) complete each prompt with the base model's own greedy answer;
+    the rest, like the train rows, complete with " yes". A trial at lr 1e-6 stays the base model: every answer
+    matches, but its eval loss (dominated by the " yes" rows) stays high. A trial at lr 0.05 learns " yes"
+    (lower eval loss) and its answers drift (lower exact match). Each evaluation reports eval_exact_match from
+    the workers' greedy answers; ASHA and the promotion rank by it; the manifest records it.
+    """
+    from trainers.tiny import write_jsonl
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    answered = []
+    for i in range(40):
+        ids = tokenizer(f"answer {i} =", add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out = base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)
+        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        if answer.strip():
+            answered.append({"prompt": f"answer {i} =", "completion": answer})
+    assert len(answered) >= 8
+    yes = [{"prompt": f"answer {i} =", "completion": " yes"} for i in range(100, 180)]
+    train = write_jsonl([{"prompt": f"answer {i} =", "completion": " yes"} for i in range(200, 280)], tmp_path / "train.jsonl")
+    held_out = write_jsonl(answered[:8] + yes, tmp_path / "eval.jsonl")
+    spec = make_job(
+        tiny_model_dir, train, local_uri, {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"}, name="em-tuned",
+        data={"eval": str(held_out), "eval_fraction": 0}, training={**TRAINING, "max_steps": 6},
+        tune={"space": {"lr": [0.05, BAD_LR]}, "metric": "exact_match", "mode": "max",
+              "task_eval": {"rows": 8, "max_tokens": 4}, "asha": {"grace_period": EVAL_EVERY}},
+    )
+    result = run_search(spec)
+    learned, base_like = sorted(result.trials, key=lambda t: -t.lr)
+    summary = [(t.lr, t.status, t.steps, t.eval_exact_match, t.eval_loss) for t in result.trials]
+    assert base_like.eval_exact_match > learned.eval_exact_match, summary
+    assert base_like.eval_loss > learned.eval_loss, summary  # eval loss would have promoted the other trial
+    assert result.winner == base_like.trial_id
+    manifest = open_registry(local_uri).resolve("em-tuned")
+    assert manifest.lineage["run_id"] == base_like.train_run_id
+    assert manifest.metrics["eval_exact_match"] == pytest.approx(base_like.eval_exact_match)
+    assert "eval_exact_match" in results_csv(result).splitlines()[0]
+    print(f"\n[tune-test] by exact match: {result.wall_s:.1f}s wall; "
+          + ", ".join(f"lr={t.lr:g}: {t.status}@{t.steps} em {t.eval_exact_match:.3f} loss {t.eval_loss:.3f}" for t in result.trials))
