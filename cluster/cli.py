@@ -33,6 +33,7 @@ COMMANDS = [
     "inspect",
     "submit",
     "jobs",
+    "ft",
     "demo",
 ]
 

@@ -51,10 +51,11 @@ def prepare(address: str | None = None) -> str | None:
     return address
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, dashboard: bool = False) -> None:
     """Connect to `address` / RAY_ADDRESS (checking its auth first), or start a local Ray instance.
 
-    A local instance lives as long as this process.
+    A local instance lives as long as this process; it runs the dashboard (which serves the Ray
+    Jobs API) only when asked, e.g. by `rayft serve` with the fine-tuning API on.
     """
     import ray
 
@@ -62,7 +63,7 @@ def connect(address: str | None = None) -> None:
         return
     address = prepare(address)
     if address in (None, "local"):
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=dashboard, log_to_driver=True)
         return
     try:
         ray.init(address=address, log_to_driver=True)

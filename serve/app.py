@@ -15,6 +15,12 @@ replica that already holds that adapter.
 `build_app` is what `rayft serve` and a RayService (`import_path: serve.app:build_app`)
 call; Serve validates the RayService `args` against its `ServeSpec` annotation, which is
 why this module must not use `from __future__ import annotations`.
+
+The routes are an `APIRouter` (`inference_router()`) whose endpoints call methods of the
+replica's ingress object (`InferenceIngress`), and `ingress_api(routers)` puts routers
+together with OpenAI-shaped errors: a top-floor package builds ONE application with these
+inference routes beside its own (the fine-tuning API in `service/`) by subclassing
+`InferenceIngress` and listing its routers. This module never imports upward.
 """
 
 import asyncio
@@ -28,7 +34,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
@@ -47,32 +53,74 @@ from serve.protocol import (
     error_from,
     validation_error,
 )
-from serve.spec import ServeSpec, parse_serve_spec
+from serve.spec import DEFAULT_TENANT, ServeSpec, parse_serve_spec
 from storage.errors import IntegrityError, InvalidName, NotFound, RayftError
 from storage.registry import Manifest, Registry, open_registry
 from storage.safety import parse_ref
 
 logger = logging.getLogger("ray.serve")
 
-api = FastAPI(title="rayft", docs_url=None, redoc_url=None, openapi_url=None)
-# The web console (/console): its page and its data routes, behind the same tokens (serve/console.py).
-api.include_router(console_router())
-
-
 def _error_response(err: ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if err.http_status == 401 else None
     return JSONResponse(err.body(), status_code=err.http_status, headers=headers)
 
 
-@api.exception_handler(ApiError)
 async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
     return _error_response(exc)
 
 
-@api.exception_handler(StarletteHTTPException)
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # Unknown routes and wrong methods, in the OpenAI error shape too.
     return _error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
+
+
+def ingress_api(routers: list[APIRouter]) -> FastAPI:
+    """One ingress's FastAPI app: the given routers, with every error in OpenAI's shape."""
+    app = FastAPI(title="rayft", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    for router in routers:
+        app.include_router(router)
+    return app
+
+
+def current_ingress() -> Any:
+    """The ingress object of the replica serving this request (a FastAPI dependency)."""
+    return serve.get_replica_context().servable_object
+
+
+def inference_router() -> APIRouter:
+    """GET /health, /v1/models[/{id}], POST /v1/completions, /v1/chat/completions: each calls the replica's ingress."""
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/v1/models")
+    async def list_models(request: Request, ingress: Any = Depends(current_ingress)) -> Response:
+        return await ingress._timed("models", ingress._models_response(request))
+
+    @router.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request, ingress: Any = Depends(current_ingress)) -> Response:
+        return await ingress._timed("models", ingress._models_response(request, model_id))
+
+    @router.post("/v1/completions")
+    async def completions(request: Request, ingress: Any = Depends(current_ingress)) -> Response:
+        return await ingress._timed("completions", ingress._generate(request, "completions", chat=False))
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request, ingress: Any = Depends(current_ingress)) -> Response:
+        return await ingress._timed("chat.completions", ingress._generate(request, "chat.completions", chat=True))
+
+    return router
+
+
+def build_inference_api() -> FastAPI:
+    """The inference-only app (`rayft serve` without the fine-tuning API); built in each replica.
+
+    The web console (/console: its page and data routes, behind the same tokens; serve/console.py) comes last."""
+    return ingress_api([inference_router(), console_router()])
 
 
 class AdapterResolver:
@@ -112,18 +160,26 @@ class AdapterResolver:
         return value
 
 
-def _accepted_token_digests(spec: ServeSpec) -> list[str]:
-    auth = spec.api.auth
-    digests = list(auth.token_sha256)
-    if auth.token_env is not None:
-        token = os.environ.get(auth.token_env, "")
+def _token_digests(token_env: str | None, token_sha256: list[str], where: str) -> list[str]:
+    digests = list(token_sha256)
+    if token_env is not None:
+        token = os.environ.get(token_env, "")
         if not token:
             raise RayftError(
-                f"api.auth.token_env: environment variable {auth.token_env} is empty or not set in the API replicas; "
-                "set it (e.g. from a Kubernetes Secret) or use api.auth.token_sha256"
+                f"{where}.token_env: environment variable {token_env} is empty or not set in the API replicas; "
+                f"set it (e.g. from a Kubernetes Secret) or use {where}.token_sha256"
             )
         digests.append(hashlib.sha256(token.encode()).hexdigest())
     return digests
+
+
+def accepted_tokens(spec: ServeSpec) -> list[tuple[str, str]]:
+    """(sha256 of an accepted token, the tenant it authenticates): `api.auth` tokens are the default tenant's."""
+    auth = spec.api.auth
+    accepted = [(d, DEFAULT_TENANT) for d in _token_digests(auth.token_env, auth.token_sha256, "api.auth")]
+    for i, tenant in enumerate(auth.tenants):
+        accepted += [(d, tenant.name) for d in _token_digests(tenant.token_env, tenant.token_sha256, f"api.auth.tenants[{i}]")]
+    return accepted
 
 
 # Helpers are defined before the deployment class: Serve serializes the class when it is
@@ -187,6 +243,20 @@ class _Reply:
         return {**self._head(".chunk" if self.chat else ""), "choices": [], "usage": self._usage()}
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes (by its header, or while reading)."""
+    too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
@@ -221,17 +291,18 @@ async def _next_item(stream: Any) -> dict[str, Any]:
         raise _unavailable(err) from None
 
 
-@serve.deployment(name="OpenAIIngress")
-@serve.ingress(api)
-class OpenAIIngress:
-    """The HTTP front: checks requests, picks the deployment, speaks OpenAI's format."""
+class InferenceIngress:
+    """The HTTP front: checks requests, picks the deployment, speaks OpenAI's format.
+
+    Plain class: `OpenAIIngress` below (and a top-floor application) wraps it as a Serve ingress.
+    """
 
     def __init__(self, spec: dict[str, Any], base: DeploymentHandle, merged: dict[str, DeploymentHandle]):
         self.spec = ServeSpec.model_validate(spec)
         self.base = base
         self.merged = merged
         self.metrics = ApiMetrics()
-        self.token_digests = _accepted_token_digests(self.spec)
+        self.token_digests = accepted_tokens(self.spec)
         from storage.store import default_storage_uri
 
         self.registry = open_registry(self.spec.storage or default_storage_uri())
@@ -239,28 +310,6 @@ class OpenAIIngress:
         self.resolver = AdapterResolver(self.registry, self.spec.base.adapters.resolve_ttl_s)
         self._adapter_list: tuple[float, list[Manifest]] = (0.0, [])
         self._base_digest: str | None = None
-
-    # -- routes
-
-    @api.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
-
-    @api.get("/v1/models")
-    async def list_models(self, request: Request) -> Response:
-        return await self._timed("models", self._models_response(request))
-
-    @api.get("/v1/models/{model_id:path}")
-    async def get_model(self, model_id: str, request: Request) -> Response:
-        return await self._timed("models", self._models_response(request, model_id))
-
-    @api.post("/v1/completions")
-    async def completions(self, request: Request) -> Response:
-        return await self._timed("completions", self._generate(request, "completions", chat=False))
-
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._timed("chat.completions", self._generate(request, "chat.completions", chat=True))
 
     def stats(self) -> dict[str, Any]:
         """Counters of this API replica (a handle call; not on HTTP)."""
@@ -281,28 +330,30 @@ class OpenAIIngress:
             self.metrics.request(route, response.status_code, time.perf_counter() - started)
         return response
 
-    def _authorize(self, request: Request) -> None:
+    def _authorize(self, request: Request) -> str:
+        """The caller's tenant (`DEFAULT_TENANT` when auth is off or the token has none); 401 without a valid token."""
         if not self.token_digests:
-            return
+            return DEFAULT_TENANT
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "missing bearer token: send the header `Authorization: Bearer <token>`", code="missing_api_key")
         digest = hashlib.sha256(token.encode()).hexdigest()
-        if not any(hmac.compare_digest(digest, accepted) for accepted in self.token_digests):
+        tenant = None
+        for accepted, owner in self.token_digests:  # no early exit: the time taken says nothing about which token
+            if hmac.compare_digest(digest, accepted):
+                tenant = owner
+        if tenant is None:
             raise ApiError(401, "invalid bearer token", code="invalid_api_key")
+        return tenant
 
-    async def _read_json(self, request: Request) -> dict[str, Any]:
-        limit = self.spec.api.max_body_bytes
-        too_big = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes", code="request_too_large")
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            raise too_big
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_big
+    def model_visible(self, model: str, tenant: str) -> bool:
+        """Whether `tenant` may list and call the adapter `model` (a valid ref). Inference alone shares every
+        adapter; an application that gives tenants their own models overrides this (checked before storage)."""
+        return True
+
+    async def _read_json(self, request: Request, limit: int | None = None) -> dict[str, Any]:
+        body = await read_body(request, limit or self.spec.api.max_body_bytes)
         try:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -311,8 +362,9 @@ class OpenAIIngress:
             raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
         return data
 
-    async def _route(self, model: str) -> tuple[DeploymentHandle, str]:
-        """(deployment, multiplexed model id) for a `model` field; 400 for a malformed id, 404 for an unknown one."""
+    async def _route(self, model: str, tenant: str = DEFAULT_TENANT) -> tuple[DeploymentHandle, str]:
+        """(deployment, multiplexed model id) for a `model` field; 400 for a malformed id, 404 for an unknown one
+        (or one the tenant may not use: the same answer, so ids of others cannot be probed)."""
         if model == self.spec.base.name:
             return self.base, ""
         if model in self.merged:
@@ -322,6 +374,8 @@ class OpenAIIngress:
         except InvalidName as err:
             raise ApiError(400, f"model: {err}", param="model", code="invalid_model") from None
         try:
+            if not self.model_visible(parse_ref(model)[0], tenant):
+                raise NotFound(model)
             manifest = await self.resolver.resolve(model)
         except NotFound:
             raise ApiError(
@@ -363,14 +417,14 @@ class OpenAIIngress:
 
     async def _generate(self, request: Request, route: str, chat: bool) -> Response:
         started = time.perf_counter()
-        self._authorize(request)
+        tenant = self._authorize(request)
         data = await self._read_json(request)
         try:
             req = (ChatCompletionRequest if chat else CompletionRequest).model_validate(data)
         except ValidationError as err:
             raise validation_error(err) from None
         payload = self._replica_request(req, chat)
-        handle, multiplexed_id = await self._route(req.model)
+        handle, multiplexed_id = await self._route(req.model, tenant)
         stream = handle.options(multiplexed_model_id=multiplexed_id, stream=True).generate.remote(payload.model_dump())
         first = await _next_item(stream)
         if "error" in first:
@@ -423,13 +477,13 @@ class OpenAIIngress:
     # -- models
 
     async def _models_response(self, request: Request, model_id: str | None = None) -> Response:
-        self._authorize(request)
+        tenant = self._authorize(request)
         now = int(time.time())
         entries = [{"id": self.spec.base.name, "object": "model", "created": now, "owned_by": "rayft", "kind": "base"}]
         entries += [{"id": name, "object": "model", "created": now, "owned_by": "rayft", "kind": "merged"} for name in self.merged]
         digest = await self._base_config_digest()
         for manifest in await self._adapters():
-            if manifest.kind == "adapter" and manifest.base_config_digest == digest:
+            if manifest.kind == "adapter" and manifest.base_config_digest == digest and self.model_visible(manifest.name, tenant):
                 entries.append({
                     "id": manifest.name, "object": "model", "created": int(manifest.created_at.timestamp()),
                     "owned_by": "rayft", "kind": "adapter", "parent": self.spec.base.name, "root": manifest.ref,
@@ -463,13 +517,17 @@ class OpenAIIngress:
         return self._base_digest
 
 
-def build_app(spec: ServeSpec) -> Application:
-    """The Serve application for a spec: API ingress → base deployment (+ merged deployments). Binds only.
+@serve.deployment(name="OpenAIIngress")
+@serve.ingress(build_inference_api)
+class OpenAIIngress(InferenceIngress):
+    """The inference-only ingress that `build_app` deploys."""
 
-    The ingress is the same for both engines; `engine` picks what decodes behind it (serve.deployments'
-    transformers replicas, or serve.vllm_engine's Ray Serve LLM deployments)."""
-    if not isinstance(spec, ServeSpec):
-        spec = parse_serve_spec(spec, "serve args")
+
+def model_deployments(spec: ServeSpec) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """(the spec as JSON, the bound base deployment, the bound merged deployments): an ingress's arguments.
+
+    `engine` picks what decodes behind the ingress (serve.deployments' transformers replicas, or
+    serve.vllm_engine's Ray Serve LLM deployments)."""
     raw = spec.model_dump(mode="json")
     if spec.engine == "vllm":
         from serve.vllm_engine import build_vllm_deployments
@@ -481,4 +539,12 @@ def build_app(spec: ServeSpec) -> Application:
             m.name: MergedModelServer.options(name=f"MergedModel-{m.name}", **m.deployment.serve_options()).bind(raw, m.name)
             for m in spec.merged
         }
-    return OpenAIIngress.options(**spec.api.deployment.serve_options()).bind(raw, base, merged)
+    return raw, base, merged
+
+
+def build_app(spec: ServeSpec) -> Application:
+    """The Serve application for a spec: API ingress → base deployment (+ merged deployments). Binds only.
+    The ingress is the same for both engines."""
+    if not isinstance(spec, ServeSpec):
+        spec = parse_serve_spec(spec, "serve args")
+    return OpenAIIngress.options(**spec.api.deployment.serve_options()).bind(*model_deployments(spec))

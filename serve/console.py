@@ -27,6 +27,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from serve.protocol import ApiError, error_from
+from serve.spec import DEFAULT_TENANT
 from storage.errors import InvalidName, NotFound, RayftError
 from storage.registry import REGISTRY_ROOT, Manifest, Registry
 from storage.runs import RUNS_ROOT, read_progress, read_record, run_ids, validate_run_id
@@ -294,10 +295,18 @@ def _data(ingress: Any) -> ConsoleData:
     return data
 
 
+def _authorize_operator(ingress: Any, request: Request) -> None:
+    """The console shows every run and registry entry in storage: it is for `api.auth` tokens (or no auth),
+    not for the named tenants of `api.auth.tenants`, who see only their own files, jobs and models."""
+    if ingress._authorize(request) != DEFAULT_TENANT:
+        raise ApiError(403, "the console shows every run and model in storage, so it is open to api.auth tokens only, "
+                       "not to a tenant's token; use /v1/fine_tuning/jobs and /v1/models for your own", code="forbidden")
+
+
 async def _answer(ingress: Any, request: Request, route: str, work: Any) -> Response:
     """Token check, then `work(data)` in a thread; errors in the API's shape (404 unknown id, 503 storage down)."""
     async def run() -> Response:
-        ingress._authorize(request)
+        _authorize_operator(ingress, request)
         try:
             return JSONResponse(await asyncio.to_thread(work, _data(ingress)), headers={"Cache-Control": "no-store"})
         except RayftError as err:
@@ -342,7 +351,7 @@ def console_router() -> APIRouter:
 
     @router.get("/console/api/runs/{run_id}")
     async def run(run_id: str, request: Request, ingress: Any = Depends(current_ingress)) -> Response:
-        ingress._authorize(request)
+        _authorize_operator(ingress, request)
         run_id = checked_run_id(run_id)
         return await _answer(ingress, request, "console", lambda data: data.run(run_id))
 
@@ -352,7 +361,7 @@ def console_router() -> APIRouter:
 
     @router.get("/console/api/registry/{name}/{version}")
     async def registry_version(name: str, version: str, request: Request, ingress: Any = Depends(current_ingress)) -> Response:
-        ingress._authorize(request)
+        _authorize_operator(ingress, request)
         checked = checked_ref(name, version)
         return await _answer(ingress, request, "console", lambda data: data.registry_version(*checked))
 
@@ -362,7 +371,7 @@ def console_router() -> APIRouter:
 
     @router.get("/console/api/searches/{search_id}")
     async def search(search_id: str, request: Request, ingress: Any = Depends(current_ingress)) -> Response:
-        ingress._authorize(request)
+        _authorize_operator(ingress, request)
         search_id = checked_run_id(search_id)
         return await _answer(ingress, request, "console", lambda data: data.search(search_id))
 

@@ -29,6 +29,9 @@ from storage.safety import parse_ref, validate_name
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 #: Joins the lines of a check that found several problems at once (format_errors lists them one by one).
 PROBLEM_SEPARATOR = "\n"
+#: The tenant of `api.auth` tokens, and of every request when auth is off.
+DEFAULT_TENANT = "default"
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9-]{0,23}$"
 
 
 class ServeSpecError(ConfigError):
@@ -182,8 +185,37 @@ class MergedModelSpec(_Strict):
         return self
 
 
+def _sha256_list(values: list[str]) -> list[str]:
+    bad = [v for v in values if not re.fullmatch(r"[0-9a-f]{64}", v)]
+    if bad:
+        raise ValueError(f"{bad[0][:20]!r} is not a lowercase hex sha256 (64 characters): use `printf %s TOKEN | sha256sum`")
+    return values
+
+
+class TenantSpec(_Strict):
+    """A tenant: whoever holds one of its tokens sees and uses only the tenant's own files, fine-tuning jobs
+    and fine-tuned models (another tenant's ids answer 404, like missing ones); base models are shared."""
+
+    name: str = Field(pattern=TENANT_PATTERN, description="Tenant name (lowercase letters, digits, '-'; at most 24).")
+    token_env: str | None = Field(
+        None, pattern=_ENV_NAME, description="Environment variable (in the API replicas) holding this tenant's token."
+    )
+    token_sha256: list[str] = Field(default_factory=list, description="This tenant's tokens as lowercase hex sha256.")
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _hex_digests(cls, values: list[str]) -> list[str]:
+        return _sha256_list(values)
+
+    @model_validator(mode="after")
+    def _has_token(self) -> TenantSpec:
+        if self.token_env is None and not self.token_sha256:
+            raise ValueError(f"tenant {self.name!r} has no token: set token_env or token_sha256")
+        return self
+
+
 class AuthSpec(_Strict):
-    """Bearer-token auth for the /v1 routes (off when neither field is set). /health stays open."""
+    """Bearer-token auth for the /v1 routes (off when no token is set). /health stays open."""
 
     token_env: str | None = Field(
         None, pattern=_ENV_NAME, description="Environment variable (in the API replicas) holding the accepted token."
@@ -191,18 +223,27 @@ class AuthSpec(_Strict):
     token_sha256: list[str] = Field(
         default_factory=list, description="Accepted tokens given as lowercase hex sha256, so no secret sits in the spec."
     )
+    tenants: list[TenantSpec] = Field(
+        default_factory=list,
+        description=f"Named tenants with tokens of their own; the tokens above belong to the tenant {DEFAULT_TENANT!r}.",
+    )
 
     @field_validator("token_sha256")
     @classmethod
     def _hex_digests(cls, values: list[str]) -> list[str]:
-        bad = [v for v in values if not re.fullmatch(r"[0-9a-f]{64}", v)]
-        if bad:
-            raise ValueError(f"{bad[0][:20]!r} is not a lowercase hex sha256 (64 characters): use `printf %s TOKEN | sha256sum`")
-        return values
+        return _sha256_list(values)
+
+    @model_validator(mode="after")
+    def _distinct_tenants(self) -> AuthSpec:
+        names = [t.name for t in self.tenants]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"tenant name(s) {', '.join(repeated)} given more than once")
+        return self
 
     @property
     def enabled(self) -> bool:
-        return self.token_env is not None or bool(self.token_sha256)
+        return self.token_env is not None or bool(self.token_sha256) or bool(self.tenants)
 
 
 class ApiSpec(_Strict):
@@ -432,16 +473,16 @@ def format_errors(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[st
     return lines
 
 
-def parse_serve_spec(raw: Any, source: str = "<serve spec>") -> ServeSpec:
-    """Validate a mapping as a ServeSpec; raise one ServeSpecError listing every problem."""
+def parse_serve_spec(raw: Any, source: str = "<serve spec>", model: type[ServeSpec] = ServeSpec) -> ServeSpec:
+    """Validate a mapping as a ServeSpec (or `model`, a spec that extends it); raise one ServeSpecError listing every problem."""
     if not isinstance(raw, dict):
         raise ServeSpecError(source, [f"<top level>: got {_short(raw)}, must be a mapping with at least `base`"])
     try:
-        return ServeSpec.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         raise ServeSpecError(source, format_errors(exc)) from None
 
 
-def load_serve_spec(path: str | Path) -> ServeSpec:
+def load_serve_spec(path: str | Path, model: type[ServeSpec] = ServeSpec) -> ServeSpec:
     """Read and validate a serve YAML file."""
-    return parse_serve_spec(read_yaml(path, ServeSpecError, "a serve YAML file (see examples/serve.yaml)"), str(path))
+    return parse_serve_spec(read_yaml(path, ServeSpecError, "a serve YAML file (see examples/serve.yaml)"), str(path), model)

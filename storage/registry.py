@@ -416,8 +416,13 @@ class Registry:
         ).encode()
         for _ in range(_MAX_CLAIM_ATTEMPTS):
             try:
-                self.store.put_bytes(claim, f"{self._version_prefix(name, candidate)}/.claim", overwrite=False)
-                return candidate
+                claim_key = f"{self._version_prefix(name, candidate)}/.claim"
+                self.store.put_bytes(claim, claim_key, overwrite=False)
+                # Read back: S3-compatible servers whose conditional writes are not atomic (moto under load)
+                # can let two publishers "create" the same claim; the one whose bytes stayed owns the version.
+                if self.store.get_bytes(claim_key) == claim:
+                    return candidate
+                candidate += 1
             except AlreadyExists:
                 candidate += 1
         raise AlreadyExists(f"could not claim a version number for {name!r} after {_MAX_CLAIM_ATTEMPTS} tries (too many concurrent publishers?)")

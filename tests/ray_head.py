@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,13 @@ class Head:
     def client(self) -> JobsClient:
         return JobsClient(self.address, AuthToken(self.token, "test"))
 
+    def env(self, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+        """An environment for a process that connects to this head as a driver."""
+        env = {k: v for k, v in (base or os.environ).items() if not k.startswith("RAY_")}
+        # A loaded CI machine can take more than Ray's default 60 s to answer a new driver.
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_gcs_server_request_timeout_seconds="300", **extra)
+        return env
+
 
 def _free_ports(count: int) -> list[int]:
     """`count` distinct free ports: all held open at once, so the OS cannot hand out one twice."""
@@ -54,6 +61,10 @@ def _free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def free_port() -> int:
+    return _free_ports(1)[0]
 
 
 def _free_port_range(count: int) -> tuple[int, int]:
@@ -75,19 +86,19 @@ _PORT_FLAGS = ("--port", "--node-manager-port", "--object-manager-port", "--ray-
                "--metrics-export-port", "--dashboard-port")
 
 
-def _head_command(temp_dir: Path, ports: dict[str, int]) -> list[str]:
+def _head_command(temp_dir: Path, ports: dict[str, int], num_cpus: int) -> list[str]:
     low, high = _free_port_range(60)
     assert not any(low <= port <= high for port in ports.values())
     return [
-        str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--object-store-memory=100000000",
+        str(VENV_BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--object-store-memory=100000000",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", *(f"{flag}={port}" for flag, port in ports.items()),
         f"--min-worker-port={low}", f"--max-worker-port={high}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]
 
 
 
-def _head_env(token: str, home: Path) -> dict[str, str]:
-    """The head's own environment: auth on with its token, no storage or AWS settings, no venv on PATH."""
+def _head_env(token: str, home: Path, extra: Mapping[str, str]) -> dict[str, str]:
+    """The head's own environment: auth on with its token, no storage or AWS settings but `extra`, no venv on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "RAYFT_", "VIRTUAL_ENV"))}
     path = [p for p in env.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != VENV_BIN.resolve()]
     env.update(
@@ -95,6 +106,7 @@ def _head_env(token: str, home: Path) -> dict[str, str]:
         AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true",
         RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
     )
+    env.update(extra)
     return env
 
 
@@ -145,7 +157,9 @@ def _stop_head(proc: subprocess.Popen, token: str) -> None:
 
 
 @contextlib.contextmanager
-def running_head() -> Iterator[Head]:
+def running_head(num_cpus: int = 2, env: Mapping[str, str] | None = None) -> Iterator[Head]:
+    """A running head (token auth, dashboard with the Jobs API); `env` is added to the head's environment
+    (e.g. storage settings, which a real cluster holds in its pods' environment)."""
     # Short temp dir: Ray's unix socket paths live under it and must stay under ~107 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="rayft-head-", dir="/tmp"))
     token = secrets.token_hex(32)
@@ -153,7 +167,7 @@ def running_head() -> Iterator[Head]:
     head = Head(f"http://127.0.0.1:{ports['--dashboard-port']}", token, f"127.0.0.1:{ports['--port']}")
     log = temp_dir / "ray-start.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(_head_command(temp_dir / "ray", ports), env=_head_env(token, temp_dir / "home"),
+        proc = subprocess.Popen(_head_command(temp_dir / "ray", ports, num_cpus), env=_head_env(token, temp_dir / "home", env or {}),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_until_up(head, proc, log)

@@ -193,7 +193,9 @@ def test_push_refuses_bad_models_with_one_line(local_uri, tiny_model_dir, tmp_pa
     assert open_registry(local_uri).list() == []
 
 
-def test_pull_of_a_tampered_artifact_fails_and_writes_nothing(store, tmp_path, capsys):
+def test_pull_of_a_tampered_artifact_fails_and_writes_nothing(store, tmp_path, capsys, monkeypatch):
+    # An empty download cache: a verified copy cached by an earlier test would (rightly) be used instead.
+    monkeypatch.setenv("RAYFT_HOME", str(tmp_path / "home"))
     registry = open_registry(store)
     registry.store.put_bytes(b"tampered", "registry/tiny/1/files/config.json")
     code, _, err = rayft(capsys, "registry", "pull", "tiny", str(tmp_path / "out"), "--storage", store)

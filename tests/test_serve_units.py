@@ -28,7 +28,9 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 
 def test_example_spec_is_valid_and_maps_to_serve_options():
-    spec = load_serve_spec(REPO / "examples" / "serve.yaml")
+    from service.spec import load_service_spec  # the example also turns on the fine-tuning API (service/)
+
+    spec = load_service_spec(REPO / "examples" / "serve.yaml").serve_spec()
     assert spec.model_names() == ["tiny-llama", "reverse-lora-merged"]
     options = spec.base.deployment.serve_options()
     assert options["num_replicas"] == 1 and options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}

@@ -113,11 +113,11 @@ def encode_row(row: dict, fmt: str, tokenizer, max_seq_len: int, train_on_prompt
     return Example(ids[:max_seq_len], labels[:max_seq_len])
 
 
-def load_rows(uri: str, fmt: str, on_bad_row: str) -> tuple[list[dict], str, int]:
-    """Parse a JSONL file; returns (rows, format, skipped). Errors name the file and line."""
-    text = read_text(uri)
-    rows: list[dict] = []
-    skipped = 0
+def scan_rows(text: str, fmt: str) -> Iterator[tuple[int, dict | None, str, str | None]]:
+    """(line number, row or None, the file's format, problem or None) for every non-blank line of JSONL `text`.
+
+    The format is `fmt`, or (auto) the one the first usable row has; every row must have it.
+    """
     detected = None if fmt == "auto" else fmt
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -135,6 +135,15 @@ def load_rows(uri: str, fmt: str, on_bad_row: str) -> tuple[list[dict], str, int
                 problem = 'cannot tell the format: expected "text", "prompt"+"completion" or "messages"'
         if problem is None:
             problem = _check_row(row, detected)
+        yield line_no, (row if problem is None else None), detected, problem
+
+
+def load_rows(uri: str, fmt: str, on_bad_row: str) -> tuple[list[dict], str, int]:
+    """Parse a JSONL file; returns (rows, format, skipped). Errors name the file and line."""
+    rows: list[dict] = []
+    skipped = 0
+    detected = None
+    for line_no, row, detected, problem in scan_rows(read_text(uri), fmt):
         if problem is not None:
             if on_bad_row == "skip":
                 skipped += 1

@@ -54,11 +54,13 @@ def peak_rss_bytes() -> int:
 class Progress:
     """Rank 0's console line: step, loss, tokens/s, ETA; and the steady-state throughput of the steps alone."""
 
-    def __init__(self, total_steps: int, start_step: int):
+    def __init__(self, total_steps: int, start_step: int, history: list[dict] | None = None):
         self.total = total_steps
         self.start_step = start_step
         self.t0 = time.perf_counter()
         self.tokens = 0
+        # Tokens of the steps before a resume, as the checkpoint's history recorded them.
+        self.tokens_before = int((history or [{}])[-1].get("trained_tokens") or 0)
         self.steady_tokens = 0
         self.steady_s = 0.0
 
@@ -67,6 +69,11 @@ class Progress:
         if step > self.start_step + STEADY_AFTER_STEPS:
             self.steady_tokens += tokens
             self.steady_s += seconds
+
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens (all ranks, padding excluded) of every optimizer step taken so far, resumes included."""
+        return self.tokens_before + self.tokens
 
     def steady_tokens_per_s(self) -> float | None:
         return self.steady_tokens / self.steady_s if self.steady_s > 0 else None
@@ -175,8 +182,8 @@ def start_worker(config: dict) -> Worker:
 
     ctx = ray.train.get_context()
     device, world = ray.train.torch.get_device(), ctx.get_world_size()
-    prepare_process(device, world)  # before validating the spec, which may import deepspeed
-    spec = JobSpec.model_validate(config["spec"])
+    prepare_process(device, world)  # before anything imports deepspeed
+    spec: JobSpec = config["spec"]  # validated by the driver; unpickled as it is
     worker = Worker(spec=spec, config=config, rank=ctx.get_world_rank(), world=world,
                     local_rank=ctx.get_local_rank(), device=device)
     torch.manual_seed(spec.training.seed)
@@ -186,7 +193,7 @@ def start_worker(config: dict) -> Worker:
 
 
 def train_func(config: dict) -> None:
-    """Ray Train worker entry point. `config = {"spec": JobSpec as JSON, "storage_uri": str, "run_id": str, "faults": dict|None}`."""
+    """Ray Train worker entry point. `config = {"spec": JobSpec, "storage_uri": str, "run_id": str, "faults": dict|None}`."""
     from transformers import AutoTokenizer
 
     w = start_worker(config)
@@ -228,7 +235,7 @@ def run_steps(w: Worker, strategy: Strategy, batches: Batches, start_step: int, 
     spec, tcfg, rank, world = w.spec, w.spec.training, w.rank, w.world
     objective = objective_for(spec)
     after_step = method_module(spec.method.name).after_optimizer_step
-    progress = Progress(tcfg.max_steps, start_step)
+    progress = Progress(tcfg.max_steps, start_step, history)
     record = ProgressWriter(w.config, tcfg.max_steps) if rank == 0 else None
     running_loss, running_n, eval_loss = 0.0, 0, None
     running_metrics: dict[str, float] = {}
@@ -286,12 +293,13 @@ def run_steps(w: Worker, strategy: Strategy, batches: Batches, start_step: int, 
                 say(f"[rayft] step {step} {objective_runtime.format_eval(eval_metrics)}")
         train_metrics = {f"train_{key}": value / running_n for key, value in running_metrics.items()}
         history.append({"step": step, "train_loss": train_loss, **train_metrics,
-                        **({"eval_loss": eval_loss, **eval_metrics} if do_eval else {"eval_loss": None})})
+                        **({"eval_loss": eval_loss, **eval_metrics} if do_eval else {"eval_loss": None}),
+                        "trained_tokens": progress.trained_tokens})
         if record is not None:
             record.write(step, history, progress.eta_s(step))
         metrics = {
             "step": step, "train_loss": train_loss, "eval_loss": eval_loss,
-            "trainable_params": strategy.trainable, "total_params": strategy.total,
+            "trainable_params": strategy.trainable, "total_params": strategy.total, "trained_tokens": progress.trained_tokens,
             "tokens_per_s": progress.tokens / max(time.perf_counter() - progress.t0, 1e-9),
             "steady_tokens_per_s": progress.steady_tokens_per_s(), "peak_rss_bytes": peak_rss_bytes(),
             "step_time_s": sum(step_s) / len(step_s),

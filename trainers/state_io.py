@@ -61,3 +61,14 @@ def load_state(directory: str | Path, name: str = "state") -> Any:
     directory = Path(directory)
     tensors = load_file(str(directory / f"{name}.safetensors"))
     return _decode(json.loads((directory / f"{name}.json").read_text()), tensors)
+
+
+def state_without_tensors(json_text: str | bytes) -> Any:
+    """A saved state's JSON part alone (e.g. the history of a checkpoint in remote storage); tensors stay
+    as `{"__tensor__": key}` references."""
+    return _decode(json.loads(json_text), _TensorRefs())
+
+
+class _TensorRefs(dict):
+    def __missing__(self, key: str) -> dict[str, str]:
+        return {"__tensor__": key}

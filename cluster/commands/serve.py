@@ -1,4 +1,5 @@
-"""`rayft serve SERVE.yaml`: deploy the OpenAI-compatible Serve application a serve spec describes."""
+"""`rayft serve SERVE.yaml`: deploy the OpenAI-compatible Serve application a serve spec describes
+(inference, and with a `fine_tuning:` section the files and fine-tuning jobs API too: service/)."""
 
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from serve.spec import load_serve_spec
+    from service.spec import load_service_spec
 
-    spec = load_serve_spec(args.spec)  # every problem in the file, before Ray is touched
+    spec = load_service_spec(args.spec)  # every problem in the file, before Ray is touched
     address = args.address or os.environ.get("RAY_ADDRESS")
     if args.detach and not address:
         raise ServeUsageError(
@@ -45,9 +46,12 @@ def run(args: argparse.Namespace) -> int:
         check_port_free(args.host, args.port)  # a local Ray starts Serve's proxy here: its port must be free
     from cluster.ray_connect import connect
 
-    connect(address)
+    # Fine-tuning jobs are Ray jobs: a local Ray needs its dashboard, which serves the Jobs API.
+    connect(address, dashboard=spec.api_enabled())
     url = deploy(spec, host=args.host, port=args.port, name=args.name)
     print(f"[rayft] serving on {url}/v1", flush=True)
+    if spec.api_enabled():
+        print(f"[rayft] fine-tuning API: {url}/v1/files, {url}/v1/fine_tuning/jobs", flush=True)
     print(f"[rayft] models: {', '.join(spec.model_names())} + adapters of {spec.base.name} from the registry "
           f"(GET {url}/v1/models)", flush=True)
     print(f"[rayft] console: {url}/console (`rayft console` opens it)", flush=True)
@@ -135,7 +139,7 @@ def deploy(spec, *, host: str = "127.0.0.1", port: int = 8000, name: str = "rayf
     from ray import serve
 
     from cluster import console
-    from serve.app import build_app
+    from service.app import build_app
 
     console.quiet_ray_driver()
     logging_config = console.serve_logging_config()

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def spec_kind(raw: Any) -> str:
     """`serve`, `tune` or `job`: the spec kind whose sections the mapping shares most (a job when unsure, so
     pydantic's problems name what is missing)."""
-    from serve.spec import ServeSpec
+    from service.spec import ServiceSpec as ServeSpec  # the serve spec with the fine_tuning: section
     from trainers.spec import JobSpec
 
     if not isinstance(raw, dict):
@@ -49,11 +49,12 @@ def run(args: argparse.Namespace) -> int:
 def describe(raw: Any, kind: str, source: str) -> str:
     """Validate `raw` as `kind` (raising its ConfigError with every problem); a one-line summary of what it is."""
     if kind == "serve":
-        from serve.spec import parse_serve_spec
+        from service.spec import parse_service_spec
 
-        spec = parse_serve_spec(raw, source)
+        spec = parse_service_spec(raw, source)  # what `rayft serve` reads: a serve spec, with or without fine_tuning:
         return (f"serve spec: base {spec.base.name!r} from {spec.base.source} with adapters from the registry"
-                f"{', merged ' + ', '.join(m.name for m in spec.merged) if spec.merged else ''}")
+                f"{', merged ' + ', '.join(m.name for m in spec.merged) if spec.merged else ''}"
+                f"{', fine-tuning API on' if spec.api_enabled() else ''}")
     from cluster.cli import UserError
     from trainers.spec import parse_job_spec
 
