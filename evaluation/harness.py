@@ -116,7 +116,8 @@ class HarnessReport:
         for task in self.tasks:
             first = self.results[labels[0]].get(task, {})
             for key in first:
-                if "_stderr," in key or key == "alias" or not isinstance(first[key], (int, float)):
+                # sample_len is the harness's row count, not a metric
+                if "_stderr," in key or key in ("alias", "sample_len") or not isinstance(first[key], (int, float)):
                     continue
                 name, _, filt = key.partition(",")
                 line = [task, name if filt in ("", "none") else f"{name} ({filt})"]

@@ -40,6 +40,8 @@ doc_to_target: answer
 target_delimiter: ""
 metric_list:
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
 """
 GEN_TASK = """task: rayft_tiny_gen
 dataset_path: json
@@ -56,6 +58,8 @@ generation_kwargs:
   max_gen_toks: 6
 metric_list:
   - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
 """
 
 
@@ -111,7 +115,7 @@ def test_harness_metrics_equal_rayft_choice_accuracy_and_exact_match(tiny_model_
     mc_samples = sorted(report.samples["base"]["rayft_tiny_mc"], key=lambda s: s["doc_id"])
     assert [s["acc"] for s in mc_samples] == list(rayft_acc.values[:, 0])
     table = report.table()
-    assert "rayft_tiny_mc" in table and "acc" in table and "exact_match" in table
+    assert "rayft_tiny_mc" in table and " acc " in table and " exact_match " in table and "sample_len" not in table
 
 
 @needs_lm_eval
