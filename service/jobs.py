@@ -319,7 +319,9 @@ class JobService:
             Path(tmp, "job.yaml").write_text(yaml.safe_dump(record.job_spec, sort_keys=False))
             options = SubmitOptions(
                 command="train", job="job.yaml", args=["--run-id", record.id], working_dir=tmp,
-                env=[f"{k}={v}" for k, v in self.ft.job_env.items()], aws_credentials=self.ft.forward_aws_credentials,
+                # RAYFT_RUN_SOURCE: the run's record says the fine-tuning API started it (the console's Runs page)
+                env=[f"{k}={v}" for k, v in {"RAYFT_RUN_SOURCE": "api", **self.ft.job_env}.items()],
+                aws_credentials=self.ft.forward_aws_credentials,
             )
             job = prepare_submission(options, cwd=Path(tmp))
             # Submission id = job id: a second replica submitting the same job at the same tick is refused.

@@ -182,8 +182,8 @@ def start_worker(config: dict) -> Worker:
 
     ctx = ray.train.get_context()
     device, world = ray.train.torch.get_device(), ctx.get_world_size()
-    prepare_process(device, world)  # before validating the spec, which may import deepspeed
-    spec = JobSpec.model_validate(config["spec"])
+    prepare_process(device, world)  # before anything imports deepspeed
+    spec: JobSpec = config["spec"]  # validated by the driver; unpickled as it is
     worker = Worker(spec=spec, config=config, rank=ctx.get_world_rank(), world=world,
                     local_rank=ctx.get_local_rank(), device=device)
     torch.manual_seed(spec.training.seed)
@@ -193,7 +193,7 @@ def start_worker(config: dict) -> Worker:
 
 
 def train_func(config: dict) -> None:
-    """Ray Train worker entry point. `config = {"spec": JobSpec as JSON, "storage_uri": str, "run_id": str, "faults": dict|None}`."""
+    """Ray Train worker entry point. `config = {"spec": JobSpec, "storage_uri": str, "run_id": str, "faults": dict|None}`."""
     from transformers import AutoTokenizer
 
     w = start_worker(config)

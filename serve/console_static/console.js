@@ -181,9 +181,8 @@ async function start() {
     else if (err.status !== 401) setMain(h("h1", {}, "rayft console"), errorBox(err));
     return;
   }
-  document.getElementById("who").replaceChildren(
-    `${session.base} · ${session.auth ? "signed in" : "no token needed"}`,
-    session.auth ? h("button", { class: "secondary", id: "sign-out", onclick: signOut }, "Sign out") : null);
+  document.getElementById("who").replaceChildren(`${session.base} · ${session.auth ? "signed in" : "no token needed"}`,
+    ...(session.auth ? [h("button", { class: "secondary", id: "sign-out", onclick: signOut }, "Sign out")] : []));
   render();
 }
 
