@@ -195,17 +195,27 @@ def load_for_eval(base_dir: Path, ckpt_dir: Path | None, method: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from trainers.methods.qlora import Config as QLoraConfig, quantization_config
+    from trainers.checkpoints import ADAPTER_DIR, MODEL_DIR
+    from trainers.methods import method_module, traits
 
     if ckpt_dir is None:
         return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if method == "full":
-        return AutoModelForCausalLM.from_pretrained(ckpt_dir / "model", dtype=torch.float32)
+    if not traits(method).is_adapter:
+        return AutoModelForCausalLM.from_pretrained(ckpt_dir / MODEL_DIR, dtype=torch.float32)
     kwargs = {"dtype": torch.float32}
-    if method == "qlora":
-        kwargs.update(quantization_config=quantization_config(QLoraConfig(), torch.float32), device_map={"": "cpu"})
+    module = method_module(method)
+    quantization = module.quantization_config(module.Config(), torch.float32)  # QLoRA: its 4-bit base
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": "cpu"})
     base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-    return peft.PeftModel.from_pretrained(base, str(ckpt_dir / "adapter"))
+    return peft.PeftModel.from_pretrained(base, str(ckpt_dir / ADAPTER_DIR))
+
+
+def is_full_model(row: dict) -> bool:
+    """A row of full fine-tuning (the whole model trained): the baseline the adapters are measured against."""
+    from trainers.methods import traits
+
+    return not traits(row["method"]["name"]).is_adapter
 
 
 def score(text: str, expected: str) -> tuple[bool, bool, float]:
@@ -296,6 +306,8 @@ def fine_tune(label: str, block: dict, lr: float, seed: int, cfg: dict, base_dir
     """One rayft run (one seed) and its scores."""
     from transformers import AutoTokenizer
 
+    from trainers.checkpoints import ADAPTER_DIR, MODEL_DIR
+    from trainers.methods import traits
     from trainers.run import run_training
 
     steps = cfg["steps"]
@@ -308,7 +320,7 @@ def fine_tune(label: str, block: dict, lr: float, seed: int, cfg: dict, base_dir
     m = result.metrics
     with result.checkpoint.as_directory() as ckpt:
         ckpt = Path(ckpt)
-        artifact = ckpt / ("model" if block["name"] == "full" else "adapter")
+        artifact = ckpt / (ADAPTER_DIR if traits(block["name"]).is_adapter else MODEL_DIR)
         artifact_bytes = dir_bytes(artifact)
         tok = AutoTokenizer.from_pretrained(base_dir)
         t0 = time.perf_counter()
@@ -390,11 +402,11 @@ def run(quick: bool, cache_root: Path) -> dict:
             ray.shutdown()
         probe_spec = rayft_spec(base_dir, train, evals, str(tmp / "store"), {"name": "full"}, "probe", {"max_steps": 1})
         base_loss = base_eval_loss(base_dir, probe_spec)
-    full = next((r for r in rows if r["method"]["name"] == "full"), None)
+    full = next((r for r in rows if is_full_model(r)), None)
     for r in rows:
         r["trainable_pct"] = 100 * r["trainable_params"] / base_params  # peft counts a 4-bit base's packed halves
         r["accuracy_vs_full_pct"] = 100 * r["accuracy"] / full["accuracy"] if full and full["accuracy"] > 0 else None
-    peft_rows = [r for r in rows if r["method"]["name"] != "full" and r["accuracy_vs_full_pct"] is not None]
+    peft_rows = [r for r in rows if not is_full_model(r) and r["accuracy_vs_full_pct"] is not None]
     return {
         "title": "Fine-tuning methods, measured (rayft on one Ray Train worker)", "machine": info, "quick": quick,
         "config": {**cfg, "max_seq_len": MAX_SEQ_LEN, "precision": PRECISION, "task": "groups → JSON"},
@@ -467,7 +479,7 @@ def plot(result: dict):
         ax.set_ylabel("exact match on held-out prompts (%)")
         ax.axhline(100 * result["base"]["accuracy"], color="#aaa", ls=":", lw=1)
         ax.set_ylim(-3, 103)
-    full = next((r for r in rows if r["method"]["name"] == "full"), None)
+    full = next((r for r in rows if is_full_model(r)), None)
     if full:
         for ax in (a, b):
             ax.axhline(90 * full["accuracy"], color="#d62728", ls="--", lw=1, label="90% of full FT")

@@ -78,8 +78,11 @@ def job_spec(model_dir: str, case: dict):
     """The JobSpec a case stands for (the data file is never read: batches are synthetic)."""
     from trainers.spec import parse_job_spec
 
+    from trainers.methods import method_module
+    from trainers.methods._lora import LoraFamilyConfig
+
     method = {"name": case["method"]}
-    if case["method"] in ("lora", "qlora"):
+    if issubclass(method_module(case["method"]).Config, LoraFamilyConfig):  # the LoRA family: every linear layer
         method["target_modules"] = "all-linear"
     return parse_job_spec({
         "model": {"source": model_dir, "gradient_checkpointing": bool(case.get("gradient_checkpointing"))},

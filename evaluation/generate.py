@@ -27,6 +27,9 @@ from evaluation.data import EvalRow, parse_row
 
 #: What an item asks of the actor: an answer, the choices' log-likelihoods, the reference's.
 GENERATE, CHOICES, REFERENCE = "generate", "choices", "reference"
+#: lm-evaluation-harness requests (evaluation/harness_lm.py): log P(each of the item's `continuations` | the row's
+#: prompt) with whether greedy decoding would produce it, and the log-likelihood of a {text} row's every token.
+LOGLIKELIHOOD, ROLLING = "loglikelihood", "rolling"
 
 
 @dataclass
@@ -135,19 +138,21 @@ class ModelActor:
         from serve.generation import SamplingParams, Sequence
 
         s = self.settings
-        params = SamplingParams(max_tokens=s["max_tokens"], temperature=s["temperature"], stop=tuple(s["stop"]), seed=s["seed"])
         results = [{"key": it["key"], "label": it["label"]} for it in items]
         rows = [parse_row(it["row"], it["key"], f"row {it['key'] + 1}") for it in items]
         adapters = [await self._adapter(it["label"]) for it in items]
         jobs = []
         for result, item, row, (name, solo) in zip(results, items, rows, adapters):
             if GENERATE in item["want"]:
-                ids = prompt_ids(self.tokenizer, row, self.max_positions - s["max_tokens"])
+                # An item may carry its own max_tokens/stop/temperature (a harness task's generation_kwargs).
+                p = {k: s[k] for k in ("max_tokens", "temperature", "stop", "seed")} | item.get("params", {})
+                params = SamplingParams(max_tokens=p["max_tokens"], temperature=p["temperature"], stop=tuple(p["stop"]), seed=p["seed"])
+                ids = prompt_ids(self.tokenizer, row, self.max_positions - p["max_tokens"])
                 jobs.append(self._generate(Sequence(ids, params, adapter=name, solo=solo), result))
         await asyncio.gather(*jobs)
         for result, item, row, (name, _) in zip(results, items, rows, adapters):
-            if CHOICES in item["want"] or REFERENCE in item["want"]:
-                result.update(await asyncio.to_thread(self.engine.run_locked, lambda: self._score(row, item["want"], name)))
+            if {CHOICES, REFERENCE, LOGLIKELIHOOD, ROLLING} & set(item["want"]):
+                result.update(await asyncio.to_thread(self.engine.run_locked, lambda: self._score(row, item, name)))
         return results
 
     async def _generate(self, seq: Any, result: dict) -> None:
@@ -159,10 +164,44 @@ class ModelActor:
         result["answer"] = "".join(text)
         result["finish_reason"] = seq.finish_reason
 
-    def _score(self, row: EvalRow, want: list[str], adapter: str) -> dict:
+    def _context(self, ids: list[int]) -> list[int]:
+        """A context to score after; an empty one is the end-of-text token (the harness's prefix token)."""
+        if ids:
+            return ids
+        prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        if prefix is None:
+            raise ValueError("the tokenizer has neither a BOS nor an EOS token to score a text from its first token")
+        return [prefix]
+
+    def _rolling(self, ids: list[int], adapter: str) -> float:
+        """Σ log P(token | what precedes it) over every token of a text, in windows the model's positions hold.
+
+        Like the harness's rolling windows (context length 1): the first token is scored after the prefix
+        token, each later window predicts its tokens given the tokens right before it, so none is scored twice.
+        """
+        width = min(self.max_positions, 1 << 20)
+        total, start = 0.0, 0
+        while start < len(ids):
+            chunk = ids[start : start + width - 1]
+            context = self._context(ids[max(0, start - (width - len(chunk))) : start])
+            ((lp, _, _),) = continuation_scores(self.engine.model, context, [chunk], adapter)
+            total, start = total + lp, start + len(chunk)
+        return total
+
+    def _score(self, row: EvalRow, item: dict, adapter: str) -> dict:
         """Under the engine lock: log-likelihoods of the choices and/or of the reference, with `adapter` active."""
         out: dict[str, Any] = {}
-        tok = self.tokenizer
+        tok, want = self.tokenizer, item["want"]
+        if LOGLIKELIHOOD in want:
+            conts = [tok(c, add_special_tokens=False)["input_ids"] for c in item["continuations"]]
+            # The context keeps its last tokens when context + continuation exceed the model's positions (as the harness does).
+            room = max(1, self.max_positions - max(len(c) for c in conts))
+            context = self._context(prompt_ids(tok, row, 0))[-room:]
+            out["loglikelihoods"] = continuation_scores(self.engine.model, context, conts, adapter)
+            return out
+        if ROLLING in want:
+            out["rolling_logprob"] = self._rolling(tok(row.reference, add_special_tokens=False)["input_ids"], adapter)
+            return out
         if row.generates:
             context = prompt_ids(tok, row, 0)
         else:  # {text}: every token after the first, given what precedes it
@@ -185,6 +224,11 @@ def continuation_logprobs(model: Any, context: list[int], continuations: list[li
     Context and continuation are tokenized apart and concatenated (as lm-evaluation-harness does),
     one right-padded batch, with `adapter` (a peft adapter name, or `__base__`) active.
     """
+    return [(lp, n) for lp, n, _ in continuation_scores(model, context, continuations, adapter)]
+
+
+def continuation_scores(model: Any, context: list[int], continuations: list[list[int]], adapter: str) -> list[tuple[float, int, bool]]:
+    """`continuation_logprobs`, and whether greedy decoding would produce each continuation (the harness's is_greedy)."""
     import contextlib
 
     import torch
@@ -207,10 +251,12 @@ def continuation_logprobs(model: Any, context: list[int], continuations: list[li
     logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
     targets = ids[:, 1:].to(device)
     picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    best = logprobs.argmax(dim=-1)
     results = []
     for i, cont in enumerate(continuations):
         start = len(context) - 1  # logits at position p predict token p + 1
-        results.append((float(picked[i, start : start + len(cont)].sum()), len(cont)))
+        span = slice(start, start + len(cont))
+        results.append((float(picked[i, span].sum()), len(cont), bool((best[i, span] == targets[i, span]).all())))
     return results
 
 

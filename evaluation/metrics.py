@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import math
 import re
-import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +21,7 @@ import numpy as np
 from evaluation.data import EvalRow
 from storage.errors import RayftError
 from trainers.eval_spec import MetricSpec
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b", re.IGNORECASE)
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
+from trainers.task_metrics import PAIR_METRICS
 
 
 class MetricError(RayftError):
@@ -63,21 +60,6 @@ class Summary:
         return {"value": self.value, "ci95": [self.low, self.high] if self.low is not None else None, "n": self.n}
 
 
-def normalize(text: str, steps: list[str]) -> str:
-    """`text` after the normalisation steps, in a fixed order (case and punctuation before whitespace)."""
-    if "lower" in steps:
-        text = text.lower()
-    if "punctuation" in steps:
-        text = text.translate(_PUNCTUATION)
-    if "articles" in steps:
-        text = _ARTICLES.sub(" ", text)
-    if "whitespace" in steps:
-        text = " ".join(text.split())
-    if "strip" in steps:
-        text = text.strip()
-    return text
-
-
 def _mean(values: np.ndarray) -> float:
     return float(values[:, 0].mean())
 
@@ -102,10 +84,9 @@ def row_stats(metric: MetricSpec, rows: list[EvalRow], outputs: list[Output]) ->
         _need(rows, outputs, name, "answer")
     answers = [out.answer or "" for out in outputs]
     references = [row.reference or "" for row in rows]
-    if name == "exact_match":
-        return _per_row([float(normalize(a, metric.normalize) == normalize(r, metric.normalize)) for a, r in zip(answers, references)])
-    if name == "contains":
-        return _per_row([float(normalize(r, metric.normalize) in normalize(a, metric.normalize)) for a, r in zip(answers, references)])
+    if name in PAIR_METRICS:  # the same scoring the worker loop ranks tune trials by
+        score = PAIR_METRICS[name]
+        return _per_row([score(a, r, metric.normalize) for a, r in zip(answers, references)])
     if name == "regex":
         _need(rows, outputs, name, "answer")
         scores = []

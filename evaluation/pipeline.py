@@ -33,16 +33,17 @@ def needs_pipeline(spec: JobSpec) -> bool:
     return spec.eval is not None or bool(spec.output.require)
 
 
-def train_and_publish(spec: JobSpec, *, address: str | None = None, run_id: str | None = None):
-    """Train the job; with `eval:`, evaluate and gate before publishing. Returns trainers.run.TrainResult.
+def train_and_publish(spec: JobSpec, *, address: str | None = None, run_id: str | None = None, force: bool = False):
+    """Train the job (planned first: `force` starts one the plan says will not fit); with `eval:`, evaluate and
+    gate before publishing. Returns trainers.run.TrainResult.
 
     `run_id` names the run (its checkpoints go under runs/<run_id>); default: a fresh one."""
     from trainers.run import run_training, with_absolute_paths
 
     if not needs_pipeline(spec):
-        return run_training(spec, address=address, run_id=run_id)
+        return run_training(spec, address=address, run_id=run_id, force=force)
     spec = with_absolute_paths(spec)
-    result = run_training(spec, address=address, run_id=run_id, publish=False)
+    result = run_training(spec, address=address, run_id=run_id, publish=False, force=force)
     return gate_and_publish(spec, result)
 
 
@@ -80,7 +81,7 @@ def evaluate_run(spec: JobSpec, result, storage_uri: str, label: str) -> EvalRep
     from trainers.publish import checkpoint_for_publishing, stage_artifact
 
     assert spec.eval is not None
-    model_dir = resolve_model_dir(spec.model.source, storage_uri)
+    model_dir = result.model_dir or resolve_model_dir(spec.model.source, storage_uri)  # the run resolved it already
     is_adapter = traits(spec.method.name).is_adapter
     with checkpoint_for_publishing(result.checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="rayft-eval-run-") as work:
         # The same directory publishing would upload (a full model gets the base's tokenizer files).

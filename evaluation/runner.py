@@ -218,6 +218,14 @@ def _wants(row: EvalRow, metrics: list[MetricSpec]) -> list[str]:
     return want
 
 
+def actor_settings(spec: EvalSpec) -> dict[str, Any]:
+    """What a model actor needs of the spec (decoding defaults and its resources)."""
+    return {
+        "max_tokens": spec.max_tokens, "stop": list(spec.stop), "temperature": spec.temperature, "seed": spec.seed,
+        "batch_size": spec.batch_size, "cpus": spec.cpus_per_actor, "gpus": spec.gpus_per_actor, "dtype": spec.dtype,
+    }
+
+
 def evaluate(refs: list[str], spec: EvalSpec, *, storage_uri: str, data: str | None = None, base: str | None = None,
              targets: list[Target] | None = None, quiet: bool = False) -> EvalReport:
     """Generate and score `spec.data` (or `data`) for every ref; the first ref is the baseline of the differences.
@@ -237,10 +245,7 @@ def evaluate(refs: list[str], spec: EvalSpec, *, storage_uri: str, data: str | N
     labels = [t.label for t in targets]
     if len(set(labels)) != len(labels):
         raise EvalError(f"a ref is listed twice: {labels}")
-    settings = {
-        "max_tokens": spec.max_tokens, "stop": list(spec.stop), "temperature": spec.temperature, "seed": spec.seed,
-        "batch_size": spec.batch_size, "cpus": spec.cpus_per_actor, "gpus": spec.gpus_per_actor, "dtype": spec.dtype,
-    }
+    settings = actor_settings(spec)
     wants = [_wants(row, spec.metrics) for row in rows]
     groups = group_targets(targets, storage_uri)
     total = sum(len(g.labels) for g in groups) * sum(1 for w in wants if w)

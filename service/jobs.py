@@ -221,6 +221,15 @@ def _file_fits_method(field: str, obj: Any, kind: str) -> list[str]:
     return []
 
 
+def _cluster_busy(err: Exception) -> bool:
+    """Whether a submission failed for the cluster's sake, to be retried at the next tick: its Jobs API is
+    unreachable or refuses the token (503/401), or answers 5xx, e.g. "No available agent to submit job,
+    please try again later" from a dashboard whose job agent is still starting."""
+    if isinstance(err, RayftError):
+        return getattr(err, "http_status", 400) in (401, 503)
+    return isinstance(err, RuntimeError) and bool(re.search(r"status code 5\d\d|try again later", str(err)))
+
+
 def _suffix_problem(suffix: str | None) -> str | None:
     if suffix is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,63}", suffix):
         return f"suffix: got {suffix!r}, must be lowercase letters, digits and '-' (at most 64), starting with a letter or digit"
@@ -310,7 +319,9 @@ class JobService:
             Path(tmp, "job.yaml").write_text(yaml.safe_dump(record.job_spec, sort_keys=False))
             options = SubmitOptions(
                 command="train", job="job.yaml", args=["--run-id", record.id], working_dir=tmp,
-                env=[f"{k}={v}" for k, v in self.ft.job_env.items()], aws_credentials=self.ft.forward_aws_credentials,
+                # RAYFT_RUN_SOURCE: the run's record says the fine-tuning API started it (the console's Runs page)
+                env=[f"{k}={v}" for k, v in {"RAYFT_RUN_SOURCE": "api", **self.ft.job_env}.items()],
+                aws_credentials=self.ft.forward_aws_credentials,
             )
             job = prepare_submission(options, cwd=Path(tmp))
             # Submission id = job id: a second replica submitting the same job at the same tick is refused.
@@ -467,7 +478,7 @@ class JobService:
                 try:
                     self._submit(record)
                 except Exception as err:  # noqa: BLE001 - whatever stops a submission is the job's error, not a 500
-                    if isinstance(err, RayftError) and getattr(err, "http_status", 400) in (401, 503):  # cluster away: wait
+                    if _cluster_busy(err):  # the cluster cannot take it now: the job waits, never fails for it
                         self._client = None
                         self._note_waiting(record, err)
                         break

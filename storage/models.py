@@ -14,25 +14,75 @@ from storage.safety import check_weight_files
 REGISTRY_PREFIX = "registry:"
 
 
+def source_kind(source: str) -> str:
+    """Where `source` lives: `registry`, `s3`, `local` (an existing path) or `hub` (an id such as
+    "meta-llama/Llama-3.2-1B"); a path-like source that does not exist is NotFound."""
+    if source.startswith(REGISTRY_PREFIX):
+        return "registry"
+    if source.startswith("s3://"):
+        return "s3"
+    if Path(source).expanduser().exists():
+        return "local"
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".json"):
+        raise NotFound(f"model.source: local path {source!r} does not exist (no such file or directory)")
+    return "hub"
+
+
 def resolve_model_dir(source: str, storage_uri: str | None = None) -> str:
     """A local directory holding the model (downloaded if needed), or a hub id to pass through."""
-    if source.startswith(REGISTRY_PREFIX):
-        from storage.registry import Registry
-        from storage.store import default_storage_uri, open_store
-
-        registry = Registry(open_store(storage_uri or default_storage_uri()))
+    kind = source_kind(source)
+    if kind == "registry":
+        registry = _registry(storage_uri)
         return str(registry.download(source[len(REGISTRY_PREFIX):]))
-    if source.startswith("s3://"):
+    if kind == "s3":
         return str(_download_s3_dir(source))
-    path = Path(source).expanduser()
-    if path.exists():
+    if kind == "local":
+        path = Path(source).expanduser()
         if not (path / "config.json").exists():
             raise NotFound(f"model.source: {source!r} has no config.json; it must be a transformers model directory")
         check_weight_files(path)
         return str(path)
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise NotFound(f"model.source: local path {source!r} does not exist")
-    return source  # a hub id such as "meta-llama/Llama-3.2-1B": from_pretrained fetches it
+    return source  # a hub id: from_pretrained fetches it
+
+
+def source_config(source: str, storage_uri: str | None = None) -> dict | None:
+    """The model's config.json as a dict, reading that file alone (never the weights): from a local model directory
+    or config.json file, an s3:// model prefix or a registry ref; None for a hub id (transformers reads those)."""
+    kind = source_kind(source)
+    if kind == "hub":
+        return None
+    if kind == "local":
+        path = Path(source).expanduser()
+        if path.is_dir():
+            path = path / "config.json"
+            if not path.is_file():
+                raise NotFound(f"model.source: {source!r} has no config.json; pass a transformers model directory or its config.json")
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RayftError(f"model config {str(path)!r}: not readable JSON ({exc})") from None
+    from storage.store import open_store
+
+    try:
+        if kind == "registry":
+            registry = _registry(storage_uri)
+            store = open_store(registry.files_uri(registry.resolve(source[len(REGISTRY_PREFIX):])))
+        else:
+            store = open_store(source)
+        data = store.get_bytes("config.json")
+    except RayftError as exc:
+        raise RayftError(f"model {source!r}: cannot read its config.json ({exc})") from None
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise RayftError(f"model {source!r}: its config.json is not JSON ({exc})") from None
+
+
+def _registry(storage_uri: str | None):
+    from storage.registry import Registry
+    from storage.store import default_storage_uri, open_store
+
+    return Registry(open_store(storage_uri or default_storage_uri()))
 
 
 def _download_s3_dir(uri: str) -> Path:
@@ -50,6 +100,19 @@ def _download_s3_dir(uri: str) -> Path:
             store.get_file(key, target)
     check_weight_files(dest)
     return dest
+
+
+#: Non-weight files of a base model that a model directory written from it (a merged or fine-tuned model) also needs.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
+
+
+def copy_tokenizer_files(base_dir: str | Path, out: Path, keep_existing: bool = False) -> None:
+    """Copy the base model's `TOKENIZER_FILES` it has into `out` (`keep_existing`: leave files `out` already has)."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (Path(base_dir) / name).exists() and not (keep_existing and (out / name).exists()):
+            shutil.copy2(Path(base_dir) / name, out / name)
 
 
 def read_model_config(model_dir: str) -> dict:

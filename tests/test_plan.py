@@ -418,3 +418,38 @@ def test_sizes_parse_both_unit_systems():
     assert planner.parse_size("24") == 24 * 2**30
     with pytest.raises(PlanError):
         planner.parse_size("-1GiB")
+
+
+# ------------------------------------------------------------------------------ the plan inside every run
+
+
+def test_preflight_never_skips_an_unreadable_model(tmp_path, monkeypatch):
+    """A model whose config cannot be read stops the run with one clear error; it never trains unplanned."""
+    from trainers.spec import load_job_spec
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = load_job_spec(_job_yaml(tmp_path, "no-such-org/no-such-model", {"name": "lora"}, resources={"use_gpu": False}))
+    with pytest.raises(PlanError, match="hub is not reachable"):
+        planner.preflight_check(spec)
+
+
+def test_rayft_train_plans_inside_the_run_and_an_unreadable_model_is_an_error(tmp_path, monkeypatch, capsys):
+    from cluster.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # the job's inputs are checked first: its data file and storage are there
+    (tmp_path / "unused.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    job = _job_yaml(tmp_path, "no-such-org/no-such-model", {"name": "lora"}, resources={"use_gpu": False})
+    assert main(["train", str(job), "--storage", str(tmp_path / "store")]) == 2
+    err = _error_lines(capsys, "train")
+    assert len(err) == 1 and "no-such-org/no-such-model" in err[0] and "hub is not reachable" in err[0]
+
+
+def test_cli_overrides_are_validated_with_the_file(tmp_path):
+    from trainers.spec import SpecError, load_job_spec
+
+    job = _job_yaml(tmp_path, LLAMA_7B, {"name": "lora"})
+    spec = load_job_spec(job, {"output.merge": True, "storage.uri": str(tmp_path / "store")})
+    assert spec.output.merge is True and spec.storage.uri == str(tmp_path / "store")
+    with pytest.raises(SpecError, match="output.merge"):
+        load_job_spec(job, {"output.merge": "sometimes"})

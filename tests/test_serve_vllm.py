@@ -82,14 +82,17 @@ def served(serve_http, s3_server, reverse_data, tmp_path_factory) -> Served:
         "vllm": {"enforce_eager": True, "cpu_kv_cache_gib": 1, "max_lora_rank": 8},
         "base": {"name": "vbase", "source": "registry:vbase", "deployment": {"cpus": 1, "max_ongoing_requests": 64},
                  "adapters": {"max_per_replica": 4}},
+        # A merged model: `pushed@1` merged onto the base at load, served by a vLLM engine of its own.
+        "merged": [{"name": "vmerged", "adapter": "pushed@1", "deployment": {"cpus": 1}}],
         "api": {"auth": {"token_sha256": [hashlib.sha256(TOKEN.encode()).hexdigest()]},
                 "max_body_bytes": 64 * 1024, "max_tokens_limit": 64, "deployment": {"cpus": 0.1}},
     }, "vllm test spec")
-    # vLLM starts (~1 min) while the adapters are trained and published: the replica needs only the base.
+    # The merged replica needs `pushed` at start; the base replica needs only the base.
+    publish("pushed", build_random_lora_dir(model_dir, work / "pushed", seed=11, r=8, targets=["q_proj", "v_proj", "down_proj"]))
+    # vLLM starts (~1 min) while the adapters are trained and published.
     _run(build_app(spec), name=app, route_prefix=f"/{app}", _blocking=False)
     _train(model_dir, reverse_data, storage, seed=0, steps=6)  # trained@1
     _train(model_dir, reverse_data, storage, seed=1, steps=10)  # trained@2
-    publish("pushed", build_random_lora_dir(model_dir, work / "pushed", seed=11, r=8, targets=["q_proj", "v_proj", "down_proj"]))
     publish("dora", build_random_lora_dir(model_dir, work / "dora", seed=12, dora=True), method="dora")
     publish("rank16", build_random_lora_dir(model_dir, work / "rank16", seed=13, r=16))
     publish("corrupt", build_random_lora_dir(model_dir, work / "corrupt", seed=14))
@@ -156,6 +159,17 @@ def test_greedy_completions_equal_peft_for_base_trained_and_pushed_adapters(serv
     prompt_len = len(served.tokenizer(PROMPTS[0], add_special_tokens=False).input_ids)
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_len, MAX_TOKENS)
     assert reply.model == "pushed" and reply.choices[0].finish_reason == "length"
+
+
+def test_merged_model_answers_like_its_adapter_and_is_listed_as_merged(served):
+    # merge_and_unload of `pushed@1` onto the base, served by its own vLLM engine: same greedy tokens as the
+    # unmerged adapter in peft (fp32, tiny model), through completions and chat alike.
+    models = {m.id: m.model_extra.get("kind") for m in served.client().models.list().data}
+    assert models.get("vmerged") == "merged"
+    for prompt in PROMPTS:
+        assert completion_tokens(served, "vmerged", prompt) == served.expected["pushed@1"][prompt]
+    refused = asyncio.run(post_all(served, [body("vmerged@1", PROMPTS[0])]))[0]
+    assert refused.status_code in (400, 404), refused.text  # a deployed merged model has no versions to pick
 
 
 def test_name_at_version_selects_the_version_and_name_is_the_latest(served):

@@ -78,6 +78,17 @@ def _jsonl(rows: list) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
+def test_a_busy_cluster_keeps_a_job_queued_and_a_bad_submission_fails_it() -> None:
+    from cluster.auth import ClusterUnreachable
+    from service.jobs import _cluster_busy
+
+    # A fresh local Ray's dashboard answers this until its job agent is up (seen with `rayft serve examples/serve.yaml`).
+    assert _cluster_busy(RuntimeError("Request failed with status code 500: No available agent to submit job, please try again later.."))
+    assert _cluster_busy(ClusterUnreachable("cannot reach a Ray Jobs API at http://127.0.0.1:9"))
+    assert not _cluster_busy(RuntimeError("Request failed with status code 400: bad runtime_env"))
+    assert not _cluster_busy(ValueError("no such working dir"))
+
+
 def test_fine_tuned_model_names_carry_the_tenant_and_fit_the_registry() -> None:
     name = output_name("acme", "my-suffix", "tiny", "ftjob-0123456789abcdef01234567")
     assert name == "ft.acme.my-suffix.cdef01234567" and model_owner(name) == "acme"

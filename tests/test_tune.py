@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import uuid
+from pathlib import Path
 
 import peft
 import pytest
@@ -30,6 +31,7 @@ from trainers.tune import (
     load_search,
     max_concurrent_trials,
     param_space,
+    results_csv,
     preflight,
     run_search,
     trial_spec,
@@ -360,3 +362,156 @@ def test_resume_of_an_unknown_search_says_what_to_check(local_uri, capsys):
     assert main(["tune", "--resume", "nope-tune-1", "--storage", local_uri]) == 2
     err = capsys.readouterr().err
     assert "rayft tune: error: no search 'nope-tune-1'" in err and "check the run id" in err
+
+
+# ----------------------------------------------------------------------------- ranking by a task metric (tune.metric)
+
+METRIC_INVALID = [
+    ("unknown-metric", {"space": {"r": [2, 4]}, "metric": "bleu"},
+     ["tune.metric: got 'bleu', must be one of 'eval_loss', 'exact_match' or 'contains'"]),
+    ("mode-against-metric", {"space": {"r": [2, 4]}, "metric": "exact_match", "mode": "min"},
+     ["tune.mode: got 'min', exact_match is better when higher; use mode: max, or leave mode unset"]),
+    ("mode-against-loss", {"space": {"r": [2, 4]}, "mode": "max"},
+     ["tune.mode: got 'max', eval_loss is better when lower; use mode: min, or leave mode unset"]),
+]
+
+
+@pytest.mark.parametrize("case_id,tune,expected", METRIC_INVALID, ids=[c[0] for c in METRIC_INVALID])
+def test_bad_tune_metric_or_mode_fails_with_one_clear_message(case_id, tune, expected):
+    with pytest.raises(SpecError) as err:
+        parse_job_spec(tune_job(tune), "job.yaml")
+    assert err.value.problems == expected
+
+
+def test_task_metric_without_prompts_and_completions_reports_every_problem_at_once():
+    raw = tune_job({"space": {"r": [2, 4]}, "metric": "contains", "mode": "min"},
+                   data={"train": "x.jsonl", "format": "text", "train_on_prompt": True})
+    with pytest.raises(SpecError) as err:
+        parse_job_spec(raw, "job.yaml")
+    problems = err.value.problems
+    assert [p.split(",")[0] for p in problems] == ["tune.mode: got 'min'", "tune.metric: got 'contains'", "tune.metric: got 'contains'"]
+    assert "data.format is text" in problems[1] and "data.train_on_prompt" in problems[2]
+    with pytest.raises(SpecError) as err:
+        parse_job_spec(tune_job({"space": {"r": [2, 4]}, "metric": "exact_match"}, objective="dpo"), "job.yaml")
+    assert err.value.problems == [
+        "tune.metric: got 'exact_match', a task metric compares generated answers with completions, which the preference "
+        "objective(s) dpo do not have; use metric: eval_loss, or objective: sft"]
+
+
+def test_task_metric_ranks_trials_and_reaches_the_workers():
+    tune = parse_job_spec(tune_job({"space": {"r": [2, 4]}, "metric": "exact_match", "mode": "max",
+                                    "task_eval": {"rows": 8, "max_tokens": 4, "normalize": ["strip", "lower"]}})).tune
+    assert tune.ranking() == ("eval_exact_match", "max")
+    task = tune.task_eval_for_workers()
+    assert (task.metric, task.rows, task.max_tokens, task.normalize) == ("exact_match", 8, 4, ["strip", "lower"])
+    plain = parse_job_spec(tune_job({"space": {"r": [2, 4]}})).tune
+    assert plain.ranking() == ("eval_loss", "min") and plain.task_eval_for_workers() is None
+
+
+def test_best_trial_by_task_metric_is_not_the_best_by_eval_loss(local_uri):
+    """Promotion follows tune.metric: the highest exact match wins even with a worse eval loss."""
+    from trainers.checkpoints import STATE_NAME
+    from trainers.tune.results import TrialRecord
+    from trainers.tune.search import best_trial
+
+    def trial(trial_id: str, eval_loss: float, em: float | None) -> TrialRecord:
+        ckpt = Path(local_uri) / trial_id
+        ckpt.mkdir(parents=True)
+        (ckpt / f"{STATE_NAME}.json").write_text("{}")
+        return TrialRecord(trial_id=trial_id, status="completed", config={}, method="lora", r=4, alpha=8, target_modules="qv",
+                           lr=0.01, dropout=0.0, steps=6, eval_loss=eval_loss, eval_exact_match=em, train_run_id=trial_id,
+                           checkpoint=str(ckpt))
+
+    trials = [trial("a", 1.0, 0.25), trial("b", 2.0, 0.75), trial("c", 0.5, None), trial("d", 3.0, 0.75)]
+    assert best_trial(trials, local_uri, "eval_exact_match").trial_id == "b"  # ties on exact match: lower eval loss
+    assert best_trial(trials, local_uri, "eval_loss").trial_id == "c"
+
+
+def test_task_metric_in_the_loop_scores_greedy_answers_without_ray(tiny_model_dir):
+    """The worker's scorer: prompts split at the loss mask, greedy peft/transformers answers, exact match against
+    the completions; an answer the model gives scores 1, any other 0; text rows have no prompt and are refused."""
+    from trainers.ingest.formats import EncodeOptions, encode_rows, truncate
+    from trainers.ingest.stream import Example
+
+    def encode_row(row, fmt, tok, max_seq_len, train_on_prompt):
+        return Example(**truncate(encode_rows([row], fmt, tok, EncodeOptions(train_on_prompt=train_on_prompt))[0], max_seq_len)[0])
+    from trainers.precision import Precision
+    from trainers.task_eval import TaskEvalError, split_prompts, task_metric, task_scorer
+    from trainers.tune_spec import TaskEval
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompts = ["reverse cat =", "upper dog =", "code sun ="]
+    own = []
+    for p in prompts:  # what the model answers, straight from transformers
+        ids = tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        own.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    assert all(own), own
+    rows = [{"prompt": prompts[0], "completion": own[0]}, {"prompt": prompts[1], "completion": own[1] + " nope"},
+            {"prompt": prompts[2], "completion": "  " + own[2] + " "}]
+    examples = [encode_row(r, "prompt_completion", tokenizer, 64, False) for r in rows]
+    split = split_prompts(examples, tokenizer, rows=8)
+    assert [s.reference for s in split] == [own[0], own[1] + " nope", "  " + own[2] + " "]
+    fp32 = Precision("fp32", torch.float32, None)
+    task = TaskEval(metric="exact_match", rows=8, max_tokens=4)
+    args = (tokenizer, torch.device("cpu"), fp32, 1, 0)
+    assert task_metric(model, split, task, *args) == pytest.approx(2 / 3)  # strip makes row 3 match
+    assert task_metric(model, split, task.model_copy(update={"normalize": []}), *args) == pytest.approx(1 / 3)
+    assert task_metric(model, split, task.model_copy(update={"metric": "contains"}), *args) == pytest.approx(2 / 3)
+    assert task_metric(model, split[:2], task, *args) == pytest.approx(1 / 2)
+    assert len(split_prompts(examples, tokenizer, rows=2)) == 2
+
+    class _Text:
+        def eval_examples(self):
+            return [encode_row({"text": "reverse cat = tac"}, "text", tokenizer, 64, False)]
+
+    with pytest.raises(TaskEvalError, match="none of the 1 eval examples has a prompt before its trained tokens"):
+        task_scorer(task, tokenizer, _Text(), torch.device("cpu"), fp32, 1, 0, False)
+
+
+@pytest.mark.slow
+def test_tune_by_task_metric_promotes_the_best_by_that_metric(ray_session, tiny_model_dir, local_uri, tmp_path):
+    """Ranked by exact match, the winner is the best by exact match even where eval loss says otherwise.
+
+    The eval file's first rows (the ones answered) complete each prompt with the base model's own greedy answer;
+    the rest, like the train rows, complete with " yes". A trial at lr 1e-6 stays the base model: every answer
+    matches, but its eval loss (dominated by the " yes" rows) stays high. A trial at lr 0.05 learns " yes"
+    (lower eval loss) and its answers drift (lower exact match). Each evaluation reports eval_exact_match from
+    the workers' greedy answers; ASHA and the promotion rank by it; the manifest records it.
+    """
+    from trainers.tiny import write_jsonl
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    answered = []
+    for i in range(40):
+        ids = tokenizer(f"answer {i} =", add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out = base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)
+        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        if answer.strip():
+            answered.append({"prompt": f"answer {i} =", "completion": answer})
+    assert len(answered) >= 8
+    yes = [{"prompt": f"answer {i} =", "completion": " yes"} for i in range(100, 180)]
+    train = write_jsonl([{"prompt": f"answer {i} =", "completion": " yes"} for i in range(200, 280)], tmp_path / "train.jsonl")
+    held_out = write_jsonl(answered[:8] + yes, tmp_path / "eval.jsonl")
+    spec = make_job(
+        tiny_model_dir, train, local_uri, {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"}, name="em-tuned",
+        data={"eval": str(held_out), "eval_fraction": 0}, training={**TRAINING, "max_steps": 6},
+        tune={"space": {"lr": [0.05, BAD_LR]}, "metric": "exact_match", "mode": "max",
+              "task_eval": {"rows": 8, "max_tokens": 4}, "asha": {"grace_period": EVAL_EVERY}},
+    )
+    result = run_search(spec)
+    learned, base_like = sorted(result.trials, key=lambda t: -t.lr)
+    summary = [(t.lr, t.status, t.steps, t.eval_exact_match, t.eval_loss) for t in result.trials]
+    assert base_like.eval_exact_match > learned.eval_exact_match, summary
+    assert base_like.eval_loss > learned.eval_loss, summary  # eval loss would have promoted the other trial
+    assert result.winner == base_like.trial_id
+    manifest = open_registry(local_uri).resolve("em-tuned")
+    assert manifest.lineage["run_id"] == base_like.train_run_id
+    assert manifest.metrics["eval_exact_match"] == pytest.approx(base_like.eval_exact_match)
+    assert "eval_exact_match" in results_csv(result).splitlines()[0]
+    print(f"\n[tune-test] by exact match: {result.wall_s:.1f}s wall; "
+          + ", ".join(f"lr={t.lr:g}: {t.status}@{t.steps} em {t.eval_exact_match:.3f} loss {t.eval_loss:.3f}" for t in result.trials))

@@ -38,6 +38,9 @@ class Batches(Protocol):
     def probe_input_ids(self) -> torch.Tensor:
         """One fixed example's input ids, shape (1, n), on the device: the final checkpoint's probe."""
 
+    def eval_examples(self) -> list:
+        """The whole eval split in a fixed order, the same on every rank (a task metric answers its first rows)."""
+
 
 class StreamingBatches:
     """The worker's streaming shard of the preprocessed data (see trainers.ingest.stream for the order)."""
@@ -64,6 +67,10 @@ class StreamingBatches:
         while lockstep and passes < self.stream.eval_passes(self.batch_size):
             passes += 1
             yield _on(self.collate(self._with_reference(EVAL, [self.stream.probe_example()])), self.device), False
+
+    def eval_examples(self) -> list:
+        # read from the preprocessed files (eval sets are small; training never holds the train split like this)
+        return list(iter_examples(self.stream.prepared, EVAL))
 
     def probe_input_ids(self) -> torch.Tensor:
         return torch.tensor([first_sequence(self.stream.probe_example()).input_ids], device=self.device)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from storage.configs import raw_get
+from trainers.task_metrics import Normalizer
 
 #: Built-in metrics, and whether a higher value is better.
 BUILTIN_METRICS: dict[str, bool] = {
@@ -34,7 +35,6 @@ BUILTIN_METRICS: dict[str, bool] = {
     "rouge_l": True,
     "perplexity": False,
 }
-NORMALIZERS = ("strip", "lower", "punctuation", "whitespace", "articles")
 _USER_METRIC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _GATE = re.compile(r"^\s*(>=|<=|>|<|==)\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*$")
 GATE_OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
@@ -48,7 +48,7 @@ class MetricSpec(_Strict):
     """One metric: a built-in name or a user function `module:function` (row, answer) -> float."""
 
     name: str = Field(description=f"One of {', '.join(BUILTIN_METRICS)}, or `module:function` taking (row, answer) and returning a float.")
-    normalize: list[Literal["strip", "lower", "punctuation", "whitespace", "articles"]] = Field(
+    normalize: list[Normalizer] = Field(
         default_factory=lambda: ["strip"],
         description="exact_match/contains: applied to answer and reference before comparing (strip ends, lower-case, "
         "drop punctuation, collapse whitespace, drop English articles).",

@@ -17,6 +17,7 @@ import random
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from trainers.precision import Precision, autocast
 from trainers.progress import TAIL, ProgressWriter
 from trainers.spec import JobSpec
 from trainers.strategy import Strategy, Worker, prepare_process, strategy_for
+from trainers.task_eval import task_scorer
 
 
 def say(message: str) -> None:
@@ -179,8 +181,8 @@ def start_worker(config: dict) -> Worker:
 
     ctx = ray.train.get_context()
     device, world = ray.train.torch.get_device(), ctx.get_world_size()
-    prepare_process(device, world)  # before validating the spec, which may import deepspeed
-    spec = JobSpec.model_validate(config["spec"])
+    prepare_process(device, world)  # before anything imports deepspeed
+    spec: JobSpec = config["spec"]  # validated by the driver; unpickled as it is
     worker = Worker(spec=spec, config=config, rank=ctx.get_world_rank(), world=world,
                     local_rank=ctx.get_local_rank(), device=device)
     torch.manual_seed(spec.training.seed)
@@ -190,8 +192,9 @@ def start_worker(config: dict) -> Worker:
 
 
 def train_func(config: dict) -> None:
-    """Ray Train worker entry point. `config = {"spec": JobSpec as JSON, "storage_uri": str, "run_id": str, "faults": dict|None,
-    "data": the preprocessed data (trainers.ingest.prepare.Prepared as JSON)}`; the train shard comes from Ray Train."""
+    """Ray Train worker entry point. `config = {"spec": JobSpec, "storage_uri": str, "run_id": str, "faults": dict|None,
+    "task_eval": TaskEval|None, "data": the preprocessed data (trainers.ingest.prepare.Prepared as JSON)}`; the train
+    shard comes from Ray Train."""
     from transformers import AutoTokenizer
 
     w = start_worker(config)
@@ -222,12 +225,16 @@ def train_func(config: dict) -> None:
             f"train {batches.train_size} / eval {batches.eval_size} examples (streamed)"
             + (f", {batches.skipped_rows} bad rows skipped" if batches.skipped_rows else "")
         )
-    run_steps(w, strategy, batches, start_step, history, resumes, kept)
+    # tune.metric: exact_match — the trial's workers also answer held-out prompts at each evaluation
+    scorer = task_scorer(config.get("task_eval"), tokenizer, batches, w.device, strategy.precision, world, rank,
+                         strategy.lockstep_eval)
+    run_steps(w, strategy, batches, start_step, history, resumes, kept, scorer)
 
 
 def run_steps(w: Worker, strategy: Strategy, batches: Batches, start_step: int, history: list, resumes: list,
-              kept: dict | None = None) -> None:
-    """Steps `start_step + 1 ..= max_steps` with their evals, checkpoints and reports."""
+              kept: dict | None = None, scorer: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> None:
+    """Steps `start_step + 1 ..= max_steps` with their evals, checkpoints and reports. `scorer`: a task metric
+    measured on the model at each evaluation, reported with the eval loss (trainers.task_eval)."""
     import ray.train
 
     spec, tcfg, rank, world = w.spec, w.spec.training, w.rank, w.world
@@ -242,10 +249,16 @@ def run_steps(w: Worker, strategy: Strategy, batches: Batches, start_step: int, 
     eval_metrics: dict[str, float] = {}
 
     def evaluate_now() -> float:
-        """Eval loss; a preference objective also fills `eval_metrics` (preference accuracy, reward margin...)."""
+        """Eval loss; a preference objective also fills `eval_metrics` (preference accuracy, reward margin...), a task
+        metric its eval_<metric>."""
         lockstep = strategy.lockstep_eval
         if not preference:
-            return token_loss(strategy.model, batches.eval_batches(lockstep), w.device, strategy.precision, world)
+            loss = token_loss(strategy.model, batches.eval_batches(lockstep), w.device, strategy.precision, world)
+            if scorer is not None:
+                eval_metrics.update(scorer(strategy.inner))  # the unwrapped (peft) model: DDP's wrapper has no generate
+                if rank == 0:
+                    say("[rayft] " + " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+            return loss
         eval_metrics.update(objective_runtime.evaluate(objective, strategy.model, batches.eval_batches(lockstep), w.device, world,
                                                        lambda: autocast(w.device, strategy.precision)))
         return eval_metrics["eval_loss"]

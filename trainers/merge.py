@@ -12,7 +12,6 @@ reported in one `MergeError`, and a refusal publishes nothing.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -23,7 +22,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from storage.errors import RayftError
-from storage.models import read_model_config, resolve_model_dir
+from storage.models import copy_tokenizer_files, read_model_config, resolve_model_dir
 from storage.registry import Manifest, Registry, base_config_digest
 from storage.safety import parse_ref, validate_name
 from trainers.methods import known_traits
@@ -350,13 +349,9 @@ def write_adapter(model, out: Path) -> Path:
 
 def write_merged_model(model, base_dir: str, out: Path) -> Path:
     """Base + combined adapter as one plain transformers model (safetensors) with the base's tokenizer."""
-    from trainers.publish import TOKENIZER_FILES
-
     merged = model.merge_and_unload(adapter_names=[MERGED_ADAPTER])
     merged.save_pretrained(out, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (Path(base_dir) / name).exists():
-            shutil.copy2(Path(base_dir) / name, out / name)
+    copy_tokenizer_files(base_dir, out)
     return out
 
 

@@ -12,13 +12,9 @@ import torch
 from storage.registry import Manifest, Registry, base_config_digest
 from trainers.checkpoints import ADAPTER_DIR, MODEL_DIR, STATE_FILES, STATE_NAME, local_parts
 from trainers.methods import method_module, traits
-from storage.models import read_model_config
+from storage.models import copy_tokenizer_files, read_model_config
 from trainers.spec import JobSpec
 from trainers.state_io import load_state
-
-# Non-weight files of the base model that a merged model directory also needs.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
-
 
 def method_params(spec: JobSpec) -> dict:
     """The method's parameters as recorded in the manifest (rank, alpha, targets...), and the objective with its own
@@ -81,9 +77,7 @@ def stage_artifact(checkpoint_dir: Path, model_dir: str, is_adapter: bool, out: 
     src = checkpoint_dir / (ADAPTER_DIR if is_adapter else MODEL_DIR)
     shutil.copytree(src, out)
     if not is_adapter:
-        for name in TOKENIZER_FILES:
-            if (Path(model_dir) / name).exists() and not (out / name).exists():
-                shutil.copy2(Path(model_dir) / name, out / name)
+        copy_tokenizer_files(model_dir, out, keep_existing=True)
     state = load_state(checkpoint_dir, STATE_NAME)
     history = state["history"]
     (out / "history.json").write_text(json.dumps(history, indent=1))
@@ -109,9 +103,7 @@ def merge_adapter(spec: JobSpec, base_dir: str, adapter_dir: Path, out: Path) ->
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config
     merged.save_pretrained(out, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (Path(base_dir) / name).exists():
-            shutil.copy2(Path(base_dir) / name, out / name)
+    copy_tokenizer_files(base_dir, out)
     return out
 
 

@@ -19,6 +19,7 @@ from storage.models import resolve_model_dir
 from trainers.publish import checkpoint_for_publishing, publish_run
 from trainers.spec import JobSpec
 from trainers.state_io import load_state
+from trainers.tune_spec import TaskEval
 
 
 class TrainingFailed(RunFailed):
@@ -33,6 +34,7 @@ class TrainResult:
     checkpoint: object = None  # ray.train.Checkpoint of the final step
     manifests: list[Manifest] = field(default_factory=list)
     wall_s: float = 0.0
+    model_dir: str | None = None  # the base model as the driver resolved it (publishing and eval reuse it)
 
 
 def new_run_id(spec: JobSpec) -> str:
@@ -86,9 +88,10 @@ def with_resolved_cpus(spec: JobSpec) -> JobSpec:
 
 
 def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, prepared: Prepared, faults: dict | None = None,
-                  callbacks: list | None = None):
-    """A TorchTrainer for the job, streaming the preprocessed data `prepared` into its workers;
-    `callbacks` are Ray Train callbacks (e.g. Tune's TuneReportCallback)."""
+                  callbacks: list | None = None, task_eval: TaskEval | None = None):
+    """A TorchTrainer for the job, streaming the preprocessed data `prepared` into its workers; `callbacks` are Ray
+    Train callbacks (e.g. Tune's TuneReportCallback); `task_eval`: a task metric the workers score on generated
+    answers at each evaluation (a tune trial ranked by exact_match)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -96,7 +99,8 @@ def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, prepared: Prepar
     datasets, dataset_config = trainer_datasets(prepared, spec.training.seed)
     return TorchTrainer(
         train_func,  # one worker loop; it picks the job's strategy (trainers.strategy)
-        train_loop_config={"spec": spec.model_dump(mode="json"), "storage_uri": storage_uri, "run_id": run_id, "faults": faults,
+        # The validated JobSpec itself travels (pickled): workers use it as it is, without validating it again.
+        train_loop_config={"spec": spec, "storage_uri": storage_uri, "run_id": run_id, "faults": faults, "task_eval": task_eval,
                            "data": prepared.to_json()},
         datasets=datasets,
         dataset_config=dataset_config,
@@ -123,13 +127,26 @@ def run_training(
     run_id: str | None = None,
     publish: bool = True,
     faults: dict | None = None,
+    force: bool = False,
 ) -> TrainResult:
-    """Fit the job on Ray Train and publish its result to the registry."""
+    """Plan the job, fit it on Ray Train and publish its result to the registry.
+
+    `spec` is validated already (`trainers.spec`). The plan (from the model's config.json alone) refuses a job that
+    cannot fit before Ray starts (DoesNotFit; `force` only prints it), and a model it cannot read is an error. The
+    base model is then resolved here once for publishing (workers fetch it on their own nodes).
+    """
+    from trainers.plan import preflight_check, run_hardware
+
     t0 = time.perf_counter()
-    ensure_ray(address)
     storage_uri = spec.storage.uri or default_storage_uri()
+    # The plan first (it reads the model's config.json alone): a job that cannot fit is refused before any
+    # weights are fetched or anything starts.
+    preflight_check(spec, force=force, hardware=run_hardware(spec, remote=bool(address or os.environ.get("RAY_ADDRESS"))))
+    spec = with_absolute_paths(spec)
+    model_dir = resolve_model_dir(spec.model.source, storage_uri)  # once: publishing uses it; workers fetch their own
+    ensure_ray(address)
     run_id = run_id or new_run_id(spec)
-    spec = with_resolved_cpus(with_absolute_paths(spec))
+    spec = with_resolved_cpus(spec)
     print(f"[rayft] run {run_id}: {spec.method.name} on {spec.resources.num_workers} worker(s) "
           f"× {spec.resources.cpus_per_worker:g} CPU(s), storage {storage_uri}", flush=True)
     try:
@@ -151,7 +168,7 @@ def run_training(
         if result.checkpoint is None:
             raise TrainingFailed(f"run {run_id} finished without a checkpoint")
         checkpoint, metrics = final_checkpoint(result, storage_uri, run_id)
-        out = TrainResult(run_id=run_id, metrics=metrics, checkpoint_path=checkpoint.path, checkpoint=checkpoint)
+        out = TrainResult(run_id=run_id, metrics=metrics, checkpoint_path=checkpoint.path, checkpoint=checkpoint, model_dir=model_dir)
         if publish:
             out.manifests = publish_result(spec, out, storage_uri)
     except BaseException as err:
@@ -217,7 +234,7 @@ def publish_result(spec: JobSpec, result: TrainResult, storage_uri: str, extra_m
     """Publish a finished run's final checkpoint (a run trained with publish=False, e.g. one that had to pass its
     gates first); `extra_metrics` join the training metrics in the manifest."""
     registry = Registry(open_store(storage_uri))
-    model_dir = resolve_model_dir(spec.model.source, storage_uri)
+    model_dir = result.model_dir or resolve_model_dir(spec.model.source, storage_uri)
     metrics = {**result.metrics, **(extra_metrics or {})}
     with checkpoint_for_publishing(result.checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="rayft-publish-") as work:
         return publish_run(spec, registry, Path(ckpt), model_dir, metrics, result.run_id, Path(work))

@@ -295,17 +295,24 @@ def auto_strategy(method: str, workers: int) -> str:
 # error and a cross-field error reports both at once.
 
 
-def cross_field_problems(raw: dict) -> list[str]:
-    problems: list[str] = []
-    method = raw_get(raw, "method", "name")
+def strategy_problems(raw: dict) -> list[str]:
+    """The rules between method, strategy and worker count (the planner checks its requests with them too)."""
+    problems = method_problems(raw)
     strategy = raw_get(raw, "resources", "strategy")
     workers = raw_get(raw, "resources", "num_workers")
-    problems += method_problems(raw)
     if strategy == "single" and isinstance(workers, int) and workers > 1:
         problems.append(
             f"resources.num_workers: got {workers}, strategy 'single' runs one worker; "
             "set num_workers: 1 or strategy: ddp / deepspeed_zero3"
         )
+    return problems
+
+
+def cross_field_problems(raw: dict) -> list[str]:
+    problems: list[str] = []
+    method = raw_get(raw, "method", "name")
+    strategy = raw_get(raw, "resources", "strategy")
+    problems += strategy_problems(raw)
     if raw_get(raw, "data", "eval") and raw_get(raw, "data", "eval_fraction") not in (None, 0, 0.0):
         if "eval_fraction" in (raw_get(raw, "data") or {}):
             problems.append("data.eval_fraction: set together with data.eval; give one of them (a file or a fraction)")
@@ -372,6 +379,15 @@ def parse_job_spec(raw: Any, source: str = "<spec>") -> JobSpec:
         raise SpecError(source, problems) from None
 
 
-def load_job_spec(path: str | Path) -> JobSpec:
-    """Read and validate a job YAML file."""
-    return parse_job_spec(read_yaml(path, SpecError, "a job YAML file"), str(path))
+def load_job_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read and validate a job YAML file. `overrides` (dotted field path → value, e.g. command-line flags such as
+    `{"storage.uri": ...}`) are set in the file's mapping first, so they are validated with everything else."""
+    raw = read_yaml(path, SpecError, "a job YAML file")
+    for dotted, value in (overrides or {}).items():
+        if isinstance(raw, dict):
+            *parents, leaf = dotted.split(".")
+            node = raw
+            for key in parents:
+                node = node.setdefault(key, {}) if isinstance(node.get(key, {}), dict) else {}
+            node[leaf] = value
+    return parse_job_spec(raw, str(path))

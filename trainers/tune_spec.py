@@ -24,6 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from storage.configs import raw_get
 from trainers.methods import TUNABLE_METHODS
+from trainers.task_metrics import PAIR_METRICS, Normalizer
 
 #: Methods whose runs tune can vary (their traits say so): they all take r, alpha, dropout and target_modules.
 TunableMethod = Literal[TUNABLE_METHODS]
@@ -40,6 +41,8 @@ TARGET_PRESETS: dict[str, str | list[str]] = {
 }
 
 SEARCHERS = ("grid", "random", "optuna", "hyperopt")
+#: What `tune.metric` may rank trials by: eval loss, or a task metric scored on generated answers at each evaluation.
+TUNE_METRICS = ("eval_loss", *PAIR_METRICS)
 #: Searchers that come from another library, and the PyPI package each needs.
 LIBRARY_SEARCHERS = {"optuna": "optuna", "hyperopt": "hyperopt"}
 DEFAULT_SAMPLES = 8
@@ -252,8 +255,26 @@ class AshaSpec(_Strict):
     reduction_factor: float = Field(2.0, gt=1, le=16, description="Rungs are grace_period × factor^k steps; the best 1/factor go on.")
 
 
+class TaskEvalSpec(_Strict):
+    """How a task metric (`tune.metric: exact_match`) is measured at each evaluation of a trial: greedy answers to
+    the first `rows` prompts of the eval split, compared with their completions."""
+
+    rows: int = Field(32, ge=1, le=10000, description="Eval examples answered at each evaluation (the first ones of the eval split).")
+    max_tokens: int = Field(32, ge=1, le=4096, description="Most tokens generated per answer (greedy; stops at EOS).")
+    normalize: list[Normalizer] = Field(
+        default_factory=lambda: ["strip"],
+        description="Applied to answer and reference before comparing: strip, lower, punctuation, whitespace, articles.",
+    )
+
+
+class TaskEval(TaskEvalSpec):
+    """A task metric and how to measure it: what the worker loop receives (`train_loop_config["task_eval"]`)."""
+
+    metric: Literal[tuple(PAIR_METRICS)] = Field(description="The task metric scored at each evaluation, reported as eval_<metric>.")
+
+
 class TuneSpec(_Strict):
-    """A search over LoRA-family runs; trials are ranked by eval loss (lower is better)."""
+    """A search over LoRA-family runs; trials are ranked by `metric` (default eval loss, lower is better)."""
 
     space: SearchSpace = Field(description="The searched dimensions.")
     searcher: Literal["grid", "random", "optuna", "hyperopt"] = Field(
@@ -273,6 +294,16 @@ class TuneSpec(_Strict):
         1, ge=0, le=100, description="Retries of a failed trial (it resumes from its last checkpoint); after that it is recorded as errored and the search goes on."
     )
     seed: int = Field(0, ge=0, description="Seeds the random draws of the searcher.")
+    metric: Literal[TUNE_METRICS] = Field(
+        "eval_loss",
+        description="What ranks trials (ASHA's cuts and the promoted winner): eval_loss, or a task metric (exact_match, "
+        "contains) scored on greedy answers to held-out prompts at each evaluation (see task_eval); reported as eval_<metric>.",
+    )
+    mode: Literal["min", "max"] | None = Field(
+        None, description="min or max; default the metric's own (eval_loss: min, exact_match/contains: max). A mode against "
+        "the metric's direction is refused."
+    )
+    task_eval: TaskEvalSpec = Field(default_factory=TaskEvalSpec, description="How a task metric is measured (metric: exact_match/contains).")
 
     @field_validator("max_concurrent_trials")
     @classmethod
@@ -280,6 +311,23 @@ class TuneSpec(_Strict):
         if isinstance(value, int) and value < 1:
             raise PydanticCustomError("concurrency", "must be ≥ 1, or auto")
         return value
+
+    @property
+    def task_metric(self) -> str | None:
+        """The task metric trials compute at each evaluation, or None when they are ranked by a loss."""
+        return None if self.metric == "eval_loss" else self.metric
+
+    def task_eval_for_workers(self) -> "TaskEval | None":
+        """What a trial's workers score at each evaluation, or None when trials are ranked by a loss."""
+        if self.task_metric is None:
+            return None
+        return TaskEval(metric=self.task_metric, **self.task_eval.model_dump())
+
+    def ranking(self) -> tuple[str, str]:
+        """(reported metric, mode) Tune's scheduler and the promotion rank trials by."""
+        if self.task_metric is not None:
+            return f"eval_{self.task_metric}", "max"
+        return self.space.ranking()
 
 
 # ---------------------------------------------------------------------------
@@ -326,7 +374,8 @@ def tune_problems(raw: dict) -> list[str]:
             )
     data = raw_get(raw, "data") or {}
     if isinstance(data, dict) and not data.get("eval") and data.get("eval_fraction", 0.1) == 0:
-        problems.append("data.eval_fraction: got 0, tune ranks trials by eval loss; set data.eval or an eval_fraction > 0")
+        problems.append(f"data.eval_fraction: got 0, tune ranks trials by {tune.ranking()[0]}; set data.eval or an eval_fraction > 0")
+    problems += _metric_problems(tune, base_objective, data if isinstance(data, dict) else {})
     max_steps = raw_get(raw, "training", "max_steps") or 100
     eval_every = raw_get(raw, "training", "eval_every") or 50
     if tune.scheduler == "asha" and isinstance(max_steps, int) and isinstance(eval_every, int):
@@ -340,6 +389,37 @@ def tune_problems(raw: dict) -> list[str]:
             problems.append(
                 f"tune.asha.grace_period: got {grace}, must be < training.max_steps ({max_steps}) or ASHA can never stop a trial early"
             )
+    return problems
+
+
+def _metric_problems(tune: TuneSpec, base_objective: str, data: dict) -> list[str]:
+    """tune.metric / tune.mode against each other and the job: a task metric needs prompts and their completions."""
+    problems: list[str] = []
+    metric, mode = tune.metric, tune.mode
+    if metric == "eval_loss":
+        ranked_by, direction = tune.space.ranking()
+        if mode is not None and mode != direction:
+            better = "lower" if direction == "min" else "higher"
+            problems.append(f"tune.mode: got {mode!r}, {ranked_by} is better when {better}; use mode: {direction}, or leave mode unset")
+        return problems
+    if mode is not None and mode != "max":
+        problems.append(f"tune.mode: got {mode!r}, {metric} is better when higher; use mode: max, or leave mode unset")
+    objectives = tune.space.objective or [base_objective]
+    if any(o != "sft" for o in objectives):
+        problems.append(
+            f"tune.metric: got {metric!r}, a task metric compares generated answers with completions, which the preference "
+            f"objective(s) {', '.join(o for o in objectives if o != 'sft')} do not have; use metric: eval_loss, or objective: sft"
+        )
+    if data.get("format") == "text":
+        problems.append(
+            f"tune.metric: got {metric!r}, a task metric needs prompts and completions to compare, and data.format is text; "
+            "use prompt/completion or messages rows, or metric: eval_loss"
+        )
+    if data.get("train_on_prompt"):
+        problems.append(
+            f"tune.metric: got {metric!r}, with data.train_on_prompt the eval examples do not say where the prompt ends; "
+            "set train_on_prompt: false, or metric: eval_loss"
+        )
     return problems
 
 

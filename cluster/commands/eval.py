@@ -1,4 +1,5 @@
-"""`rayft eval REF [REF ...] --data FILE`: generate for a held-out set with each ref, score, compare side by side."""
+"""`rayft eval REF [REF ...] --data FILE`: generate for a held-out set with each ref, score, compare side by side;
+`--lm-eval-tasks DIR --tasks NAME`: lm-evaluation-harness tasks from local files (optional extra), same refs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="registry name[@version] (adapter, merged or base model) or a local adapter/model directory; "
                    "the first is the baseline of the paired differences")
     p.add_argument("--data", default=None, help="JSONL rows: {prompt, completion}, {messages}, {prompt, choices, answer} or {text}")
+    p.add_argument("--lm-eval-tasks", default=None, metavar="DIR",
+                   help="also run lm-evaluation-harness tasks whose YAML files (and local data) are in DIR; nothing is "
+                   "downloaded; needs the optional extra: pip install 'rayft[lm-eval]'")
+    p.add_argument("--tasks", default=None, metavar="NAME[,NAME]", help="with --lm-eval-tasks: the harness task names to run")
     p.add_argument("--config", default=None, help="YAML with the fields of a job's eval: section (metrics with options, ...)")
     p.add_argument("--metric", action="append", default=None, metavar="NAME",
                    help="exact_match, contains, regex, choice_accuracy, bleu, chrf, rouge_l, perplexity or module:function "
@@ -62,23 +67,44 @@ def run(args: argparse.Namespace) -> int:
     from trainers.run import ensure_ray
 
     spec = eval_spec_from_args(args)
-    if not spec.data:
-        raise UserError("give the evaluation rows with --data FILE (or data: in --config)")
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if tasks and not args.lm_eval_tasks:
+        raise UserError("--tasks names lm-evaluation-harness tasks: give the folder of their YAML files with --lm-eval-tasks DIR")
+    if not spec.data and not args.lm_eval_tasks:
+        raise UserError("give the evaluation rows with --data FILE (or data: in --config), or harness tasks with --lm-eval-tasks DIR --tasks NAME")
     storage = args.storage or default_storage_uri()
-    # Bad refs and bad rows are reported before Ray starts.
-    load_rows(spec.data, spec.max_rows)
+    # Bad refs, bad rows and missing harness tasks are reported before Ray starts.
+    if spec.data:
+        load_rows(spec.data, spec.max_rows)
+    if args.lm_eval_tasks:
+        from evaluation.harness import load_tasks
+
+        load_tasks(args.lm_eval_tasks, tasks)
     registry = open_registry(storage)
     targets = [resolve_target(ref, registry, args.base) for ref in args.refs]
     ensure_ray(args.address)
-    report = evaluate(args.refs, spec, storage_uri=storage, targets=targets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import json
 
-    (out / "results.json").write_text(json.dumps(report.to_json(), indent=1))
-    (out / "answers.jsonl").write_text(report.answers_jsonl())
-    png = report.plot(out / "eval.png")
-    print("")
-    print(report.table())
-    print(f"[rayft] eval finished in {report.wall_s:.1f}s: {png}, {out / 'results.json'}, {out / 'answers.jsonl'}")
+    results: dict = {}
+    written = []
+    if spec.data:
+        report = evaluate(args.refs, spec, storage_uri=storage, targets=targets)
+        results = report.to_json()
+        (out / "answers.jsonl").write_text(report.answers_jsonl())
+        written += [report.plot(out / "eval.png"), out / "answers.jsonl"]
+        print("")
+        print(report.table())
+    if args.lm_eval_tasks:
+        from evaluation.harness import run_harness
+
+        harness = run_harness(targets, args.lm_eval_tasks, tasks, spec, storage_uri=storage)
+        results["lm_eval"] = harness.to_json()
+        (out / "lm-eval-samples.jsonl").write_text(harness.samples_jsonl())
+        written.append(out / "lm-eval-samples.jsonl")
+        print("")
+        print(harness.table())
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print(f"[rayft] eval finished: {', '.join(str(p) for p in [out / 'results.json', *written])}")
     return 0

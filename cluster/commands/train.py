@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,44 +17,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cluster.ray_connect import prepare
+    from evaluation.pipeline import train_and_publish
+    from trainers.inputs import resolve_inputs
     from trainers.spec import load_job_spec
 
-    spec = load_job_spec(args.job)
     if args.run_id is not None:
         from storage.safety import validate_name
 
         validate_name(args.run_id)  # it becomes a storage prefix
+    overrides = {}
     if args.merge:
-        spec = spec.model_copy(update={"output": spec.output.model_copy(update={"merge": True})})
+        overrides["output.merge"] = True
     if args.storage:
-        spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"uri": args.storage})})
-    from cluster.ray_connect import prepare
-    from trainers.inputs import resolve_inputs
-
+        overrides["storage.uri"] = args.storage
+    spec = load_job_spec(args.job, overrides)  # flags validated with the file, once
     spec = resolve_inputs(spec).spec  # model, data, storage and output name, before Ray starts
     prepare(args.address)  # the cluster's token checked and set up (Ray not started); Ray's output kept quiet
-    preflight(spec, force=args.force, remote=bool(args.address or os.environ.get("RAY_ADDRESS")))
-
-    # The top floor runs the job: training, then (with an eval: section) evaluation and the output.require gates.
-    from evaluation.pipeline import train_and_publish
-
-    result = train_and_publish(spec, address=args.address, run_id=args.run_id)
+    # The top floor runs the job: training (planned first, inside run_training: a job that cannot fit is refused
+    # before anything starts unless --force), then (with an eval: section) evaluation and the output.require gates.
+    result = train_and_publish(spec, address=args.address, run_id=args.run_id, force=args.force)
     print_summary(result)
     return 0
-
-
-def preflight(spec, force: bool, remote: bool) -> None:
-    """Refuse a job that cannot fit its resources (the planner's verdict), unless forced.
-
-    Submitting to a cluster, this machine's hardware says nothing about the workers': plan for GPUs
-    of unknown size there (which never refuses) rather than for this host.
-    """
-    from trainers.plan import Hardware, preflight_check
-
-    hardware = None
-    if remote and spec.resources.use_gpu is not False:
-        hardware = Hardware(device="cuda", workers=spec.resources.num_workers, cpus_per_worker=spec.resources.cpus_per_worker or 1.0)
-    preflight_check(spec, force=force, hardware=hardware)
 
 
 def print_summary(result) -> None:

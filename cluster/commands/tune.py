@@ -37,9 +37,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.job:
         raise UserError("give a job YAML file (rayft tune JOB.yaml), or --resume RUN")
-    spec = load_job_spec(args.job)
-    if args.storage:
-        spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"uri": args.storage})})
+    spec = load_job_spec(args.job, {"storage.uri": args.storage} if args.storage else None)  # the flag validated with the file
     spec = resolve_inputs(spec).spec  # model, data, storage and output name, before Ray starts
     from trainers.tune import run_search
 

@@ -181,9 +181,8 @@ async function start() {
     else if (err.status !== 401) setMain(h("h1", {}, "rayft console"), errorBox(err));
     return;
   }
-  document.getElementById("who").replaceChildren(
-    `${session.base} · ${session.auth ? "signed in" : "no token needed"}`,
-    session.auth ? h("button", { class: "secondary", id: "sign-out", onclick: signOut }, "Sign out") : null);
+  document.getElementById("who").replaceChildren(`${session.base} · ${session.auth ? "signed in" : "no token needed"}`,
+    ...(session.auth ? [h("button", { class: "secondary", id: "sign-out", onclick: signOut }, "Sign out")] : []));
   render();
 }
 
@@ -680,7 +679,7 @@ async function jobPage(jobId) {
     facts([["base model", job.model], ["fine-tuned model", job.fine_tuned_model || "—"], ["training file", job.training_file],
       ["validation file", job.validation_file || "—"], ["created", unixTime(job.created_at)], ["finished", unixTime(job.finished_at)],
       ["estimated finish", running ? unixTime(job.estimated_finish) : "—"], ["trained tokens", job.trained_tokens ?? "—"],
-      ["hyperparameters", JSON.stringify(job.hyperparameters)], ["run", runId ? link(`/runs/${encodeURIComponent(runId)}`, runId, { class: "mono" }) : "—"]]),
+      ["hyperparameters", Object.entries(job.hyperparameters || {}).map(([k, v]) => `${k} ${v}`).join(" · ") || "—"], ["run", runId ? link(`/runs/${encodeURIComponent(runId)}`, runId, { class: "mono" }) : "—"]]),
     job.error && job.error.message ? h("div", { class: "error", id: "job-error", role: "alert" }, job.error.message) : null,
     section("Train loss (from the job's progress events)", chartWithLegend([{ name: "train_loss", points: metrics }], { id: "job-loss", title: "train loss by step", ylabel: "loss", emptyText: "no progress reported yet" })),
     section("Checkpoints", checkpoints.data.length ? h("table", { id: "job-checkpoints" }, h("tr", {}, ["step", "model", "train loss", "valid loss"].map(t => h("th", {}, t))),
