@@ -336,7 +336,8 @@ async def greedy_texts(url: str, models: list[str], prompt: str | list[int], max
         for model in models:
             response = await client.post(f"{url}/v1/completions",
                                          json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
-            response.raise_for_status()
+            if response.status_code >= 400:  # the engine's own message says why (Ray Serve LLM's 400s carry it)
+                raise RuntimeError(f"{url} model {model!r}: HTTP {response.status_code}: {response.text[:1000]}")
             texts.append(response.json()["choices"][0]["text"])
     return texts
 

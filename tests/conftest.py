@@ -116,6 +116,10 @@ def ray_session(s3_server: S3Server, rayft_home: Path) -> Iterator[None]:
 
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # An earlier test may have run a rayft command in this process, which started a default Ray and left it up
+    # (the order of files differs between a serial run and `pytest -n 2`): the session's Ray replaces it.
+    if ray.is_initialized():
+        ray.shutdown()
     # 4 logical CPUs on 2 cores: a Serve app and a 2-worker trainer can then be placed together.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from storage.errors import RayftError
-from trainers import data as data_mod
+from trainers.ingest.formats import IGNORE
 from trainers.precision import Precision, autocast
 from trainers.task_metrics import PAIR_METRICS
 from trainers.tune_spec import TaskEval
@@ -43,10 +43,10 @@ def split_prompts(examples: list, tokenizer, rows: int) -> list[Prompt]:
     out: list[Prompt] = []
     for example in examples:
         labels = example.labels
-        start = next((i for i, label in enumerate(labels) if label != data_mod.IGNORE), None)
+        start = next((i for i, label in enumerate(labels) if label != IGNORE), None)
         if not start:  # None: nothing trained; 0: no prompt before the answer
             continue
-        end = next((i for i in range(start, len(labels)) if labels[i] == data_mod.IGNORE), len(labels))
+        end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE), len(labels))
         reference = tokenizer.decode(labels[start:end], skip_special_tokens=True)
         out.append(Prompt(list(example.input_ids[:start]), reference))
         if len(out) == rows:
