@@ -479,7 +479,9 @@ def test_tune_by_task_metric_promotes_the_best_by_that_metric(ray_session, tiny_
     the rest, like the train rows, complete with " yes". A trial at lr 1e-6 stays the base model: every answer
     matches, but its eval loss (dominated by the " yes" rows) stays high. A trial at lr 0.05 learns " yes"
     (lower eval loss) and its answers drift (lower exact match). Each evaluation reports eval_exact_match from
-    the workers' greedy answers; ASHA and the promotion rank by it; the manifest records it.
+    the workers' greedy answers; the promotion ranks by it; the manifest records it. Both trials run to the end
+    (fifo): at the first evaluation the lr 0.05 trial's eval loss is still above the base's, so an ASHA stop
+    there would leave nothing for the two metrics to disagree on.
     """
     from trainers.tiny import write_jsonl
 
@@ -501,7 +503,7 @@ def test_tune_by_task_metric_promotes_the_best_by_that_metric(ray_session, tiny_
         tiny_model_dir, train, local_uri, {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"}, name="em-tuned",
         data={"eval": str(held_out), "eval_fraction": 0}, training={**TRAINING, "max_steps": 6},
         tune={"space": {"lr": [0.05, BAD_LR]}, "metric": "exact_match", "mode": "max",
-              "task_eval": {"rows": 8, "max_tokens": 4}, "asha": {"grace_period": EVAL_EVERY}},
+              "task_eval": {"rows": 8, "max_tokens": 4}, "scheduler": "fifo"},
     )
     result = run_search(spec)
     learned, base_like = sorted(result.trials, key=lambda t: -t.lr)
