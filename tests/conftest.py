@@ -220,23 +220,3 @@ def ray_head():
 
     with running_head() as head:
         yield head
-
-
-# =============================================================================
-# Order of files: the longest first. `make test` runs two pytest-xdist processes that take whole files in
-# collection order; starting with the long end-to-end files and leaving the many short ones to fill the gaps
-# keeps both processes busy to the end (longest-first packing). Ranked by the time each file took in `make test`
-# on the 2-core machine (2026-11-29); a file not listed keeps its alphabetical place after these.
-# =============================================================================
-
-_LONGEST_FIRST = [
-    "test_service_jobs.py", "test_train.py", "test_tune.py", "test_serve_vllm.py", "test_console.py",
-    "test_preference_train.py", "test_bench.py", "test_web_console.py", "test_submit.py", "test_serve.py",
-    "test_zero3.py", "test_fail_fast.py", "test_eval.py", "test_ingest.py", "test_service_files.py", "test_merge.py",
-    "test_plan.py",
-]
-
-
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order within a file
