@@ -251,11 +251,13 @@ def test_a_dpo_job_trains_the_preference_objective_on_openai_pairs(deployed: Dep
     rows = [{"input": {"messages": [{"role": "user", "content": r["prompt"]}]},
              "preferred_output": [{"role": "assistant", "content": r["completion"].strip()}],
              "non_preferred_output": [{"role": "assistant", "content": r["completion"].strip()[::-1]}]}
-            for r in task_examples("reverse", 16, seed=2)]
-    pairs = acme.files.create(file=("pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()), purpose="fine-tune")
+            for r in task_examples("reverse", 20, seed=2)]
+    pairs = acme.files.create(file=("pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows[:16]).encode()), purpose="fine-tune")
     assert pairs.model_extra["format"] == "preference" and pairs.model_extra["rows"] == 16
+    # A validation file of its own: 16 rows may hash no row into a 10% held-out split (then the job fails, saying so).
+    held_out = acme.files.create(file=("held.jsonl", "".join(json.dumps(r) + "\n" for r in rows[16:]).encode()), purpose="fine-tune")
     job = acme.fine_tuning.jobs.create(
-        model="tiny", training_file=pairs.id, suffix="dpo",
+        model="tiny", training_file=pairs.id, validation_file=held_out.id, suffix="dpo",
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 4}}},
         extra_body={"rayft": {"max_steps": 2, "checkpoints": 1}},
     )
