@@ -142,6 +142,24 @@ def reverse_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(task_examples("reverse", 160, seed=1), tmp_path_factory.mktemp("data") / "reverse.jsonl")
 
 
+def registry_with_base(storage: str, model_dir: Path, name: str = "tiny"):
+    """A registry at `storage` holding `model_dir` published as the base model `name`@1 (what a serve spec's
+    `source: registry:NAME` and adapters trained on it point at). Returns the registry."""
+    from storage.registry import base_config_digest_of_dir, open_registry
+
+    registry = open_registry(storage)
+    registry.publish(name, model_dir, kind="model", base_model=name, base_config_digest=base_config_digest_of_dir(model_dir),
+                     method=None, params={}, metrics={}, lineage={})
+    return registry
+
+
+def fresh_bucket(s3_server: S3Server, prefix: str) -> str:
+    """A new bucket on the embedded S3 server; returns the storage URI `s3://<bucket>/store` in it."""
+    bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    s3_server.ensure_bucket(bucket)
+    return f"s3://{bucket}/store"
+
+
 def make_job(model_dir, train_path, storage_uri, method: dict, name: str = "test-adapter", **sections) -> "JobSpec":
     """A small job spec for tests; `sections` override whole spec sections by key (e.g. training={...})."""
     from trainers.spec import parse_job_spec

@@ -22,7 +22,8 @@ from service.files import FileRejected
 from service.jobs import model_owner, output_name
 from service.spec import parse_service_spec
 from serve.spec import ServeSpecError
-from storage.registry import base_config_digest_of_dir, open_registry
+from storage.registry import base_config_digest_of_dir
+from tests.conftest import fresh_bucket, registry_with_base
 from trainers.tiny import build_random_lora_dir
 
 TOKENS = {"acme": "token-of-acme", "globex": "token-of-globex"}
@@ -129,13 +130,9 @@ def app(serve_http, s3_server, tiny_model_dir: Path, tmp_path_factory) -> App:
 
     from service.app import build_app
 
-    bucket = f"rayft-svc-{uuid.uuid4().hex[:12]}"
-    s3_server.ensure_bucket(bucket)
-    storage = f"s3://{bucket}/store"
-    registry = open_registry(storage)
+    storage = fresh_bucket(s3_server, "rayft-svc")
+    registry = registry_with_base(storage, tiny_model_dir)
     digest = base_config_digest_of_dir(tiny_model_dir)
-    registry.publish("tiny", tiny_model_dir, kind="model", base_model="tiny", base_config_digest=digest,
-                     method=None, params={}, metrics={}, lineage={})
     work = tmp_path_factory.mktemp("svc-adapters")
     # A fine-tuned model of acme (by its name), and a shared adapter published from the CLI.
     for name, seed in (("ft.acme.demo.000000000001", 1), ("shared-lora", 2)):
@@ -248,9 +245,7 @@ def test_a_job_request_becomes_a_job_spec_and_every_problem_is_listed_at_once(ti
     from storage.store import open_store
 
     storage = str(tmp_path / "store")
-    registry = open_registry(storage)
-    registry.publish("tiny", tiny_model_dir, kind="model", base_model="tiny", base_config_digest=base_config_digest_of_dir(tiny_model_dir),
-                     method=None, params={}, metrics={}, lineage={})
+    registry = registry_with_base(storage, tiny_model_dir)
     files = FileStore(open_store(storage))
     spec = parse_service_spec({"storage": storage, "base": {"name": "tiny", "source": "registry:tiny"}})
     ft = FineTuningApiSpec(jobs_address="http://127.0.0.1:9", defaults={"batch_size": 4, "n_epochs": 2})

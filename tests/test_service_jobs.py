@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,8 @@ import torch
 import yaml
 
 from storage.local_s3 import s3_env
-from storage.registry import base_config_digest_of_dir, open_registry
+from storage.registry import open_registry
+from tests.conftest import fresh_bucket, registry_with_base
 from tests.ray_head import Head, free_port, running_head
 from trainers.tiny import task_examples
 
@@ -64,12 +64,8 @@ def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 1.0):
 
 @pytest.fixture(scope="module")
 def deployed(s3_server, tiny_model_dir: Path, tmp_path_factory) -> Iterator[Deployed]:
-    bucket = f"rayft-ftapi-{uuid.uuid4().hex[:12]}"
-    s3_server.ensure_bucket(bucket)
-    storage = f"s3://{bucket}/store"
-    registry = open_registry(storage)
-    registry.publish("tiny", tiny_model_dir, kind="model", base_model="tiny", base_config_digest=base_config_digest_of_dir(tiny_model_dir),
-                     method=None, params={}, metrics={}, lineage={})
+    storage = fresh_bucket(s3_server, "rayft-ftapi")
+    registry_with_base(storage, tiny_model_dir)
     work = tmp_path_factory.mktemp("ftapi")
     spec = {
         "storage": storage,

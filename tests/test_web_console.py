@@ -24,6 +24,7 @@ from serve.protocol import ApiError
 from storage.errors import InvalidName, NotFound
 from storage.registry import open_registry
 from storage.runs import RunProgress, RunRecord, now, read_record, run_ids, validate_run_id, write_progress, write_record
+from tests.conftest import fresh_bucket, registry_with_base
 from tests.webdriver import Browser, missing_browser
 
 TOKEN = "console-test-token"
@@ -112,13 +113,9 @@ def console(serve_http, s3_server, tiny_model_dir, reverse_data, tmp_path_factor
     from trainers.run import TrainingFailed, run_training
     from trainers.tiny import build_random_lora_dir
 
-    bucket = f"rayft-console-{uuid.uuid4().hex[:12]}"
-    s3_server.ensure_bucket(bucket)
-    storage = f"s3://{bucket}/store"
-    registry = open_registry(storage)
+    storage = fresh_bucket(s3_server, "rayft-console")
+    registry = registry_with_base(storage, tiny_model_dir)
     digest = base_config_digest_of_dir(tiny_model_dir)
-    registry.publish("tiny", tiny_model_dir, kind="model", base_model="tiny", base_config_digest=digest,
-                     method=None, params={}, metrics={}, lineage={})
     training = {"max_steps": 12, "eval_every": 4, "checkpoint_every": 12, "log_every": 4}
     spec = make_job(tiny_model_dir, reverse_data, storage, {"name": "lora", "r": 4, "alpha": 8}, name="console-lora", training=training)
     result = run_training(spec)
