@@ -331,6 +331,8 @@ def _delete_adapter(model: Any, peft_name: str) -> Any:
     if len(model.peft_config) == 1:
         return model.unload()
     model.delete_adapter(peft_name)
-    if model.active_adapter not in model.peft_config:
-        model.set_adapter(next(iter(model.peft_config)))
+    # Deleting the active adapter lets each layer pick its own successor (the first name *it* holds), so
+    # q/v layers could run one adapter and MLP layers another while the model reports the first: the
+    # engine's single-adapter pass trusts `active_adapter`, so every layer is set to the same one here.
+    model.set_adapter(model.active_adapter if model.active_adapter in model.peft_config else next(iter(model.peft_config)))
     return model

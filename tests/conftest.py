@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 
+# Serve's proxy must answer its readiness probe within 5 s and its health probe within 10 s (Ray's
+# defaults). Two xdist processes, each with Ray, Serve and trainers on 2 cores, can stall a starting
+# proxy longer than that; Serve then kills it and `serve.start` fails. Every Ray started by the
+# tests (in-process or `ray start` heads in subprocesses) inherits these.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+
 # =============================================================================
 # storage fixtures (owner: storage/). A real S3 API server on 127.0.0.1 (moto's
 # ThreadedMotoServer) shared by the session; each test gets its own bucket.

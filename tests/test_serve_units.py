@@ -268,6 +268,7 @@ def unit_registry(tiny_model_dir, three_adapters, tmp_path_factory):
     for name, directory in three_adapters.items():
         publish(name, directory)
     publish("big-rank", make_adapter(tiny_model_dir, root / "big", 4, r=16))
+    publish("all2", make_adapter(tiny_model_dir, root / "all2", 7, targets=ALL_LINEAR))
     other = build_tiny_model_dir(root / "other", hidden_size=32)
     publish("other-base", make_adapter(other, root / "other-adapter", 5), digest=base_config_digest_of_dir(other))
     publish("lying-digest", root / "other-adapter")  # claims our base; its tensors say otherwise
@@ -336,6 +337,33 @@ def test_pool_defers_unloading_an_evicted_adapter_until_its_requests_finish(unit
 
     asyncio.run(scenario())
     assert pool.metrics.snapshot()["counts"]["cache_eviction"] == 2
+
+
+def test_evicting_the_active_adapter_leaves_every_layer_on_the_same_adapter(unit_registry, tiny_model_dir):
+    """Deleting peft's active adapter lets each layer pick its own successor (q/v layers one adapter, MLP
+    layers another, found by the 216-request serve test); after the pool unloads it, a lone request for
+    the q/v adapter (the engine's single-adapter pass) decodes exactly as that adapter alone."""
+    registry, digest = unit_registry
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    engine = Engine(base, tokenizer, max_batch_size=4, max_wait_s=0)
+    pool = AdapterPool(engine, registry, base_name="tiny", base_digest=digest, reload_base=lambda: None,
+                       shapes=linear_shapes(base), policy=AdapterPolicy(), metrics=ModelMetrics())
+    prompt = "reverse apple ="
+
+    async def scenario() -> list[int]:
+        active = await pool.load("all@1")  # every linear layer; peft makes the first adapter the active one
+        qv = await pool.load("qv@1")  # q and v only
+        await pool.load("all2@1")  # every linear layer again
+        active.__del__()  # Serve's LRU evicts the active adapter
+        engine.model = pool.unload_retired(engine.model)
+        per_layer = {tuple(m.active_adapters) for m in engine.model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+        assert per_layer == {(engine.model.active_adapter,)}
+        seq = Sequence(tokenizer(prompt, add_special_tokens=False).input_ids, SamplingParams(max_tokens=6, temperature=0),
+                       adapter=qv.peft_name)
+        return [event.token_id async for event in engine.generate(seq)]
+
+    assert asyncio.run(scenario()) == peft_greedy(tiny_model_dir, registry.download("qv"), tokenizer, prompt, 6)
 
 
 # --------------------------------------------------------------------------- CLI (checks that run before Ray starts)
