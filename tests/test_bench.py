@@ -87,3 +87,16 @@ def test_serve_bench_quick_runs_every_scenario_over_http(tmp_path: Path) -> None
     assert single["hidden"] == 128 and len(single["unmerged_ms"]) == len(single["merged_ms"]) == 5
     assert len(result["cold_warm"]["cold_ms"]) == 2  # one cold request per adapter
     assert (tmp_path / "serve_bench_quick.md").read_text().count("| mixed_batching |") == 1
+
+
+@pytest.mark.parametrize("version,refused", [("0.165.0", True), ("0.137.0", True), ("0.136.3", False)])
+def test_engines_bench_says_when_bare_serve_llm_cannot_answer(monkeypatch: pytest.MonkeyPatch, version: str, refused: bool) -> None:
+    import fastapi
+
+    from bench.serve_bench import bare_serve_llm_problem
+
+    monkeypatch.setattr(fastapi, "__version__", version)
+    problem = bare_serve_llm_problem()
+    assert (problem is not None) == refused
+    if refused:
+        assert f"installed: {version}" in problem and "--target .bench-fastapi 'fastapi<0.137'" in problem
