@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 RAYFT_PREFIX = "[rayft]"
 
@@ -33,6 +34,8 @@ def configure(verbose: bool) -> None:
         return
     # Progress bars of transformers/huggingface_hub ("Loading weights", "Writing model shards").
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Ray Data's execution plans and logged progress (read when ray.data is first imported).
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
     # transformers' deprecation notices are for rayft's developers, not its users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     # bitsandbytes warns at import that its optional hub kernels are absent (the fallback works);

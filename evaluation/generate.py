@@ -265,14 +265,21 @@ def run_group(group: ModelGroup, items: list[dict], settings: dict[str, Any], *,
     """Every item through Ray Data on `actors` model actors of `group`; results in any order."""
     import ray
 
+    from ray.util.debug import log_once
+
     context = ray.data.DataContext.get_current()
     # rayft prints its own progress lines (`Progress`); Ray Data's bars would interleave with them.
+    # Ray Data warns once per process that bars are off: that notice is spent here, unprinted.
+    log_once("ray_data_progress_manager_disabled")
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     ds = ray.data.from_items([{"item": json.dumps(it)} for it in items], override_num_blocks=max(1, actors * 4))
     ds = ds.map_batches(
         ModelActor, fn_constructor_kwargs={"group": group, "settings": settings}, batch_size=settings["batch_size"],
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=settings["cpus"], num_gpus=settings["gpus"] or None,
+        # An actor that dies fails the evaluation with its error instead of being restarted; Ray's core
+        # worker otherwise warns on the console that a restart could lose the actor's constructor arguments.
+        max_restarts=0,
     )
     results = []
     for row in ds.iter_rows():

@@ -24,6 +24,7 @@ NOISE = [
     re.compile(r"gemm_4bit_forward|FutureWarning|warnings\.warn|Loading weights|Writing model shards"),
     re.compile(r"^\s*('[^']{0,3}'\s+){3,}"),  # streamed chunks printed one by one: 's' 's' 's' ''
     re.compile(r"Traceback"),
+    re.compile(r"streaming_executor|logging_progress|Execution plan of Dataset|Running Dataset"),  # Ray Data's driver logging
 ]
 
 
