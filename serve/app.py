@@ -435,8 +435,8 @@ class InferenceIngress:
                 self._events(stream, reply, route, started), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
+        item = first  # a non-streamed answer comes as one item (start, delta and end together)
         while True:
-            item = await _next_item(stream)
             if "error" in item:
                 raise _replica_error(item["error"])
             if "delta" in item:
@@ -444,6 +444,7 @@ class InferenceIngress:
             if "end" in item:
                 reply.finish(item["end"])
                 return JSONResponse(reply.body())
+            item = await _next_item(stream)
 
     async def _events(self, stream: Any, reply: _Reply, route: str, started: float) -> AsyncIterator[str]:
         """Server-sent events: one chunk per step with new text, the finish chunk, usage (if asked), [DONE]."""

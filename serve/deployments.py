@@ -156,10 +156,13 @@ class _ModelReplica:
                               stop=tuple(req.stop), seed=req.seed)
 
     async def _respond(self, seq: Sequence, req: GenerateRequest, label: str, cold: bool, started: float) -> AsyncIterator[dict]:
-        """`{"start"}`, then `{"delta"}` per step (streaming) or one at the end, then `{"end"}` (or `{"error"}`)."""
+        """Streaming: `{"start"}`, a `{"delta"}` per step, `{"end"}`. Otherwise one item holding all three, so a
+        non-streamed answer crosses the handle once. A failure is one `{"error"}` item."""
         status, text, token_ids = "ok", [], []
+        start = {"prompt_tokens": len(seq.prompt_ids), "cold": cold}
         try:
-            yield {"start": {"prompt_tokens": len(seq.prompt_ids), "cold": cold}}
+            if req.stream:
+                yield {"start": start}
             async for event in self.engine.generate(seq):
                 if event.error is not None:
                     status = "error"
@@ -170,9 +173,11 @@ class _ModelReplica:
                 else:
                     text.append(event.text)
                     token_ids.append(event.token_id)
-            if not req.stream:
-                yield {"delta": {"text": "".join(text), "token_ids": token_ids}}
-            yield {"end": {"finish_reason": seq.finish_reason, "completion_tokens": len(seq.generated)}}
+            end = {"finish_reason": seq.finish_reason, "completion_tokens": len(seq.generated)}
+            if req.stream:
+                yield {"end": end}
+            else:
+                yield {"start": start, "delta": {"text": "".join(text), "token_ids": token_ids}, "end": end}
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             raise

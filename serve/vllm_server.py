@@ -73,6 +73,7 @@ class VllmServer(LLMServer):
         count_registry_downloads(self.registry.store, self.metrics)
         self.lora_root = Path(self.registry.cache_dir) / "vllm-adapters"
         self._warm: set[str] = set()
+        self._lora_locks: dict[str, asyncio.Lock] = {}
         model_dir = await asyncio.to_thread(self._model_dir, entry, storage_uri)
         config = read_model_config(model_dir)
         self.base_digest = base_config_digest(config)
@@ -129,11 +130,14 @@ class VllmServer(LLMServer):
 
     async def _lora_request(self, ref: str) -> Any:
         """vLLM's LoRARequest for `ref`, loading the adapter into vLLM (through Serve's multiplexing) if needed."""
-        try:
-            await self._maybe_resolve_lora_from_multiplex()
-        except ValueError as err:  # vLLM refused the files (Ray Serve LLM wraps its error in a ValueError)
-            self.metrics.refused(ref, "VllmRefused")
-            raise AdapterNotServable(f"adapter {ref} cannot be served by vLLM: {err}") from None
+        # One at a time per adapter: Ray Serve LLM checks "loaded?" and loads across an await, so two first
+        # requests for one adapter both load it and vLLM refuses the second ("has already been loaded").
+        async with self._lora_locks.setdefault(ref, asyncio.Lock()):
+            try:
+                await self._maybe_resolve_lora_from_multiplex()
+            except ValueError as err:  # vLLM refused the files (Ray Serve LLM wraps its error in a ValueError)
+                self.metrics.refused(ref, "VllmRefused")
+                raise AdapterNotServable(f"adapter {ref} cannot be served by vLLM: {err}") from None
         return self.engine._oai_models.lora_requests[ref]
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict]:
@@ -155,13 +159,18 @@ class VllmServer(LLMServer):
         except RayftError as err:
             yield refusal(self.metrics, err, label, started, cold)
             return
+        # A streamed request gets vLLM's per-step deltas; any other only its final output (one await per
+        # request instead of one per generated token).
         params = SamplingParams(
             n=1, max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-            stop=list(req.stop) or None, output_kind=RequestOutputKind.DELTA, skip_special_tokens=True,
+            stop=list(req.stop) or None, skip_special_tokens=True,
+            output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY,
         )
         status, text, token_ids, finish = "ok", [], [], None
+        start = {"prompt_tokens": len(ids), "cold": cold}
         try:
-            yield {"start": {"prompt_tokens": len(ids), "cold": cold}}
+            if req.stream:
+                yield {"start": start}
             # The engine client is Ray Serve LLM's vLLM AsyncLLM: token ids in, deltas out.
             stream = self.engine._engine_client.generate(
                 {"prompt_token_ids": ids}, params, f"rayft-{uuid.uuid4().hex}", lora_request=lora)
@@ -174,9 +183,11 @@ class VllmServer(LLMServer):
                 else:
                     text.append(out.text)
                 finish = out.finish_reason or finish
-            if not req.stream:
-                yield {"delta": {"text": "".join(text), "token_ids": token_ids}}
-            yield {"end": {"finish_reason": "stop" if finish == "stop" else "length", "completion_tokens": len(token_ids)}}
+            end = {"finish_reason": "stop" if finish == "stop" else "length", "completion_tokens": len(token_ids)}
+            if req.stream:
+                yield {"end": end}
+            else:  # the whole answer as one item: it crosses the handle once
+                yield {"start": start, "delta": {"text": "".join(text), "token_ids": token_ids}, "end": end}
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             raise

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve.spec import vllm_installed
 from storage.registry import base_config_digest_of_dir, open_registry
-from tests.test_serve import TOKEN, Served  # the same client-side view of a served app as the transformers tests
+from tests.test_serve import TOKEN, Served, _publish_pickle_only  # the same client-side view as the transformers tests
 from trainers.tiny import build_random_lora_dir
 
 pytestmark = [
@@ -33,6 +33,7 @@ pytestmark = [
 
 PROMPTS = ["reverse apple =", "upper stone ="]
 MAX_TOKENS = 6
+EXTRA = [f"extra-{i}" for i in range(3)]
 
 
 def greedy(model, tokenizer, ids: list[int], n: int = MAX_TOKENS) -> list[int]:
@@ -100,14 +101,25 @@ def served(serve_http, s3_server, reverse_data, tmp_path_factory) -> Served:
     ia3 = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), peft.IA3Config(task_type="CAUSAL_LM"))
     ia3.save_pretrained(work / "ia3")
     publish("ia3", work / "ia3", method="ia3")
+    other_base = build_tiny_model_dir(work / "other-base", hidden_size=64, num_heads=1, num_kv_heads=1)
+    registry.publish("wrong-base", build_random_lora_dir(other_base, work / "wrong-base", seed=15, r=8), kind="adapter",
+                     base_model="other", base_config_digest=base_config_digest_of_dir(other_base), method="lora",
+                     params={}, metrics={}, lineage={})
+    _publish_pickle_only(registry, "pickled", work, digest)
+    # More adapters than the replica keeps (max_per_replica 4), and one that no test asks for before the cold-start test.
+    local = {f"{name}@1": build_random_lora_dir(model_dir, work / name, seed=20 + i, r=8, targets=["q_proj", "v_proj", "down_proj"])
+             for i, name in enumerate(EXTRA + ["cold"])}
+    for ref, directory in local.items():
+        publish(ref.split("@")[0], directory)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     result = Served(url="", app=app, storage=storage, tokenizer=tokenizer, adapter_dirs={"<base>": model_dir})
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = {p: tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS}
     result.expected["vbase"] = {p: greedy(base, tokenizer, ids[p]) for p in PROMPTS}
-    for ref in ("trained@1", "trained@2", "pushed@1"):
-        result.adapter_dirs[ref] = registry.download(ref)
+    # The local copies of the extra adapters: a download here would put `cold` in the content cache the replica shares.
+    for ref in ("trained@1", "trained@2", "pushed@1", *local):
+        result.adapter_dirs[ref] = local.get(ref) or registry.download(ref)
         adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(result.adapter_dirs[ref])).eval()
         result.expected[ref] = {p: greedy(adapted, tokenizer, ids[p]) for p in PROMPTS}
 
@@ -211,13 +223,15 @@ def test_chat_streaming_with_usage_and_sampling_options(served):
     ("ia3", "not served by vLLM"),
     ("rank16", "above vllm.max_lora_rank (8)"),
     ("corrupt", "integrity check failed"),
+    ("wrong-base", "trained on base model"),
+    ("pickled", "pickle-based weight files"),
 ])
 def test_adapter_vllm_cannot_serve_is_422_with_the_reason_and_others_keep_serving(served, name, reason):
     refused, good = asyncio.run(post_all(served, [body(name, PROMPTS[0]), body("pushed", PROMPTS[0])]))
     assert refused.status_code == 422, refused.text
     message = refused.json()["error"]["message"]
     assert reason in message and name in message
-    if name != "corrupt":
+    if name in ("dora", "ia3", "rank16"):
         assert "engine: transformers" in message  # and names the alternative
     assert good.status_code == 200 and good.json()["choices"][0]["token_ids"] == served.expected["pushed@1"][PROMPTS[0]]
     assert name not in served.base_stats()["adapters"]["live"]  # never handed to vLLM
@@ -246,3 +260,23 @@ def test_hostile_ids_bad_bodies_unknown_models_and_auth(served):
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             response = client.post(f"{served.url}/v1/completions", json=body("vbase", "a"), headers=headers)
             assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+
+
+def test_six_adapters_four_per_replica_under_96_concurrent_requests(served):
+    """More adapters than the replica keeps: Serve's LRU moves them in and out; every answer is its adapter's."""
+    refs = {"pushed": "pushed@1", "trained@1": "trained@1", "trained@2": "trained@2", **{n: f"{n}@1" for n in EXTRA}}
+    pairs = [(model, PROMPTS[i % 2]) for i, model in enumerate(list(refs) * 16)]
+    responses = asyncio.run(post_all(served, [body(m, p) for m, p in pairs]))
+    assert [r.status_code for r in responses] == [200] * len(pairs), [r.text for r in responses if r.status_code != 200][:3]
+    wrong = [(m, p) for (m, p), r in zip(pairs, responses) if r.json()["choices"][0]["token_ids"] != served.expected[refs[m]][p]]
+    assert not wrong
+
+
+def test_32_simultaneous_first_requests_for_a_cold_adapter_download_it_once(served):
+    manifest = open_registry(served.storage).resolve("cold")
+    responses = asyncio.run(post_all(served, [body("cold", PROMPTS[i % 2]) for i in range(32)]))
+    assert [r.status_code for r in responses] == [200] * 32
+    for i, response in enumerate(responses):
+        assert response.json()["choices"][0]["token_ids"] == served.expected["cold@1"][PROMPTS[i % 2]]
+    counts = served.base_stats()["counts"]
+    assert counts[f"downloads:{manifest.ref}:adapter_model.safetensors"] == 1
