@@ -5,7 +5,7 @@
 `--rows` generations in all, split evenly over the N adapters (each adapter answers rows/N
 distinct prompts), greedy, at most `--max-tokens` tokens each. Three ways to produce them:
   (a) rayft eval: Ray Data over one model actor holding the base once, the N adapters attached by
-      serve's adapter pool, rows of every adapter interleaved so each batch mixes adapters, the
+      serve's adapter pool, rows grouped by adapter (a batch holds one adapter), the
       serving engine decoding them together (wall time includes Ray Data start and the model load);
   (b) a plain loop of peft `generate` with batch size 1, `set_adapter` per adapter (measured on the
       first `--bs1-rows` rows and reported as a rate: it does not depend on the row count);

@@ -254,9 +254,10 @@ def evaluate(refs: list[str], spec: EvalSpec, *, storage_uri: str, data: str | N
         print(f"[rayft] eval: {len(rows)} rows × {len(labels)} ref(s) on {len(groups)} model group(s), "
               f"{spec.actors} actor(s) each", flush=True)
     def run(group: ModelGroup) -> list[dict]:
-        # Rows interleave the group's refs, so each batch mixes adapters (one pass serves them all).
+        # Rows come ref by ref, so a batch holds one adapter and decodes on the engine's single-adapter pass:
+        # peft's mixed-adapter pass splits every matmul by row: a third of the rows/s at 8 adapters (bench/eval_bench.py).
         items = [{"key": i, "label": lab, "row": row.raw, "want": wants[i]}
-                 for i, row in enumerate(rows) if wants[i] for lab in group.labels]
+                 for lab in group.labels for i, row in enumerate(rows) if wants[i]]
         return run_group(group, items, settings, actors=spec.actors, progress=progress)
 
     raw: dict[tuple[str, int], dict] = {}

@@ -64,7 +64,7 @@ def registry_setup(tmp_path_factory, tiny_model_dir, s3_server):
 
 
 def test_rayft_eval_equals_peft_generate_and_direct_log_likelihoods(registry_setup, ray_session, tiny_model_dir, tmp_path, capsys):
-    """`rayft eval` on a base, two registry LoRA adapters (mixed batches on one base load) and a local adapter
+    """`rayft eval` on a base, two registry LoRA adapters (on one base load) and a local adapter
     directory (an actor group of its own): every answer equals peft's `generate`; BLEU equals sacrebleu on those
     answers; choice accuracy and perplexity equal a direct log-likelihood computation with transformers."""
     import math
