@@ -164,15 +164,17 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"[bench] {n:,} rows: old path")
                 r = run_child(old, model, data, Path(tmp) / f"store-old-{n}", cfg["steps"])
                 rows.append({"rows": n, "file_mib": mib, "path": "old (in memory)", **r})
+                say(f"[bench] {rows[-1]}")
             if "new" in paths:
                 store = Path(tmp) / f"store-new-{n}"
                 say(f"[bench] {n:,} rows: new path, first run")
                 r = run_child(ROOT, model, data, store, cfg["steps"])
                 rows.append({"rows": n, "file_mib": mib, "path": "new (Ray Data)", "preprocess_s": preprocess_s(store), **r})
+                say(f"[bench] {rows[-1]}")
                 say(f"[bench] {n:,} rows: new path, preprocessed data reused")
                 r = run_child(ROOT, model, data, store, cfg["steps"])
                 rows.append({"rows": n, "file_mib": mib, "path": "new, reused", **r})
-            say(f"[bench] {rows[-1]}")
+                say(f"[bench] {rows[-1]}")
     table = markdown_table(
         ["rows", "file", "path", "time to first step", "worker peak RSS", "steady tokens/s", "preprocessing", "preprocess rows/s"],
         [[f"{r['rows']:,}", f"{r['file_mib']:.1f} MiB", r["path"], f"{r['first_step_s']:.1f} s", human_bytes(r.get("peak_rss_bytes")),
