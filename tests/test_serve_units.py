@@ -303,13 +303,20 @@ def test_adapter_problems_name_the_reason(unit_registry, tiny_model_dir, name, r
                             policy=AdapterPolicy(max_rank=8)) == []
 
 
-def test_pool_defers_unloading_an_evicted_adapter_until_its_requests_finish(unit_registry, tiny_model_dir):
+def engine_with_pool(unit_registry, tiny_model_dir) -> tuple:
+    """(tokenizer, an engine on the plain tiny base, the adapter pool attaching the registry's adapters to it)."""
     registry, digest = unit_registry
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     engine = Engine(base, tokenizer, max_batch_size=4, max_wait_s=0)
     pool = AdapterPool(engine, registry, base_name="tiny", base_digest=digest, reload_base=lambda: None,
                        shapes=linear_shapes(base), policy=AdapterPolicy(), metrics=ModelMetrics())
+    return tokenizer, engine, pool
+
+
+def test_pool_defers_unloading_an_evicted_adapter_until_its_requests_finish(unit_registry, tiny_model_dir):
+    registry = unit_registry[0]
+    tokenizer, engine, pool = engine_with_pool(unit_registry, tiny_model_dir)
 
     async def scenario() -> None:
         first = await pool.load("qv@1")
@@ -343,12 +350,8 @@ def test_evicting_the_active_adapter_leaves_every_layer_on_the_same_adapter(unit
     """Deleting peft's active adapter lets each layer pick its own successor (q/v layers one adapter, MLP
     layers another, found by the 216-request serve test); after the pool unloads it, a lone request for
     the q/v adapter (the engine's single-adapter pass) decodes exactly as that adapter alone."""
-    registry, digest = unit_registry
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    engine = Engine(base, tokenizer, max_batch_size=4, max_wait_s=0)
-    pool = AdapterPool(engine, registry, base_name="tiny", base_digest=digest, reload_base=lambda: None,
-                       shapes=linear_shapes(base), policy=AdapterPolicy(), metrics=ModelMetrics())
+    registry = unit_registry[0]
+    tokenizer, engine, pool = engine_with_pool(unit_registry, tiny_model_dir)
     prompt = "reverse apple ="
 
     async def scenario() -> list[int]:
