@@ -33,7 +33,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python -m bench
+	# bare Ray Serve LLM (serve_engines_bench's baseline) needs fastapi<0.137: an overlay for the benches only
+	test -d .bench-fastapi || $(BIN)/pip install -q --no-deps --target .bench-fastapi 'fastapi<0.137'
+	PYTHONPATH=.bench-fastapi $(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache demo-out
+	rm -rf $(VENV) .pytest_cache demo-out .bench-fastapi
