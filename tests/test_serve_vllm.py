@@ -280,3 +280,46 @@ def test_32_simultaneous_first_requests_for_a_cold_adapter_download_it_once(serv
         assert response.json()["choices"][0]["token_ids"] == served.expected["cold@1"][PROMPTS[i % 2]]
     counts = served.base_stats()["counts"]
     assert counts[f"downloads:{manifest.ref}:adapter_model.safetensors"] == 1
+
+
+def test_base_and_adapter_requests_batched_together_each_get_their_own_answers(served):
+    """vLLM's CPU kernels gave a base row in a batch with adapter rows the last slot's adapter (serve.vllm_engine):
+    requests arriving a few at a time, so base rows join batches that adapter rows are decoding, and back."""
+    from tests.test_serve import post_all as post_all_limited
+
+    refs = {"vbase": "vbase", "pushed": "pushed@1", "trained@2": "trained@2", "extra-0": "extra-0@1"}
+    pairs = [(model, PROMPTS[i % 2]) for i, model in enumerate(list(refs) * 6)]
+    responses = asyncio.run(post_all_limited(served, [body(m, p) for m, p in pairs], concurrency=8))
+    assert [r.status_code for r in responses] == [200] * len(pairs), [r.text for r in responses if r.status_code != 200][:3]
+    wrong = [(i, m, p, got, served.expected[refs[m]][p]) for i, ((m, p), r) in enumerate(zip(pairs, responses))
+             if (got := r.json()["choices"][0]["token_ids"]) != served.expected[refs[m]][p]]
+    assert not wrong
+
+
+# --------------------------------------------------------------------------- fault tolerance (keep last: it restarts the replica)
+
+
+def test_killed_replica_is_replaced_and_the_service_answers_again(served):
+    """The transformers table's fault test on vLLM: the replica (and the vLLM engine in it) dies under load; Serve
+    starts a new one, which starts vLLM again; clients that retry 503 get every answer right."""
+    import ray
+
+    from tests.test_serve import post_all as post_all_retrying
+
+    refs = {"vbase": "vbase", "pushed": "pushed@1", "trained@2": "trained@2", "extra-0": "extra-0@1"}
+    old = served.base_stats()
+    pairs = [(model, PROMPTS[i % 2]) for i, model in enumerate(list(refs) * 6)]
+
+    async def load_while_killing() -> list[httpx.Response]:
+        requests = asyncio.ensure_future(post_all_retrying(served, [body(m, p) for m, p in pairs], concurrency=8,
+                                                           retry_503_for=300))
+        await asyncio.sleep(0.5)
+        ray.kill(ray.get_actor(old["actor_name"], namespace="serve"), no_restart=True)
+        return await requests
+
+    responses = asyncio.run(load_while_killing())
+    assert [r.status_code for r in responses] == [200] * len(pairs), [r.text for r in responses if r.status_code != 200][:3]
+    wrong = [(i, m, p, got, served.expected[refs[m]][p]) for i, ((m, p), r) in enumerate(zip(pairs, responses))
+             if (got := r.json()["choices"][0]["token_ids"]) != served.expected[refs[m]][p]]
+    assert not wrong
+    assert served.base_stats()["replica"] != old["replica"]  # Serve started a new replica

@@ -143,3 +143,39 @@ def test_example_vllm_serve_spec_is_valid():
 
     spec = load_serve_spec(Path(__file__).resolve().parents[1] / "examples" / "serve-vllm.yaml")
     assert spec.engine == "vllm" and spec.vllm.max_lora_rank is None
+
+
+def test_null_adapter_is_a_loadable_peft_lora_that_changes_nothing(tmp_path):
+    """Base rows on vLLM's CPU backend run through this adapter (serve.vllm_engine says why): it must load like any
+    peft LoRA on the base and leave every logit as the base computes it."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from serve.vllm_engine import NULL_ADAPTER, weight_shapes, with_null_adapter_slot, write_null_adapter
+    from trainers.tiny import build_tiny_model_dir
+
+    model_dir = build_tiny_model_dir(tmp_path / "base")
+    folder = write_null_adapter(tmp_path / "adapters", weight_shapes(str(model_dir)))
+    assert folder.name == NULL_ADAPTER and lora_rank(json.loads((folder / "adapter_config.json").read_text())) == 1
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        expected = base(ids).logits
+        adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(folder)).eval()
+        layers = [name for name, _ in adapted.named_modules() if name.endswith("q_proj.lora_A")]
+        assert len(layers) == base.config.num_hidden_layers  # every q_proj carries it
+        assert torch.equal(adapted(ids).logits, expected)
+    # Writing it again (a restarted replica) replaces the folder whole.
+    assert write_null_adapter(tmp_path / "adapters", weight_shapes(str(model_dir))) == folder
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == [NULL_ADAPTER]
+    # One more slot in vLLM for it: the spec's adapters keep all of theirs.
+    settings = {"enable_lora": True, "max_loras": 4, "max_cpu_loras": 6}
+    assert with_null_adapter_slot(settings) == {"enable_lora": True, "max_loras": 5, "max_cpu_loras": 7}
+
+
+def test_null_adapter_needs_q_proj_layers(tmp_path):
+    from serve.vllm_engine import write_null_adapter
+
+    with pytest.raises(ValueError, match="no q_proj layers"):
+        write_null_adapter(tmp_path, {"model.layers.0.attn.c_attn": (64, 192)})
