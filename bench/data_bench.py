@@ -39,7 +39,7 @@ from bench.common import ROOT, add_common_args, human_bytes, machine, markdown_t
 
 #: The last commit whose workers read the whole file into memory (trainers/data.py).
 OLD_REV = "4f8726b"
-FULL = {"sizes": [20_000, 200_000, 800_000, 3_200_000], "steps": 12}
+FULL = {"sizes": [20_000, 200_000, 800_000, 3_200_000], "steps": 40}  # steady tokens/s: steps 3-40
 QUICK = {"sizes": [2_000, 20_000], "steps": 6}
 FIRST_STEP = "[rayft] step 1/"
 
@@ -131,6 +131,29 @@ def preprocess_s(storage: Path) -> float | None:
     return json.loads(found[-1].read_text())["stats"]["preprocess_s"] if found else None
 
 
+def verdicts(rows: list[dict]) -> str:
+    """Issue 15's targets, from the rows of one run: growth from the smallest size to the largest of each path's
+    time to first step and worker peak RSS (<= 1.3x), and the new path's steady tokens/s over the old one's (>= 0.95x)."""
+    checks = []
+    for path in ("new (Ray Data)", "new, reused", "old (in memory)"):
+        mine = sorted((r for r in rows if r["path"] == path), key=lambda r: r["rows"])
+        if len(mine) < 2:
+            continue
+        small, large = mine[0], mine[-1]
+        for key, label in (("first_step_s", "time to first step"), ("peak_rss_bytes", "worker peak RSS")):
+            if small.get(key) and large.get(key):
+                ratio = large[key] / small[key]
+                checks.append([f"{path}: {label}, {large['rows']:,} rows / {small['rows']:,} rows", f"{ratio:.2f}x", "<= 1.3x",
+                               "met" if ratio <= 1.3 else "missed"])
+    old = {r["rows"]: r for r in rows if r["path"] == "old (in memory)"}
+    for r in rows:
+        if r["path"] == "new (Ray Data)" and r["rows"] in old and r.get("steady_tokens_per_s") and old[r["rows"]].get("steady_tokens_per_s"):
+            ratio = r["steady_tokens_per_s"] / old[r["rows"]]["steady_tokens_per_s"]
+            checks.append([f"steady tokens/s, new / old, {r['rows']:,} rows", f"{ratio:.2f}x", ">= 0.95x",
+                           "met" if ratio >= 0.95 else "missed"])
+    return markdown_table(["figure", "measured", "target", "verdict"], checks, "llll")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser)
@@ -182,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['preprocess_s']:.1f} s" if r.get("preprocess_s") else "-",
           f"{r['rows_per_s']:,.0f}" if r.get("rows_per_s") and r["path"] == "new (Ray Data)" else "-"] for r in rows],
     )
-    report("data_bench", args.quick, {"machine": machine(), "config": {**cfg, "sizes": sizes, "old": args.old}, "rows": rows}, table)
+    report("data_bench", args.quick, {"machine": machine(), "config": {**cfg, "sizes": sizes, "old": args.old}, "rows": rows},
+           table + "\n\n" + verdicts(rows))
     return 0
 
 

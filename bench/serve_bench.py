@@ -373,6 +373,25 @@ async def greedy_texts(url: str, models: list[str], prompt: str | list[int], max
     return texts
 
 
+async def mixed_traffic_texts(url: str, models: list[str], prompt: str | list[int], max_tokens: int,
+                              clients: int = 8, rounds: int = 4) -> list[tuple[int, str]]:
+    """Greedy answers with base and adapter requests in flight together (`clients` at a time, the models in
+    turn, `rounds` times): (index into `models`, text) for each. On vLLM's CPU backend a base row batched with
+    adapter rows used to get the last slot's adapter (serve.vllm_engine); compared with the one-at-a-time answers."""
+    import httpx
+
+    limit = asyncio.Semaphore(clients)
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def one(i: int) -> tuple[int, str]:
+            async with limit:
+                response = await client.post(f"{url}/v1/completions", json={
+                    "model": models[i % len(models)], "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+                response.raise_for_status()
+                return i % len(models), response.json()["choices"][0]["text"]
+
+        return await asyncio.gather(*(one(i) for i in range(rounds * len(models))))
+
+
 def run_engines(args: argparse.Namespace, on_size_done=None) -> dict:
     """The three engines at each hidden size, one deployment on the machine at a time; `on_size_done(results)`
     after each size."""
@@ -430,6 +449,11 @@ def run_engines(args: argparse.Namespace, on_size_done=None) -> dict:
                         models, sent = adapters, prompt
                     url = f"{root}/{app}"
                     outputs[engine] = asyncio.run(greedy_texts(url, [base, *models], sent, args.max_tokens))  # also warms up
+                    mixed = asyncio.run(mixed_traffic_texts(url, [base, *models], sent, args.max_tokens))
+                    results.setdefault("mixed_traffic_wrong", {}).setdefault(str(hidden), {})[engine] = {
+                        "wrong_base": sum(i == 0 and valid_text(t) != valid_text(outputs[engine][0]) for i, t in mixed),
+                        "wrong_adapter": sum(i > 0 and valid_text(t) != valid_text(outputs[engine][i]) for i, t in mixed),
+                        "requests": len(mixed)}
                     deployed[engine] = {"app": app, "url": url, "models": models, "sent": sent,
                                         "deploy_s": time.perf_counter() - t0, "runs": []}
 
@@ -515,6 +539,11 @@ def engines_table(results: dict) -> str:
     checks.append(["errors, every run", str(errors), "0", "met" if errors == 0 else "missed"])
     checks.append(["greedy outputs identical across the three (base + every adapter)", "yes" if same else "no", "yes",
                    "met" if same else "missed"])
+    for hidden, per in results.get("mixed_traffic_wrong", {}).items():
+        for engine, w in per.items():
+            checks.append([f"hidden {hidden}, {engine}: answers that differ from its one-at-a-time answers under mixed base + "
+                           f"adapter traffic (base / adapter, of {w['requests']})", f"{w['wrong_base']} / {w['wrong_adapter']}",
+                           "0 / 0", "met" if w["wrong_base"] + w["wrong_adapter"] == 0 else "missed"])
     return (f"{cfg['adapters']} LoRA adapters (r=8, all-linear) on random Llamas ({cfg['layers']} layers, head size 64, fp32), "
             f"{cfg['clients']} concurrent clients, {cfg['requests']} requests per run of {cfg['prompt_tokens']} prompt + "
             f"{cfg['max_tokens']} output tokens, over HTTP; one replica with one CPU each. The transformers row ran alone; the two "
