@@ -171,13 +171,18 @@ def with_null_adapter_slot(settings: dict[str, Any]) -> dict[str, Any]:
     return {**settings, "max_loras": max_loras, "max_cpu_loras": max(settings["max_cpu_loras"] + 1, max_loras)}
 
 
-def write_null_adapter(root: Path, shapes: dict[str, tuple[int, int]]) -> Path:
-    """A peft LoRA folder (rank 1, every q_proj, weights zero) for the base model whose weight shapes are `shapes`."""
+def write_null_adapter(root: Path, shapes: dict[str, tuple[int, int]], base_digest: str) -> Path:
+    """A peft LoRA folder (rank 1, every q_proj, weights zero) for the base model whose weight shapes are `shapes`:
+    one folder per base (`base_digest`), written once and then reused, so replicas of several bases on one node
+    never write over a folder another replica's vLLM is loading."""
     import json
 
     import torch
     from safetensors.torch import save_file
 
+    target = root / f"{NULL_ADAPTER}--{base_digest[:16]}"
+    if (target / ADAPTER_WEIGHTS).is_file():
+        return target
     targets = {module: shape for module, shape in shapes.items() if module.rsplit(".", 1)[-1] == "q_proj"}
     if not targets:
         raise ValueError("the base model has no q_proj layers to hang the null adapter on")
@@ -185,17 +190,15 @@ def write_null_adapter(root: Path, shapes: dict[str, tuple[int, int]]) -> Path:
     for module, (in_features, out_features) in targets.items():
         tensors[f"base_model.model.{module}.lora_A.weight"] = torch.zeros(1, in_features)
         tensors[f"base_model.model.{module}.lora_B.weight"] = torch.zeros(out_features, 1)
-    target = root / NULL_ADAPTER
-    staging = root / f".{NULL_ADAPTER}.{uuid.uuid4().hex[:8]}"
+    staging = root / f".{target.name}.{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     (staging / ADAPTER_CONFIG).write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "lora_dropout": 0.0, "bias": "none",
         "target_modules": ["q_proj"], "modules_to_save": None, "base_model_name_or_path": None}))
     save_file(tensors, str(staging / ADAPTER_WEIGHTS))
-    shutil.rmtree(target, ignore_errors=True)
     try:
         staging.rename(target)
-    except OSError:  # another replica on this node wrote the same zeros first
+    except OSError:  # another replica of this base on this node wrote the same zeros first
         shutil.rmtree(staging, ignore_errors=True)
     return target
 

@@ -102,7 +102,7 @@ class VllmServer(LLMServer):
         evicted like any adapter, it is loaded again from its folder by the next base row."""
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
-        folder = await asyncio.to_thread(write_null_adapter, self.lora_root, self.shapes)
+        folder = await asyncio.to_thread(write_null_adapter, self.lora_root, self.shapes, self.base_digest)
         # Through the same loader as every adapter: vLLM numbers adapters from its own counter, and an id of
         # our own would collide with the next adapter's.
         models = self.engine._oai_models

@@ -156,8 +156,9 @@ def test_null_adapter_is_a_loadable_peft_lora_that_changes_nothing(tmp_path):
     from trainers.tiny import build_tiny_model_dir
 
     model_dir = build_tiny_model_dir(tmp_path / "base")
-    folder = write_null_adapter(tmp_path / "adapters", weight_shapes(str(model_dir)))
-    assert folder.name == NULL_ADAPTER and lora_rank(json.loads((folder / "adapter_config.json").read_text())) == 1
+    folder = write_null_adapter(tmp_path / "adapters", weight_shapes(str(model_dir)), "a" * 64)
+    assert folder.name == f"{NULL_ADAPTER}--{'a' * 16}"
+    assert lora_rank(json.loads((folder / "adapter_config.json").read_text())) == 1
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = torch.tensor([[1, 5, 9, 14, 3]])
     with torch.no_grad():
@@ -166,9 +167,13 @@ def test_null_adapter_is_a_loadable_peft_lora_that_changes_nothing(tmp_path):
         layers = [name for name, _ in adapted.named_modules() if name.endswith("q_proj.lora_A")]
         assert len(layers) == base.config.num_hidden_layers  # every q_proj carries it
         assert torch.equal(adapted(ids).logits, expected)
-    # Writing it again (a restarted replica) replaces the folder whole.
-    assert write_null_adapter(tmp_path / "adapters", weight_shapes(str(model_dir))) == folder
-    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == [NULL_ADAPTER]
+    # A restarted replica of the same base reuses the folder (its vLLM may be loading it); another base gets its own.
+    written = (folder / "adapter_model.safetensors").stat().st_mtime_ns
+    assert write_null_adapter(tmp_path / "adapters", weight_shapes(str(model_dir)), "a" * 64) == folder
+    assert (folder / "adapter_model.safetensors").stat().st_mtime_ns == written
+    other = build_tiny_model_dir(tmp_path / "other", hidden_size=128)
+    second = write_null_adapter(tmp_path / "adapters", weight_shapes(str(other)), "b" * 64)
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == sorted([folder.name, second.name])
     # One more slot in vLLM for it: the spec's adapters keep all of theirs.
     settings = {"enable_lora": True, "max_loras": 4, "max_cpu_loras": 6}
     assert with_null_adapter_slot(settings) == {"enable_lora": True, "max_loras": 5, "max_cpu_loras": 7}
@@ -178,4 +183,4 @@ def test_null_adapter_needs_q_proj_layers(tmp_path):
     from serve.vllm_engine import write_null_adapter
 
     with pytest.raises(ValueError, match="no q_proj layers"):
-        write_null_adapter(tmp_path, {"model.layers.0.attn.c_attn": (64, 192)})
+        write_null_adapter(tmp_path, {"model.layers.0.attn.c_attn": (64, 192)}, "c" * 64)
