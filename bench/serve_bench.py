@@ -315,8 +315,9 @@ def bare_serve_llm_app(base: str, base_dir: str, lora_uri: str, adapters: int, m
                        "max_cpu_loras": max(adapters, 1), "dtype": "float32", "max_model_len": max_model_len},
         placement_group_config={"bundles": [{"CPU": 1}]},
         deployment_config={"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 256, "num_replicas": 1},
+        # VLLM_PLUGINS="": without rayft's vLLM plugin (serve.vllm_cpu_lora), as where rayft is not installed
         runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-                     | {"VLLM_CPU_KVCACHE_SPACE": str(VLLM_SETTINGS["cpu_kv_cache_gib"])}},
+                     | {"VLLM_CPU_KVCACHE_SPACE": str(VLLM_SETTINGS["cpu_kv_cache_gib"]), "VLLM_PLUGINS": ""}},
     )
     return build_openai_app({"llm_configs": [config]})
 

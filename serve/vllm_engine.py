@@ -145,62 +145,22 @@ def materialize_adapter(directory: Path, manifest: Manifest, root: Path) -> Path
 
 
 # --------------------------------------------------------------------------- base rows on CPU (a vLLM CPU bug)
-#
-# vLLM's CPU LoRA kernels (`vllm.lora.ops.torch_ops`, 0.29) gather each row's adapter weights as
-# `stacked[index]`, and a row without an adapter has index -1: in a batch that also holds adapter rows, a
-# base-model row gets the adapter in the *last* slot applied (its GPU kernels skip -1). Measured: base answers
-# came back wrong, status 200, whenever base and adapter requests were batched together. On CPU the base
-# deployment therefore sends base rows through a null adapter (one rank-1 adapter whose weights are zero,
-# in one extra slot), so no row has index -1.
-
-NULL_ADAPTER = "rayft-null-adapter"
 
 
-def needs_null_adapter(settings: dict[str, Any]) -> bool:
-    """Whether base rows must go through the null adapter: LoRA on, and vLLM running on CPU."""
+def require_cpu_lora_fix(settings: dict[str, Any]) -> None:
+    """On CPU with LoRA on, vLLM must load rayft's plugin (`serve.vllm_cpu_lora`): without it, a base-model row
+    batched with adapter rows gets the last slot's adapter (wrong answers, status 200). vLLM finds the plugin through
+    rayft's installed entry points, so rayft must be installed as a package where the replica runs."""
     if not settings.get("enable_lora"):
-        return False
+        return
     from vllm.platforms import current_platform
 
-    return current_platform.is_cpu()
+    from serve.vllm_cpu_lora import is_registered
 
-
-def with_null_adapter_slot(settings: dict[str, Any]) -> dict[str, Any]:
-    """`settings` with one more LoRA slot in vLLM (the null adapter's), so the spec's adapters keep all theirs."""
-    max_loras = settings["max_loras"] + 1
-    return {**settings, "max_loras": max_loras, "max_cpu_loras": max(settings["max_cpu_loras"] + 1, max_loras)}
-
-
-def write_null_adapter(root: Path, shapes: dict[str, tuple[int, int]], base_digest: str) -> Path:
-    """A peft LoRA folder (rank 1, every q_proj, weights zero) for the base model whose weight shapes are `shapes`:
-    one folder per base (`base_digest`), written once and then reused, so replicas of several bases on one node
-    never write over a folder another replica's vLLM is loading."""
-    import json
-
-    import torch
-    from safetensors.torch import save_file
-
-    target = root / f"{NULL_ADAPTER}--{base_digest[:16]}"
-    if (target / ADAPTER_WEIGHTS).is_file():
-        return target
-    targets = {module: shape for module, shape in shapes.items() if module.rsplit(".", 1)[-1] == "q_proj"}
-    if not targets:
-        raise ValueError("the base model has no q_proj layers to hang the null adapter on")
-    tensors = {}
-    for module, (in_features, out_features) in targets.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.zeros(1, in_features)
-        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.zeros(out_features, 1)
-    staging = root / f".{target.name}.{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    (staging / ADAPTER_CONFIG).write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": ["q_proj"], "modules_to_save": None, "base_model_name_or_path": None}))
-    save_file(tensors, str(staging / ADAPTER_WEIGHTS))
-    try:
-        staging.rename(target)
-    except OSError:  # another replica of this base on this node wrote the same zeros first
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    if current_platform.is_cpu() and not is_registered():
+        raise RayftError("engine: vllm on CPU with adapters needs rayft installed as a package where the replicas run "
+                         "(`pip install .` or the Makefile's install; rayft's vLLM plugin `serve.vllm_cpu_lora` fixes "
+                         "base-model rows in vLLM's CPU LoRA kernels); or serve with engine: transformers")
 
 
 def spec_entry(spec: ServeSpec, name: str) -> Any:

@@ -32,16 +32,13 @@ from serve.metrics import ModelMetrics, count_registry_downloads
 from serve.protocol import ApiError, GenerateRequest
 from serve.spec import ServeSpec
 from serve.vllm_engine import (
-    NULL_ADAPTER,
     engine_kwargs_for,
     make_llm_config,
     materialize_adapter,
-    needs_null_adapter,
     registry_lora_ranks,
+    require_cpu_lora_fix,
     spec_entry,
     weight_shapes,
-    with_null_adapter_slot,
-    write_null_adapter,
 )
 from storage.errors import RayftError
 from storage.models import read_model_config, resolve_model_dir
@@ -84,9 +81,7 @@ class VllmServer(LLMServer):
         ranks = await asyncio.to_thread(registry_lora_ranks, self.registry, self.base_digest) if self.is_base else []
         self.shapes = weight_shapes(model_dir) if self.is_base else {}
         self.settings = engine_kwargs_for(self.spec, name, config, ranks)
-        null_adapter = needs_null_adapter(self.settings)  # see serve.vllm_engine: base rows on CPU
-        if null_adapter:
-            self.settings = with_null_adapter_slot(self.settings)
+        require_cpu_lora_fix(self.settings)
         self.max_lora_rank = self.settings.get("max_lora_rank")
         self.max_model_len = self.settings["max_model_len"]
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -94,22 +89,6 @@ class VllmServer(LLMServer):
         config = make_llm_config(self.spec, name, model_dir, self.settings)
         logger.info("vLLM engine for %s: %s", name, self.settings)
         await super().__init__(config, model_downloader=functools.partial(_RegistryLoraLoader, server=self))
-        self.base_lora = await self._load_null_adapter() if null_adapter else None
-
-    async def _load_null_adapter(self) -> Any:
-        """The null adapter, loaded in vLLM: what base rows run with on CPU (see serve.vllm_engine). Not pinned:
-        vLLM 0.29 then schedules batches whose adapters do not all fit the slots left (KeyError in its worker);
-        evicted like any adapter, it is loaded again from its folder by the next base row."""
-        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
-
-        folder = await asyncio.to_thread(write_null_adapter, self.lora_root, self.shapes, self.base_digest)
-        # Through the same loader as every adapter: vLLM numbers adapters from its own counter, and an id of
-        # our own would collide with the next adapter's.
-        models = self.engine._oai_models
-        loaded = await models.load_lora_adapter(request=LoadLoRAAdapterRequest(lora_name=NULL_ADAPTER, lora_path=str(folder)))
-        if NULL_ADAPTER not in models.lora_requests:
-            raise RuntimeError(f"vLLM did not load rayft's null adapter: {loaded}")
-        return models.lora_requests[NULL_ADAPTER]
 
     def _model_dir(self, entry: Any, storage_uri: str) -> str:
         """A local, verified model directory: the base, a published merged model, or the base merged with an adapter."""
@@ -171,7 +150,7 @@ class VllmServer(LLMServer):
         started = time.perf_counter()
         req = GenerateRequest.model_validate(request)
         ref = serve.get_multiplexed_model_id() if self.is_base else ""
-        label, cold, lora = ref or self.model_name, False, self.base_lora
+        label, cold, lora = ref or self.model_name, False, None
         try:
             if ref:
                 cold = ref not in self._warm

@@ -283,11 +283,12 @@ def test_32_simultaneous_first_requests_for_a_cold_adapter_download_it_once(serv
 
 
 def test_base_and_adapter_requests_batched_together_each_get_their_own_answers(served):
-    """vLLM's CPU kernels gave a base row in a batch with adapter rows the last slot's adapter (serve.vllm_engine):
-    requests arriving a few at a time, so base rows join batches that adapter rows are decoding, and back."""
+    """vLLM's CPU kernels gave a base row in a batch with adapter rows the last slot's adapter (serve.vllm_cpu_lora):
+    requests arriving a few at a time, so base rows join batches that adapter rows are decoding, and back. Four
+    adapters fill every slot of the replica (max_per_replica 4), so the last slot holds one whatever ran before."""
     from tests.test_serve import post_all as post_all_limited
 
-    refs = {"vbase": "vbase", "pushed": "pushed@1", "trained@2": "trained@2", "extra-0": "extra-0@1"}
+    refs = {"vbase": "vbase", "pushed": "pushed@1", "trained@2": "trained@2", "extra-0": "extra-0@1", "extra-1": "extra-1@1"}
     pairs = [(model, PROMPTS[i % 2]) for i, model in enumerate(list(refs) * 6)]
     responses = asyncio.run(post_all_limited(served, [body(m, p) for m, p in pairs], concurrency=8))
     assert [r.status_code for r in responses] == [200] * len(pairs), [r.text for r in responses if r.status_code != 200][:3]

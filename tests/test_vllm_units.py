@@ -145,42 +145,72 @@ def test_example_vllm_serve_spec_is_valid():
     assert spec.engine == "vllm" and spec.vllm.max_lora_rank is None
 
 
-def test_null_adapter_is_a_loadable_peft_lora_that_changes_nothing(tmp_path):
-    """Base rows on vLLM's CPU backend run through this adapter (serve.vllm_engine says why): it must load like any
-    peft LoRA on the base and leave every logit as the base computes it."""
-    import peft
+def lora_reference(x, a_stacked, b_stacked, indices, scale):
+    """Per row: scale · x @ A[i]ᵀ @ B[i]ᵀ for an adapter slot i, nothing for index -1 (a base-model row)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from serve.vllm_engine import NULL_ADAPTER, weight_shapes, with_null_adapter_slot, write_null_adapter
-    from trainers.tiny import build_tiny_model_dir
-
-    model_dir = build_tiny_model_dir(tmp_path / "base")
-    folder = write_null_adapter(tmp_path / "adapters", weight_shapes(str(model_dir)), "a" * 64)
-    assert folder.name == f"{NULL_ADAPTER}--{'a' * 16}"
-    assert lora_rank(json.loads((folder / "adapter_config.json").read_text())) == 1
-    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = torch.tensor([[1, 5, 9, 14, 3]])
-    with torch.no_grad():
-        expected = base(ids).logits
-        adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(folder)).eval()
-        layers = [name for name, _ in adapted.named_modules() if name.endswith("q_proj.lora_A")]
-        assert len(layers) == base.config.num_hidden_layers  # every q_proj carries it
-        assert torch.equal(adapted(ids).logits, expected)
-    # A restarted replica of the same base reuses the folder (its vLLM may be loading it); another base gets its own.
-    written = (folder / "adapter_model.safetensors").stat().st_mtime_ns
-    assert write_null_adapter(tmp_path / "adapters", weight_shapes(str(model_dir)), "a" * 64) == folder
-    assert (folder / "adapter_model.safetensors").stat().st_mtime_ns == written
-    other = build_tiny_model_dir(tmp_path / "other", hidden_size=128)
-    second = write_null_adapter(tmp_path / "adapters", weight_shapes(str(other)), "b" * 64)
-    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == sorted([folder.name, second.name])
-    # One more slot in vLLM for it: the spec's adapters keep all of theirs.
-    settings = {"enable_lora": True, "max_loras": 4, "max_cpu_loras": 6}
-    assert with_null_adapter_slot(settings) == {"enable_lora": True, "max_loras": 5, "max_cpu_loras": 7}
+    rows = []
+    for row, i in zip(x, indices.tolist()):
+        if i < 0:
+            rows.append(torch.zeros(b_stacked.shape[-2]))
+        else:
+            rows.append(scale * (row @ a_stacked[i, 0].T) @ b_stacked[i, 0].T)
+    return torch.stack(rows)
 
 
-def test_null_adapter_needs_q_proj_layers(tmp_path):
-    from serve.vllm_engine import write_null_adapter
+@needs_vllm
+def test_vllm_loads_the_cpu_lora_fix_and_base_rows_get_no_adapter():
+    """vLLM's CPU LoRA ops gave a row of index -1 (a base-model row) the last slot's adapter (serve.vllm_cpu_lora);
+    with rayft's plugin, loaded by vLLM's own plugin loader, base rows get none and adapter rows their own, in the
+    decode (bgmv) and prefill (sgmv) paths vLLM's CPU punica wrapper calls."""
+    import torch
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+    from vllm.plugins import load_general_plugins
 
-    with pytest.raises(ValueError, match="no q_proj layers"):
-        write_null_adapter(tmp_path, {"model.layers.0.attn.c_attn": (64, 192)}, "c" * 64)
+    from serve.vllm_cpu_lora import is_registered
+
+    assert is_registered()  # rayft's entry point, from its installed package metadata
+    load_general_plugins()
+    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+        assert getattr(punica_cpu, name) is getattr(lora_ops, name), name
+        assert hasattr(getattr(lora_ops, name), "__rayft_masks_base_rows__"), name
+
+    torch.manual_seed(0)
+    slots, rank, hidden, out = 3, 4, 8, 6
+    a_stacked, b_stacked = torch.randn(slots, 1, rank, hidden), torch.randn(slots, 1, out, rank)
+    x = torch.randn(5, hidden)
+    indices = torch.tensor([-1, 0, 2, -1, 1])  # base rows batched with adapter rows, the last slot in use
+    expected = lora_reference(x, a_stacked, b_stacked, indices, 0.5)
+
+    # decode: one index per token
+    shrunk = torch.full((5, rank), 7.0)  # stale values in the buffer must not leak into base rows
+    punica_cpu.bgmv_shrink(x, a_stacked, shrunk, indices, 0.5)
+    y = torch.zeros(5, out)
+    punica_cpu.bgmv_expand(shrunk, b_stacked, y, indices, True)
+    torch.testing.assert_close(y, expected)
+    sliced = torch.ones(5, out + 2)
+    punica_cpu.bgmv_expand_slice(shrunk, b_stacked, sliced, indices, 2, out, False)
+    torch.testing.assert_close(sliced[:, 2:], expected)
+    assert torch.equal(sliced[:, :2], torch.ones(5, 2))
+
+    # prefill: one index per sequence, sequences of 2 and 3 tokens (base, then adapter 2)
+    seq_len, seq_indices = torch.tensor([2, 3]), torch.tensor([-1, 2])
+    shrunk = torch.zeros(5, rank)
+    punica_cpu.sgmv_shrink(x, a_stacked, shrunk, torch.tensor([0, 2]), seq_len, seq_indices, 2, 3, 5, 0.5)
+    y = torch.zeros(5, out)
+    punica_cpu.sgmv_expand(shrunk, b_stacked, y, torch.tensor([0, 2]), seq_len, seq_indices, 2, 3, 5, True)
+    torch.testing.assert_close(y, lora_reference(x, a_stacked, b_stacked, torch.tensor([-1, -1, 2, 2, 2]), 0.5))
+
+
+@needs_vllm
+def test_engine_vllm_on_cpu_with_adapters_refuses_to_start_without_the_fix(monkeypatch):
+    from serve import vllm_cpu_lora
+    from serve.vllm_engine import require_cpu_lora_fix
+    from storage.errors import RayftError
+
+    require_cpu_lora_fix({"enable_lora": True})  # installed: nothing to say
+    monkeypatch.setattr(vllm_cpu_lora, "is_registered", lambda: False)  # as where rayft is not installed
+    with pytest.raises(RayftError, match="needs rayft installed as a package"):
+        require_cpu_lora_fix({"enable_lora": True})
+    require_cpu_lora_fix({"enable_lora": False})  # no adapters: vLLM's base path has no such bug
