@@ -1,7 +1,7 @@
 """Training data at scale: the in-memory path (every worker reads and tokenizes the whole file) vs Ray Data
 ingestion (preprocessed once on the cluster's CPUs, streamed into the workers).
 
-    .venv/bin/python -m bench.data_bench [--quick] [--sizes 20000,200000,800000,3200000] [--old REV]
+    .venv/bin/python -m bench.data_bench [--quick] [--sizes 20000,200000,800000,3200000] [--steps N] [--old REV]
 
 Data: generated prompt/completion rows of 6 words (3 + 3), JSONL. Model: trainers.tiny's Llama, LoRA r=8,
 one Ray Train worker, `steps` optimizer steps, micro-batch 8, no eval. Each run is its own interpreter with
@@ -39,7 +39,7 @@ from bench.common import ROOT, add_common_args, human_bytes, machine, markdown_t
 
 #: The last commit whose workers read the whole file into memory (trainers/data.py).
 OLD_REV = "4f8726b"
-FULL = {"sizes": [20_000, 200_000, 800_000, 3_200_000], "steps": 40}  # steady tokens/s: steps 3-40
+FULL = {"sizes": [20_000, 200_000, 800_000, 3_200_000], "steps": 400}  # steady tokens/s: steps 3-400 (~3 s)
 QUICK = {"sizes": [2_000, 20_000], "steps": 6}
 FIRST_STEP = "[rayft] step 1/"
 
@@ -113,7 +113,8 @@ def run_child(tree: Path, model: Path, data: Path, storage: Path, steps: int) ->
         elif FIRST_STEP in line and first is None:
             first = now
         elif line.startswith("[bench] result "):
-            out = json.loads(line[len("[bench] result "):])
+            # the first JSON value: a worker's console line may have been written onto the end of this one
+            out = json.JSONDecoder().raw_decode(line[len("[bench] result "):])[0]
         elif line.startswith("[rayft] data: ") and "rows read" in line:
             stats_line = line.strip()
     if proc.wait() != 0 or t0 is None or first is None:
@@ -162,12 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default="old,new", help="which paths to run: old,new")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model"), parser.add_argument("--data"), parser.add_argument("--storage")
-    parser.add_argument("--steps", type=int)
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 400; --quick: 6)")
     args = parser.parse_args(argv)
     if args.child:
         return child(args)
 
-    cfg = QUICK if args.quick else FULL
+    cfg = dict(QUICK if args.quick else FULL)
+    cfg["steps"] = args.steps or cfg["steps"]
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else cfg["sizes"]
     paths = args.paths.split(",")
     cache = Path(os.environ.get("RAYFT_BENCH_CACHE") or Path.home() / ".cache" / "rayft" / "bench" / "data")

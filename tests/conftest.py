@@ -15,6 +15,9 @@ import pytest
 # tests (in-process or `ray start` heads in subprocesses) inherits these.
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+# Ray Train V2 starts a preemption watcher actor (a process of its own, ~2-3 CPU-seconds) for every run, to
+# notice nodes being drained; a local single-node test cluster is never drained, and the suite runs ~60 trainings.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # =============================================================================
 # storage fixtures (owner: storage/). A real S3 API server on 127.0.0.1 (moto's

@@ -26,6 +26,11 @@ from trainers.ingest.formats import IGNORE
 TRAIN, EVAL = "train", "eval"
 #: Rows each worker shuffles among while streaming (a window, not the whole shard: memory stays flat).
 SHUFFLE_WINDOW = 8192
+#: Preprocessed files read at once while training. The reads reserve no CPU (below), so without a cap Ray Data
+#: started a read task, and a worker process for it, for file after file of a large dataset at once, on the CPUs
+#: the training step needed (data bench, 3.2M rows, ~780 files: steady tokens/s fell to 0.17x of the in-memory
+#: path; capped: the same as at 20,000 rows).
+READ_TASKS = 2
 
 
 @dataclass
@@ -114,6 +119,7 @@ def train_dataset(prepared, seed: int):
     fs, _ = filesystem_for(prepared.uri)
     ds = ray.data.from_items([{"path": p} for p in files]).map_batches(
         _read_files, batch_size=1, batch_format="pyarrow", num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=READ_TASKS),
         fn_kwargs={"filesystem": fs, "columns": read_columns(prepared)},
     )
     # the workers' console shows training progress; Ray Data's bars for each epoch's read would drown it
