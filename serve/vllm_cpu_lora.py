@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-#: (module, function) pairs that hold vLLM's torch ops by name: the ops module itself (its sgmv_* call its
-#: bgmv_*) and the CPU punica wrapper, which imported them by name.
+#: Where vLLM's CPU LoRA ops live (its sgmv_* call its bgmv_* through this module), and the modules that
+#: imported them by name (the package and the CPU punica wrapper): each gets the wrapped ones.
 _OPS_MODULE = "vllm.lora.ops.torch_ops.lora_ops"
 _CALLERS = ("vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu")
 _PATCHED = "__rayft_masks_base_rows__"
