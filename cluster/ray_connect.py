@@ -22,7 +22,8 @@ from cluster.auth import (
 )
 from storage.errors import RayftError, first_line
 
-PROBE_TIMEOUT_S = 5.0
+# A busy head can take seconds to answer; a closed port is refused at once, so only a silent host waits this long.
+PROBE_TIMEOUT_S = 20.0
 
 
 class AddressError(RayftError):
@@ -131,7 +132,8 @@ def _send_token(token: AuthToken) -> None:
 
 
 def _unreachable(address: str, status: str) -> ClusterUnreachable:
-    why = "nothing answers there" if status in ("UNAVAILABLE", "DEADLINE_EXCEEDED") else f"it answered {status}"
+    why = {"UNAVAILABLE": "nothing answers there", "DEADLINE_EXCEEDED": f"no answer within {PROBE_TIMEOUT_S:.0f} s"}.get(
+        status, f"it answered {status}")
     return ClusterUnreachable(
         f"cannot reach a Ray cluster at {address} ({why}); pass the head's GCS address HEAD:6379 (the port of "
         "`ray start --head --port`), reachable from here, or unset RAY_ADDRESS to start a local Ray"

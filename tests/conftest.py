@@ -243,11 +243,18 @@ def run_cli_isolated(args: list[str], cwd=None, env: dict[str, str] | None = Non
 
 
 @pytest.fixture(scope="session")
-def ray_head():
-    from tests.ray_head import running_head
+def _kept_ray_head():
+    from tests.ray_head import KeptHead
 
-    with running_head() as head:
-        yield head
+    kept = KeptHead()
+    yield kept
+    kept.stop()
+
+
+@pytest.fixture
+def ray_head(_kept_ray_head):
+    """The session's head, alive (started again, with a warning, if it died since the last test used it)."""
+    return _kept_ray_head.alive()
 
 
 # =============================================================================

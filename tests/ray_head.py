@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +105,9 @@ def _head_env(token: str, home: Path, extra: Mapping[str, str]) -> dict[str, str
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAYFT_HOME=str(home), PATH=os.pathsep.join(path),
         AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true",
         RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
+        # The head's own node is its only node: on a loaded 2-core machine the GCS must not declare its raylet
+        # dead after Ray's default ~15 s without an answer (which ends the whole head).
+        RAY_health_check_timeout_ms="30000", RAY_health_check_failure_threshold="20",
     )
     env.update(extra)
     return env
@@ -156,8 +159,70 @@ def _stop_head(proc: subprocess.Popen, token: str) -> None:
 
 
 
+class KeptHead:
+    """The session's head, started again if it has died since a test last used it.
+
+    A head that lives for a whole `make test` (an hour on a slow CI machine) is one process tree among
+    many on two cores; if it dies, the tests after it would fail for a reason that is not theirs. A restart
+    is reported as a warning with the end of the dead head's log, so it is seen, not hidden.
+    """
+
+    def __init__(self) -> None:
+        self._head: contextlib.AbstractContextManager[Head] | None = None
+        self.head: Head | None = None
+        self.proc: subprocess.Popen | None = None
+        self.log: Path | None = None
+
+    def alive(self) -> Head:
+        if self.head is not None and self.proc is not None and self.proc.poll() is None and _answers(self.head, 60):
+            return self.head
+        if self.head is not None:
+            import warnings
+
+            warnings.warn(f"the session's Ray head at {self.head.gcs_address} died (ray start exited with "
+                          f"{self.proc.poll() if self.proc else None}); starting a new one.\n{self._log_tails()}")
+            self.stop()
+        self._head = running_head(on_start=self._started)
+        self.head = self._head.__enter__()
+        return self.head
+
+    def _log_tails(self) -> str:
+        """The ends of `ray start`'s output and of the GCS's and raylet's logs: where a dead head says why."""
+        if self.log is None:
+            return "(no log)"
+        import re
+
+        logs = self.log.parent / "ray" / "session_latest" / "logs"
+        parts = [f"--- ray start:\n{self.log.read_text(errors='replace')[-1500:]}"]
+        for path in (logs / "gcs_server.out", logs / "raylet.out"):
+            if path.exists():  # their warnings and errors; the rest is periodic event statistics
+                worst = [line for line in path.read_text(errors="replace").splitlines()
+                         if re.match(r"\[[^\]]* [WECF] \d+ \d+\]", line)]
+                parts.append(f"--- {path.name} (warnings and errors):\n" + "\n".join(worst[-12:]))
+        return "\n".join(parts)
+
+    def _started(self, proc: subprocess.Popen, log: Path) -> None:
+        self.proc, self.log = proc, log
+
+    def stop(self) -> None:
+        if self._head is not None:
+            self._head.__exit__(None, None, None)
+        self._head = self.head = self.proc = self.log = None
+
+
+def _answers(head: Head, timeout_s: float) -> bool:
+    import requests
+
+    try:
+        return requests.get(f"{head.address}/api/version", headers={"Authorization": f"Bearer {head.token}"},
+                            timeout=timeout_s).ok
+    except requests.RequestException:
+        return False
+
+
 @contextlib.contextmanager
-def running_head(num_cpus: int = 2, env: Mapping[str, str] | None = None) -> Iterator[Head]:
+def running_head(num_cpus: int = 2, env: Mapping[str, str] | None = None,
+                 on_start: Callable[[subprocess.Popen, Path], None] | None = None) -> Iterator[Head]:
     """A running head (token auth, dashboard with the Jobs API); `env` is added to the head's environment
     (e.g. storage settings, which a real cluster holds in its pods' environment)."""
     # Short temp dir: Ray's unix socket paths live under it and must stay under ~107 characters.
@@ -169,6 +234,8 @@ def running_head(num_cpus: int = 2, env: Mapping[str, str] | None = None) -> Ite
     with open(log, "w") as out:
         proc = subprocess.Popen(_head_command(temp_dir / "ray", ports, num_cpus), env=_head_env(token, temp_dir / "home", env or {}),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    if on_start is not None:
+        on_start(proc, log)
     try:
         _wait_until_up(head, proc, log)
         yield head
