@@ -64,7 +64,7 @@ class RunRecord(BaseModel):
 
 
 class RunProgress(BaseModel):
-    """Rank 0's view while training: rewritten at every console line and evaluation."""
+    """Rank 0's view while training: rewritten at console lines (at most once a second) and every evaluation."""
 
     model_config = ConfigDict(extra="forbid")
 

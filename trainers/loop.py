@@ -291,7 +291,7 @@ def run_steps(w: Worker, strategy: Strategy, batches: Batches, start_step: int, 
         if rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.max_steps):
             say(progress.line(step, running_loss / running_n, strategy.lr())
                 + objective_runtime.progress_suffix(running_metrics, running_n))
-            record.write(step, history, progress.eta_s(step))
+            record.write(step, history, progress.eta_s(step), throttled=True)
         train_loss = running_loss / running_n
         do_eval = step % tcfg.eval_every == 0 or step == tcfg.max_steps
         do_ckpt = step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps

@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from trainers.ingest.formats import IGNORE
@@ -76,7 +77,7 @@ def read_columns(prepared) -> list[str]:
 def to_examples(columns: dict, kind: str) -> list:
     """Rows of the preprocessed columns (lists or numpy arrays per column) → examples of the objective's `kind`."""
     def seq(prefix: str, i: int) -> Example:
-        return Example([int(t) for t in columns[prefix + "input_ids"][i]], [int(t) for t in columns[prefix + "labels"][i]])
+        return Example(_ints(columns[prefix + "input_ids"][i]), _ints(columns[prefix + "labels"][i]))
 
     n = len(next(iter(columns.values())))
     if kind == "text":
@@ -85,6 +86,11 @@ def to_examples(columns: dict, kind: str) -> list:
     if kind == "paired":
         return [PairExample(seq("chosen_", i), seq("rejected_", i), key=keys[i]) for i in range(n)]
     return [UnpairedExample(seq("", i), seq("kl_", i), bool(columns["label"][i]), key=keys[i]) for i in range(n)]
+
+
+def _ints(values) -> list[int]:
+    """A token column's cell (a numpy array from Ray Data, a list from pyarrow) as Python ints."""
+    return values.tolist() if isinstance(values, np.ndarray) else [int(t) for t in values]
 
 
 def micro_batches_per_epoch(n_train: int, world: int, micro_batch_size: int) -> int:
@@ -207,15 +213,17 @@ def eval_batches(prepared, batch_size: int, world: int, rank: int) -> Iterator[l
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padding is masked out of attention and loss."""
+    # numpy rows from Python lists, then one tensor each: a tenth of the time of a torch.tensor per row, which
+    # showed in the profile of a small model's steps
     width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    ids = np.full((len(examples), width), pad_id, dtype=np.int64)
+    labels = np.full((len(examples), width), IGNORE, dtype=np.int64)
+    attn = np.zeros((len(examples), width), dtype=np.int64)
     for i, e in enumerate(examples):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        ids[i, : len(e.input_ids)] = e.input_ids
+        labels[i, : len(e.labels)] = e.labels
         attn[i, : len(e.input_ids)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), "attention_mask": torch.from_numpy(attn)}
 
 
 def _pad(examples: list[Example], pad_id: int, prefix: str = "") -> dict[str, torch.Tensor]:
