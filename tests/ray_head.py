@@ -113,18 +113,23 @@ def _head_env(token: str, home: Path, extra: Mapping[str, str]) -> dict[str, str
     return env
 
 
-def _wait_until_up(head: Head, proc: subprocess.Popen, log: Path, timeout_s: float = 150) -> None:
+def _answers(head: Head, timeout_s: float) -> bool:
     import requests
 
+    try:
+        return requests.get(f"{head.address}/api/version", headers={"Authorization": f"Bearer {head.token}"},
+                            timeout=timeout_s).ok
+    except requests.RequestException:
+        return False
+
+
+def _wait_until_up(head: Head, proc: subprocess.Popen, log: Path, timeout_s: float = 150) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{head.address}/api/version", headers={"Authorization": f"Bearer {head.token}"}, timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass
+        if _answers(head, 2):
+            return
         time.sleep(0.5)
     pytest.fail(f"Ray head did not answer within {timeout_s:.0f}s:\n{log.read_text()[-3000:]}")
 
@@ -168,7 +173,7 @@ class KeptHead:
     """
 
     def __init__(self) -> None:
-        self._head: contextlib.AbstractContextManager[Head] | None = None
+        self._running = contextlib.ExitStack()
         self.head: Head | None = None
         self.proc: subprocess.Popen | None = None
         self.log: Path | None = None
@@ -182,8 +187,7 @@ class KeptHead:
             warnings.warn(f"the session's Ray head at {self.head.gcs_address} died (ray start exited with "
                           f"{self.proc.poll() if self.proc else None}); starting a new one.\n{self._log_tails()}")
             self.stop()
-        self._head = running_head(on_start=self._started)
-        self.head = self._head.__enter__()
+        self.head = self._running.enter_context(running_head(on_start=self._started))
         return self.head
 
     def _log_tails(self) -> str:
@@ -205,19 +209,8 @@ class KeptHead:
         self.proc, self.log = proc, log
 
     def stop(self) -> None:
-        if self._head is not None:
-            self._head.__exit__(None, None, None)
-        self._head = self.head = self.proc = self.log = None
-
-
-def _answers(head: Head, timeout_s: float) -> bool:
-    import requests
-
-    try:
-        return requests.get(f"{head.address}/api/version", headers={"Authorization": f"Bearer {head.token}"},
-                            timeout=timeout_s).ok
-    except requests.RequestException:
-        return False
+        self._running.close()
+        self.head = self.proc = self.log = None
 
 
 @contextlib.contextmanager
