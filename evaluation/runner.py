@@ -39,6 +39,7 @@ class Target:
     base_source: str
     adapter: Any = None  # registry ref (pool), {relpath: bytes} (peft), or None for a model
     mode: str = "pool"
+    config: dict[str, Any] | None = None  # a registry adapter's adapter_config.json (a peft one's is in its files)
 
 
 @dataclass
@@ -171,7 +172,7 @@ def resolve_target(ref: str, registry: Registry, base: str | None = None) -> Tar
     _check_peft_type(manifest.ref, config)
     source = _registry_base(base or manifest.base_model, registry)
     if str(config.get("peft_type", "")).upper() == "LORA":
-        return Target(manifest.ref, source, manifest.ref)
+        return Target(manifest.ref, source, manifest.ref, config=config)
     return Target(manifest.ref, source, adapter_files(directory), mode="peft")
 
 
@@ -184,12 +185,36 @@ def _check_peft_type(ref: str, config: dict) -> None:
         raise EvalError(f"{ref}: {config['peft_type']} adapters work through the prompt and are not evaluated by the serving engine")
 
 
-def group_targets(targets: list[Target], storage_uri: str) -> list[ModelGroup]:
-    """One pool group per base (its registry LoRA adapters and the base itself), one group per peft-mode adapter."""
+def check_engine(targets: list[Target], engine: str) -> None:
+    """EvalError naming every ref `engine` cannot run (vLLM: plain LoRA adapters only), before any actor starts."""
+    if engine != "vllm":
+        return
+    problems = []
+    for t in targets:
+        if t.adapter is None:
+            continue
+        config = json.loads(t.adapter["adapter_config.json"]) if isinstance(t.adapter, dict) else (t.config or {})
+        peft_type = str(config.get("peft_type", "")).upper()
+        if peft_type != "LORA":
+            problems.append(f"{t.label} is {peft_type or 'not a LoRA adapter'} (vLLM runs LoRA adapters only)")
+        elif config.get("use_dora"):
+            problems.append(f"{t.label} is a DoRA adapter (vLLM does not run DoRA)")
+        elif config.get("modules_to_save"):
+            problems.append(f"{t.label} carries full copies of {config['modules_to_save']} (modules_to_save; vLLM does not run those)")
+    if problems:
+        raise EvalError("engine: vllm cannot evaluate " + "; ".join(problems) + ". Evaluate them with engine: transformers "
+                        "(--engine transformers), which runs every peft method")
+
+
+def group_targets(targets: list[Target], storage_uri: str, engine: str = "transformers") -> list[ModelGroup]:
+    """One pool group per base (its registry LoRA adapters and the base itself), one group per peft-mode adapter.
+
+    With vLLM every adapter is a LoRA adapter (check_engine) that its engine multiplexes, local ones included:
+    one group per base."""
     pools: dict[str, ModelGroup] = {}
     groups: list[ModelGroup] = []
     for t in targets:
-        if t.mode == "peft":
+        if t.mode == "peft" and engine != "vllm":
             groups.append(ModelGroup(t.base_source, storage_uri, "peft", {t.label: t.adapter}))
             continue
         group = pools.get(t.base_source)
@@ -223,6 +248,7 @@ def actor_settings(spec: EvalSpec) -> dict[str, Any]:
     return {
         "max_tokens": spec.max_tokens, "stop": list(spec.stop), "temperature": spec.temperature, "seed": spec.seed,
         "batch_size": spec.batch_size, "cpus": spec.cpus_per_actor, "gpus": spec.gpus_per_actor, "dtype": spec.dtype,
+        "engine": spec.engine, "kv_cache_gib": spec.kv_cache_gib,
     }
 
 
@@ -245,14 +271,15 @@ def evaluate(refs: list[str], spec: EvalSpec, *, storage_uri: str, data: str | N
     labels = [t.label for t in targets]
     if len(set(labels)) != len(labels):
         raise EvalError(f"a ref is listed twice: {labels}")
+    check_engine(targets, spec.engine)
     settings = actor_settings(spec)
     wants = [_wants(row, spec.metrics) for row in rows]
-    groups = group_targets(targets, storage_uri)
+    groups = group_targets(targets, storage_uri, spec.engine)
     total = sum(len(g.labels) for g in groups) * sum(1 for w in wants if w)
     progress = Progress(total, "rows scored", quiet)
     if not quiet:
         print(f"[rayft] eval: {len(rows)} rows × {len(labels)} ref(s) on {len(groups)} model group(s), "
-              f"{spec.actors} actor(s) each", flush=True)
+              f"{spec.actors} {spec.engine} actor(s) each", flush=True)
     def run(group: ModelGroup) -> list[dict]:
         # Rows come ref by ref, so a batch holds one adapter and decodes on the engine's single-adapter pass:
         # peft's mixed-adapter pass splits every matmul by row: a third of the rows/s at 8 adapters (bench/eval_bench.py).

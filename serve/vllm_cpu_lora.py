@@ -29,6 +29,7 @@ def masked_shrink(op: Callable[..., None]) -> Callable[..., None]:
     index -1 gets 0 there."""
     def bgmv_shrink(inputs: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, indices: torch.Tensor,
                     scaling: float = 1.0) -> None:
+        indices = _per_row(indices, out)
         rows = indices >= 0
         if _unmasked(rows, out):
             return op(inputs, weights, out, indices, scaling)
@@ -44,6 +45,7 @@ def masked_expand(op: Callable[..., None]) -> Callable[..., None]:
     columns; a row of index -1 keeps what it had (or gets 0)."""
     def bgmv_expand(inputs: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, indices: torch.Tensor,
                     add_inputs: bool = True) -> None:
+        indices = _per_row(indices, out)
         rows = indices >= 0
         if _unmasked(rows, out):
             return op(inputs, weights, out, indices, add_inputs)
@@ -60,6 +62,7 @@ def masked_expand_slice(op: Callable[..., None]) -> Callable[..., None]:
     offset:offset+size."""
     def bgmv_expand_slice(inputs: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, indices: torch.Tensor,
                           slice_offset: int, slice_size: int, add_inputs: bool = True) -> None:
+        indices = _per_row(indices, out)
         rows = indices >= 0
         if _unmasked(rows, out):
             return op(inputs, weights, out, indices, slice_offset, slice_size, add_inputs)
@@ -71,9 +74,16 @@ def masked_expand_slice(op: Callable[..., None]) -> Callable[..., None]:
     return bgmv_expand_slice
 
 
+def _per_row(indices: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """One index per row of `out`. A single index for several rows is one request's: the logits of its prompt
+    tokens (prompt log-probabilities) get the sampler's per-request index, which vLLM's op broadcasts; spelled
+    out per row, a base request's -1 is masked like any other."""
+    return indices.expand(out.shape[0]) if indices.shape[0] == 1 and out.shape[0] != 1 else indices
+
+
 def _unmasked(rows: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether vLLM's op can run as it is: every row has an adapter, or the indices are not one per row of `out`
-    (vLLM broadcasts a single row in one case; masking does not apply there)."""
+    (several requests' prompt log-probabilities; vLLM's op fails on those itself)."""
     return rows.shape[0] != out.shape[0] or bool(rows.all())
 
 

@@ -116,6 +116,42 @@ def test_eval_spec_and_gates():
     assert check_gates({"perplexity": "<= 20"}, {}) == ["perplexity = missing, required <= 20"]
 
 
+def test_engine_vllm_where_vllm_is_missing_is_one_problem_with_the_fix(monkeypatch):
+    import importlib.util
+
+    from trainers.spec import SpecError, parse_job_spec
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    assert EvalSpec.model_validate({"engine": "transformers"}).engine == "transformers"
+    with pytest.raises(SpecError) as err:
+        parse_job_spec({"model": {"source": "m"}, "data": {"train": "t.jsonl"}, "method": {"name": "lora"},
+                        "eval": {"data": "e.jsonl", "engine": "vllm", "kv_cache_gib": 0}})
+    text = str(err.value)
+    assert "eval.engine" in text and "vLLM is not installed here" in text and "engine: transformers" in text
+    assert "eval.kv_cache_gib" in text  # reported with the other problem, not after it is fixed
+
+
+def test_check_engine_names_every_adapter_vllm_cannot_run():
+    import json
+
+    from evaluation.runner import EvalError, Target, check_engine
+
+    lora = Target("a", "base", {"adapter_config.json": json.dumps({"peft_type": "LORA"}).encode()}, mode="peft")
+    dora = Target("b@1", "base", "b@1", config={"peft_type": "LORA", "use_dora": True})
+    ia3 = Target("c", "base", {"adapter_config.json": json.dumps({"peft_type": "IA3"}).encode()}, mode="peft")
+    saved = Target("d@2", "base", "d@2", config={"peft_type": "LORA", "modules_to_save": ["lm_head"]})
+    model = Target("base@1", "base")
+    check_engine([model, lora, dora, ia3, saved], "transformers")  # runs every peft method
+    check_engine([model, lora], "vllm")
+    with pytest.raises(EvalError) as err:
+        check_engine([model, lora, dora, ia3, saved], "vllm")
+    text = str(err.value)
+    assert "b@1 is a DoRA adapter" in text and "c is IA3 (vLLM runs LoRA adapters only)" in text
+    assert "d@2 carries full copies of ['lm_head']" in text and "--engine transformers" in text
+    assert "a is" not in text and "base@1" not in text
+
+
 def test_job_spec_reports_eval_and_gate_problems_together(tmp_path):
     from trainers.spec import SpecError, parse_job_spec
 

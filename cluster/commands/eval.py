@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-rows", type=int, default=None, help="only the first N rows")
     p.add_argument("--actors", type=int, default=None, help="model actors per base model (default 1)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per batch (default 32)")
+    p.add_argument("--engine", choices=["transformers", "vllm"], default=None,
+                   help="what decodes: transformers (default; every peft method) or vllm (plain LoRA adapters, continuous batching)")
     p.add_argument("--base", default=None, help="base model of local adapter directories (default: the adapter's own record)")
     p.add_argument("--out", default="eval-out", help="folder for eval.png, results.json and answers.jsonl (default eval-out)")
     p.add_argument("--storage", default=None, help="storage URI of the registry (default: $RAYFT_STORAGE or ~/.rayft/storage)")
@@ -50,7 +52,7 @@ def eval_spec_from_args(args: argparse.Namespace):
     elif normalize:
         raw["metrics"] = [{"name": "exact_match", "normalize": normalize}]
     flags = {"data": args.data, "max_tokens": args.max_tokens, "stop": args.stop, "temperature": args.temperature,
-             "max_rows": args.max_rows, "actors": args.actors, "batch_size": args.batch_size}
+             "max_rows": args.max_rows, "actors": args.actors, "batch_size": args.batch_size, "engine": args.engine}
     raw |= {k: v for k, v in flags.items() if v is not None}
     try:
         return EvalSpec.model_validate(raw)
@@ -61,7 +63,7 @@ def eval_spec_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from cluster.cli import UserError
     from evaluation.data import load_rows
-    from evaluation.runner import evaluate, resolve_target
+    from evaluation.runner import check_engine, evaluate, resolve_target
     from storage.registry import open_registry
     from storage.store import default_storage_uri
     from trainers.run import ensure_ray
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         load_tasks(args.lm_eval_tasks, tasks)
     registry = open_registry(storage)
     targets = [resolve_target(ref, registry, args.base) for ref in args.refs]
+    check_engine(targets, spec.engine)
     ensure_ray(args.address)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
