@@ -66,6 +66,12 @@ def prompt_ids(tokenizer: Any, row: EvalRow, room: int) -> list[int]:
     return ids[-room:] if room > 0 else ids
 
 
+def decoding(settings: dict[str, Any], item: dict) -> dict[str, Any]:
+    """max_tokens, temperature, stop and seed of an item's answer: the evaluation's, or the item's own (a harness
+    task's generation_kwargs)."""
+    return {k: settings[k] for k in ("max_tokens", "temperature", "stop", "seed")} | item.get("params", {})
+
+
 class ModelActor:
     """A Ray Data callable class: loads one base model once and answers batches of items."""
 
@@ -145,8 +151,7 @@ class ModelActor:
         jobs = []
         for result, item, row, (name, solo) in zip(results, items, rows, adapters):
             if GENERATE in item["want"]:
-                # An item may carry its own max_tokens/stop/temperature (a harness task's generation_kwargs).
-                p = {k: s[k] for k in ("max_tokens", "temperature", "stop", "seed")} | item.get("params", {})
+                p = decoding(s, item)
                 params = SamplingParams(max_tokens=p["max_tokens"], temperature=p["temperature"], stop=tuple(p["stop"]), seed=p["seed"])
                 ids = prompt_ids(self.tokenizer, row, self.max_positions - p["max_tokens"])
                 jobs.append(self._generate(Sequence(ids, params, adapter=name, solo=solo), result))

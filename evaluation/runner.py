@@ -189,18 +189,19 @@ def check_engine(targets: list[Target], engine: str) -> None:
     """EvalError naming every ref `engine` cannot run (vLLM: plain LoRA adapters only), before any actor starts."""
     if engine != "vllm":
         return
+    from serve.adapters import vllm_unsupported
+
     problems = []
     for t in targets:
         if t.adapter is None:
             continue
         config = json.loads(t.adapter["adapter_config.json"]) if isinstance(t.adapter, dict) else (t.config or {})
-        peft_type = str(config.get("peft_type", "")).upper()
-        if peft_type != "LORA":
-            problems.append(f"{t.label} is {peft_type or 'not a LoRA adapter'} (vLLM runs LoRA adapters only)")
-        elif config.get("use_dora"):
-            problems.append(f"{t.label} is a DoRA adapter (vLLM does not run DoRA)")
-        elif config.get("modules_to_save"):
-            problems.append(f"{t.label} carries full copies of {config['modules_to_save']} (modules_to_save; vLLM does not run those)")
+        for what, detail in vllm_unsupported(config)[:1]:
+            problems.append({
+                "type": f"{t.label} is {detail or 'not a LoRA adapter'} (vLLM runs LoRA adapters only)",
+                "dora": f"{t.label} is a DoRA adapter (vLLM does not run DoRA)",
+                "modules_to_save": f"{t.label} carries full copies of {detail} (modules_to_save; vLLM does not run those)",
+            }[what])
     if problems:
         raise EvalError("engine: vllm cannot evaluate " + "; ".join(problems) + ". Evaluate them with engine: transformers "
                         "(--engine transformers), which runs every peft method")

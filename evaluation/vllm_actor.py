@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.data import parse_row
-from evaluation.generate import GENERATE, ModelGroup, prompt_ids, score_item
+from evaluation.generate import GENERATE, ModelGroup, decoding, prompt_ids, score_item
 
 
 class VllmActor:
@@ -110,14 +110,12 @@ class VllmActor:
     def _process(self, items: list[dict]) -> list[dict]:
         from vllm import SamplingParams
 
-        s = self.settings
         results = [{"key": it["key"], "label": it["label"]} for it in items]
         rows = [parse_row(it["row"], it["key"], f"row {it['key'] + 1}") for it in items]
         asks = [(i, it) for i, it in enumerate(items) if GENERATE in it["want"]]
         prompts, params, loras = [], [], []
         for i, item in asks:
-            # An item may carry its own max_tokens/stop/temperature (a harness task's generation_kwargs).
-            p = {k: s[k] for k in ("max_tokens", "temperature", "stop", "seed")} | item.get("params", {})
+            p = decoding(self.settings, item)
             ids = prompt_ids(self.tokenizer, rows[i], self.max_model_len - p["max_tokens"])
             prompts.append({"prompt_token_ids": ids})
             params.append(SamplingParams(max_tokens=p["max_tokens"], temperature=p["temperature"], stop=list(p["stop"]) or None,

@@ -146,16 +146,26 @@ def lora_rank(config: dict[str, Any]) -> int:
         return 0
 
 
+def vllm_unsupported(config: dict[str, Any]) -> list[tuple[str, Any]]:
+    """What of an adapter_config.json vLLM's LoRA kernels cannot run, as (what, detail): ("type", peft_type) for a
+    method other than LoRA, ("dora", None), ("modules_to_save", the modules). Serving and evaluation word them."""
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        return [("type", peft_type)]
+    found: list[tuple[str, Any]] = [("dora", None)] if config.get("use_dora") else []
+    return found + ([("modules_to_save", config["modules_to_save"])] if config.get("modules_to_save") else [])
+
+
 def _vllm_problems(config: dict[str, Any], method: str, peft_type: str, max_rank: int, ref: str) -> list[str]:
     """What vLLM's LoRA kernels cannot run (it refuses these itself, later and less clearly), with the alternatives."""
     problems = []
-    if peft_type != "LORA":
-        problems.append(f"method {method} ({peft_type or 'no peft_type'}) is not served by vLLM, which runs LoRA adapters only")
-    else:
-        if config.get("use_dora"):
-            problems.append("it is a DoRA adapter, which vLLM does not serve")
-        if config.get("modules_to_save"):
-            problems.append(f"it carries full copies of {config['modules_to_save']} (modules_to_save), which vLLM does not serve")
+    for what, detail in vllm_unsupported(config):
+        problems.append({
+            "type": f"method {method} ({detail or 'no peft_type'}) is not served by vLLM, which runs LoRA adapters only",
+            "dora": "it is a DoRA adapter, which vLLM does not serve",
+            "modules_to_save": f"it carries full copies of {detail} (modules_to_save), which vLLM does not serve",
+        }[what])
+    if peft_type == "LORA":
         rank = lora_rank(config)
         if rank > max_rank:
             problems.append(f"its LoRA rank {rank} is above vllm.max_lora_rank ({max_rank}) of this deployment "
