@@ -146,6 +146,32 @@ def test_bad_data_is_one_clear_error_before_training(case, ray_session, tiny_mod
         prep(DataSpec(train=str(path), **{"eval_fraction": 0.0, **extra}), tiny_model_dir, tmp_path / "store")
 
 
+@pytest.mark.parametrize("window,fetch", [(4, 3), (10, 5), (1000, 8)])
+def test_local_shuffle_hands_out_every_row_once_in_a_seeded_order(window, fetch):
+    import numpy as np
+    import pyarrow as pa
+
+    from trainers.ingest.stream import shuffled
+
+    blocks = [pa.table({"input_ids": [[b, r] for r in range(7)]}) for b in range(5)]  # 35 rows in 5 blocks
+
+    def run(seed: int):
+        events = []
+        out = []
+        for batch in shuffled(iter(blocks), window, fetch, np.random.default_rng(seed), lambda: events.append(len(out))):
+            assert 0 < len(batch["input_ids"]) <= fetch
+            out.append(batch["input_ids"])
+        return out, events
+
+    batches, events = run(1)
+    rows = [tuple(r) for b in batches for r in b]
+    assert sorted(rows) == sorted(tuple(r) for t in blocks for r in t.column("input_ids").to_pylist())  # each row once
+    assert rows != sorted(rows)  # shuffled
+    held_at_end = sum(len(b) for b in batches[events[0]:])
+    assert events and held_at_end <= window + fetch  # the end was signalled while at most a window's rows were held
+    assert run(1)[0] == batches and run(2)[0] != batches  # a function of the seed
+
+
 @pytest.mark.slow
 def test_two_workers_get_disjoint_shards_covering_the_data_in_the_same_order(ray_session, tiny_model_dir, tmp_path):
     import ray.train

@@ -102,8 +102,14 @@ class StreamingBatches:
 def worker_batches(spec, config: dict, world: int, rank: int, pad_id: int, device: torch.device) -> Batches:
     """The batch source of one worker of the job; `config["data"]` is the driver's preprocessed data (SFT rows, or
     the preference rows of a preference objective: the same pipeline)."""
+    from trainers.checkpoints import newest_checkpoint
+
     t = spec.training
-    stream = WorkerStream(config["data"], micro_batch_size=t.micro_batch_size, seed=t.seed, world=world, rank=rank)
+    # a fresh run starts at micro-batch 0, known now: its stream starts while the model loads (a resumed run's
+    # position is known once its checkpoint is restored)
+    fresh = newest_checkpoint(config) is None
+    stream = WorkerStream(config["data"], micro_batch_size=t.micro_batch_size, seed=t.seed, world=world, rank=rank,
+                          start_micro=0 if fresh else None)
     return StreamingBatches(stream, t.micro_batch_size, t.grad_accum, pad_id, device)
 
 

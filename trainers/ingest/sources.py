@@ -304,3 +304,12 @@ def make_row_source(fs, files: list[SourceFile], block_rows: int):
             yield from read_blocks(f, by_path[path], index[path], block_rows)
 
     return RowSource([f.path for f in files], filesystem=fs)
+
+
+def read_prepared_files(batch, *, filesystem, columns: list[str]):
+    """Ray Data operator: the preprocessed Parquet files named in `batch["path"]`, read whole (one source block each).
+    Here, not in trainers.ingest.stream, so that the tasks running it never import torch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(p, filesystem=filesystem, columns=columns) for p in batch.column("path").to_pylist()])

@@ -32,7 +32,8 @@ SHUFFLE_WINDOW = 8192
 #: the training step needed (data bench, 3.2M rows, ~780 files: steady tokens/s fell to 0.17x of the in-memory
 #: path; capped: the same as at 20,000 rows).
 READ_TASKS = 2
-#: Micro-batches a worker takes from Ray Data at once (see train_micro_batches).
+#: Micro-batches cut from each draw of the shuffle window at once (see `shuffled`): per row, slicing and converting
+#: 512 rows at a time cost a tenth of what 8 at a time did (it runs on the training thread).
 FETCH_MICRO_BATCHES = 64
 
 
@@ -91,8 +92,8 @@ def to_examples(columns: dict, kind: str) -> list:
 
 
 def _ints(values) -> list[int]:
-    """A token column's cell (a numpy array from Ray Data, a list from pyarrow) as Python ints."""
-    return values.tolist() if isinstance(values, np.ndarray) else [int(t) for t in values]
+    """A token column's cell (a list from pyarrow, or a numpy array) as Python ints."""
+    return values if isinstance(values, list) else values.tolist()
 
 
 def micro_batches_per_epoch(n_train: int, world: int, micro_batch_size: int) -> int:
@@ -104,29 +105,23 @@ def steps_per_epoch(n_train: int, world: int, micro_batch_size: int, grad_accum:
     return micro_batches_per_epoch(n_train, world, micro_batch_size) // grad_accum
 
 
-def _read_files(batch, *, filesystem, columns: list[str]):
-    """Ray Data operator: the preprocessed Parquet files named in `batch["path"]`, read whole (≤ BLOCK_ROWS rows each)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    return pa.concat_tables([pq.read_table(p, filesystem=filesystem, columns=columns) for p in batch.column("path").to_pylist()])
-
-
 def train_dataset(prepared, seed: int):
     """The Ray Dataset of preprocessed training examples, files in a seeded order (a lazy read, one file per task).
 
     The reading tasks reserve no CPU: while training runs, its workers may hold every CPU of the cluster (one worker
     on a 2-core laptop takes both), and a read that waited for a CPU would never start. `read_parquet` cannot do
-    that (its file-listing step always asks for one CPU), hence a map over the file names."""
+    that (its file-listing step always asks for one CPU), hence a map over the file names. The map's function
+    lives in a module that does not import torch: each epoch's read tasks may start fresh Ray worker processes,
+    and importing this module there cost 3.4 s at each epoch's first batch (data bench, 2 cores)."""
     import ray.data
 
-    from trainers.ingest.sources import filesystem_for
+    from trainers.ingest.sources import filesystem_for, read_prepared_files
 
     files = list(prepared.train_files)
     random.Random(seed).shuffle(files)
     fs, _ = filesystem_for(prepared.uri)
     ds = ray.data.from_items([{"path": p} for p in files]).map_batches(
-        _read_files, batch_size=1, batch_format="pyarrow", num_cpus=0,
+        read_prepared_files, batch_size=1, batch_format="pyarrow", num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=READ_TASKS),
         fn_kwargs={"filesystem": fs, "columns": read_columns(prepared)},
     )
@@ -156,28 +151,109 @@ def train_micro_batches(shard, *, n_train: int, world: int, micro_batch_size: in
                         start_micro: int = 0, kind: str = "text") -> Iterator[list]:
     """This worker's micro-batches from micro-batch `start_micro` (0-based, counted over the whole run) on, forever.
 
-    Ray Data hands over FETCH_MICRO_BATCHES micro-batches at a time, cut here: its per-batch work (the local
-    shuffle's take, the format conversion) runs on a thread beside the training step and holds the GIL; per row
-    it costs a tenth at 512 rows a batch of what it costs at 8."""
+    Each epoch is one pass of the shard, taken from Ray Data a block at a time and shuffled here in a seeded window
+    (`shuffled`). The next epoch's pass is started on a thread as soon as this one's last block has arrived: starting
+    an epoch (a new Ray Data execution, its read tasks' processes) took 3.6 s on 2 cores, a stall at every epoch
+    boundary, and the rows still in the window cover it."""
     per_epoch = micro_batches_per_epoch(n_train, world, micro_batch_size)
     if per_epoch < 1:
         raise ValueError(f"{n_train} training examples are too few for {world} worker(s) × micro_batch_size {micro_batch_size}")
     epoch, skip = divmod(start_micro, per_epoch)
     window = max(micro_batch_size, min(SHUFFLE_WINDOW, n_train // world))
     fetch = micro_batch_size * FETCH_MICRO_BATCHES
+
+    def epoch_blocks():
+        return shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+
+    # the first pass starts now, not at the first micro-batch: the caller may have a model to load meanwhile
+    return _micro_batches(EpochStart(epoch_blocks), epoch_blocks, epoch, skip, per_epoch, window, fetch, seed, micro_batch_size, kind)
+
+
+def _micro_batches(upcoming, epoch_blocks, epoch: int, skip: int, per_epoch: int, window: int, fetch: int, seed: int,
+                   micro_batch_size: int, kind: str) -> Iterator[list]:
     while True:
-        batches = shard.iter_batches(
-            batch_size=fetch, batch_format="numpy", drop_last=False,
-            local_shuffle_buffer_size=window, local_shuffle_seed=seed * 1_000_003 + epoch,
-        )
-        i = 0
-        for batch in batches:
-            rows = len(next(iter(batch.values())))
+        blocks, i = upcoming, 0
+        upcoming = None
+
+        def start_next():
+            nonlocal upcoming
+            upcoming = EpochStart(epoch_blocks)
+
+        rng = np.random.default_rng([seed, epoch])
+        for batch in shuffled(blocks.blocks(), window, fetch, rng, on_exhausted=start_next):
+            rows = _rows(batch)
             for start in range(0, rows - micro_batch_size + 1, micro_batch_size):
+                if i >= per_epoch:
+                    break  # the epoch's last rows that fill no whole micro-batch (every worker has as many)
                 if i >= skip:
                     yield to_examples({k: v[start : start + micro_batch_size] for k, v in batch.items()}, kind)
                 i += 1
+        if upcoming is None:
+            start_next()
         epoch, skip = epoch + 1, 0
+
+
+class EpochStart:
+    """One pass of a worker's shard, its first block fetched on a thread: the pass's Ray Data execution starts while
+    the worker trains on what it already has."""
+
+    _END = object()
+
+    def __init__(self, make_iterator):
+        import threading
+
+        self._iterator = None
+        self._first = self._END
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, args=(make_iterator,), name="rayft-epoch-start", daemon=True)
+        self._thread.start()
+
+    def _start(self, make_iterator) -> None:
+        try:
+            self._iterator = iter(make_iterator())
+            self._first = next(self._iterator, self._END)
+        except BaseException as exc:  # re-raised in the training thread by blocks()
+            self._error = exc
+
+    def blocks(self) -> Iterator[dict]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._first is self._END:
+            return
+        yield self._first
+        yield from self._iterator
+
+
+def shuffled(blocks: Iterator, window: int, fetch: int, rng: np.random.Generator, on_exhausted=None) -> Iterator[dict]:
+    """Arrow blocks → batches of `fetch` rows (columns as lists) in a seeded order: each batch is drawn at random
+    from the next `window` + `fetch` rows (a local shuffle: memory stays bounded). `on_exhausted()` is called once
+    the last block has been read, before the rows still held are handed out."""
+    import pyarrow as pa
+
+    held = None
+    for block in blocks:
+        held = block if held is None else pa.concat_tables([held, block])
+        while held.num_rows >= window + fetch:
+            pick = rng.choice(held.num_rows, fetch, replace=False)
+            yield _columns(held.take(pick))
+            keep = np.ones(held.num_rows, dtype=bool)
+            keep[pick] = False
+            held = held.filter(pa.array(keep)).combine_chunks()
+    if on_exhausted is not None:
+        on_exhausted()
+    if held is not None:
+        order = rng.permutation(held.num_rows)
+        for start in range(0, len(order), fetch):
+            yield _columns(held.take(order[start : start + fetch]))
+
+
+def _rows(columns: dict) -> int:
+    return len(next(iter(columns.values())))
+
+
+def _columns(table) -> dict[str, list]:
+    return {name: table.column(name).to_pylist() for name in table.column_names}
 
 
 def iter_examples(prepared, part: str = EVAL, chunk: int = 1024) -> Iterator:
@@ -273,7 +349,7 @@ class WorkerStream:
     """One worker's view of the job's data: its streaming train shard (`ray.train.get_dataset_shard`), the eval
     rows it evaluates, the counts. `data` is the driver's `Prepared` (trainers.ingest.prepare) as JSON."""
 
-    def __init__(self, data: dict, *, micro_batch_size: int, seed: int, world: int, rank: int):
+    def __init__(self, data: dict, *, micro_batch_size: int, seed: int, world: int, rank: int, start_micro: int | None = None):
         import ray.train
 
         from trainers.ingest.prepare import Prepared
@@ -284,6 +360,8 @@ class WorkerStream:
         self._batches: Iterator[list] | None = None
         self._next = 0  # the run-wide index of the micro-batch `_batches` yields next
         self._probe: Example | None = None
+        if start_micro is not None:  # the first epoch's Ray Data execution starts while the worker loads its model
+            self._batches, self._next = self._stream_from(start_micro), start_micro
 
     @property
     def n_train(self) -> int:
@@ -305,12 +383,13 @@ class WorkerStream:
         """This worker's micro-batch number `index` (0-based, over the whole run). Asked in order, it streams;
         asked out of order (a resumed run's first batch), the stream is positioned there first."""
         if self._batches is None or index != self._next:
-            self._batches = train_micro_batches(
-                self.train_shard, n_train=self.n_train, world=self.world, micro_batch_size=self.micro_batch_size,
-                seed=self.seed, start_micro=index, kind=self.kind,
-            )
+            self._batches = self._stream_from(index)
         self._next = index + 1
         return next(self._batches)
+
+    def _stream_from(self, index: int) -> Iterator[list]:
+        return train_micro_batches(self.train_shard, n_train=self.n_train, world=self.world, micro_batch_size=self.micro_batch_size,
+                                   seed=self.seed, start_micro=index, kind=self.kind)
 
     def eval_batches(self, batch_size: int) -> Iterator[list]:
         return eval_batches(self.prepared, batch_size, self.world, self.rank)
