@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from trainers.ingest.formats import IGNORE
+from trainers.ingest.prepare import BLOCK_ROWS
 
 TRAIN, EVAL = "train", "eval"
 #: Rows each worker shuffles among while streaming (a window, not the whole shard: memory stays flat).
@@ -163,7 +164,9 @@ def train_micro_batches(shard, *, n_train: int, world: int, micro_batch_size: in
     fetch = micro_batch_size * FETCH_MICRO_BATCHES
 
     def epoch_blocks():
-        return shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+        # a preprocessed file's rows at a time: with batch_size=None Ray Data fetched far ahead (data bench, 3.2M
+        # rows: worker peak RSS 1.23 GiB instead of 0.94, steady tokens/s 0.72x)
+        return shard.iter_batches(batch_size=BLOCK_ROWS, batch_format="pyarrow", prefetch_batches=1)
 
     # the first pass starts now, not at the first micro-batch: the caller may have a model to load meanwhile
     return _micro_batches(EpochStart(epoch_blocks), epoch_blocks, epoch, skip, per_epoch, window, fetch, seed, micro_batch_size, kind)
