@@ -208,3 +208,43 @@ def test_messages_from_columnar_files_have_weight_none_for_unset(tok):
     msgs = [{"role": "user", "content": "hi", "weight": None}, {"role": "assistant", "content": "yo", "weight": None}]
     assert FORMATS["messages"].check({"messages": msgs}) is None
     assert tok.decode(learned(tok, one(tok, "messages", {"messages": msgs}))) == "yo</s>"
+
+
+def test_a_block_is_written_as_files_of_at_most_file_rows_named_in_data_order(tiny_model_dir, tmp_path, monkeypatch):
+    """A training worker streams one preprocessed file as one Ray Data block: the files' size bounds its memory."""
+    from dataclasses import asdict
+
+    import pyarrow as pa
+    import pyarrow.fs
+    import pyarrow.parquet as pq
+
+    from trainers.ingest import prepare
+    from trainers.spec import DataSpec
+
+    monkeypatch.setattr(prepare, "FILE_ROWS", 4)  # 10 rows → files of 4, 4 and 2 rows
+    source = write_rows(tmp_path / "t.jsonl", [{"text": f"apple {i} river"} for i in range(10)])
+    _, files = resolve(str(source))
+    cfg = prepare._cfg(DataSpec(train=str(source), eval_fraction=0.0, max_seq_len=32), str(tiny_model_dir), None, seed=0)
+    batch = pa.table({"_src": [0] * 10, "_row": list(range(1, 11)), "_raw": source.read_bytes().splitlines()})
+    out = tmp_path / "out"
+    for part in ("train", "eval"):
+        (out / part).mkdir(parents=True)
+    stats = prepare.prepare_block(batch, files=[asdict(f) for f in files], formats=["text"], cfg=cfg, split="train",
+                                  out_dir=str(out), out_fs=pyarrow.fs.LocalFileSystem())
+    names = sorted(p.name for p in (out / "train").iterdir())
+    assert names == [f"00000-000000000001-{n:05d}.parquet" for n in range(3)]
+    assert [pq.read_table(out / "train" / n).column("_row").to_pylist() for n in names] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    assert stats.column("train_examples").to_pylist() == [10] and not list((out / "eval").iterdir())
+
+
+@pytest.mark.parametrize(("sizes", "max_rows", "max_tokens", "files"), [
+    ([3, 3, 3, 3, 3], 2, 100, [[0, 1], [2, 3], [4]]),      # the row bound
+    ([3, 3, 3, 3, 3], 10, 7, [[0, 1], [2, 3], [4]]),       # the token bound
+    ([2, 9, 2, 2], 10, 5, [[0], [1], [2, 3]]),             # an example over the token bound gets a file of its own
+    ([], 4, 10, []),
+])
+def test_file_chunks_bound_rows_and_tokens_and_keep_order(sizes, max_rows, max_tokens, files):
+    from trainers.ingest.prepare import file_chunks
+
+    items = [(0, i, {"input_ids": [1] * n, "labels": [1] * n}) for i, n in enumerate(sizes)]
+    assert [[row for _, row, _ in chunk] for chunk in file_chunks(items, max_rows, max_tokens)] == files
