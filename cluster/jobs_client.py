@@ -5,12 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
 
 from cluster.auth import AuthToken, ClusterUnreachable, find_auth_token, missing_token_error, refused_token_error
 from storage.errors import NotFound, RayftError, first_line
 
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+
+# A busy head's dashboard (or a kubectl port-forward) sometimes closes a connection without answering.
+# Each call is tried again over about this long before the user sees an error.
+RETRY_BUDGET_S = 30.0
+
+T = TypeVar("T")
 
 
 class SubmitError(RayftError):
@@ -50,8 +57,8 @@ class JobsClient:
 
         # Ray lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override the address it is given;
         # the address the user chose must win.
-        with self.errors(), _env_removed("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
-            self._client = JobSubmissionClient(address, headers=headers)
+        with _env_removed("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+            self._client = self._call(lambda: JobSubmissionClient(address, headers=headers), reached=False)
 
     @classmethod
     def connect(cls, address: str | None) -> "JobsClient":
@@ -67,7 +74,7 @@ class JobsClient:
             yield
         except AuthenticationError as exc:
             raise self._auth_error(str(exc)) from None
-        except ConnectionError as exc:
+        except (ConnectionError, _requests_connection_error()) as exc:
             raise ClusterUnreachable(
                 f"cannot reach a Ray Jobs API at {self.address} ({first_line(exc)}); pass the head's dashboard "
                 "URL (port 8265), reachable from here, e.g. through `kubectl port-forward` or `ray dashboard`"
@@ -77,6 +84,24 @@ class JobsClient:
                 raise JobNotFound(f"no job {job_id!r} on the cluster at {self.address}; `rayft jobs list` shows them") from None
             raise
 
+    def _call(self, call: Callable[[], T], job_id: str | None = None, reached: bool = True) -> T:
+        """`call()`, tried again for up to RETRY_BUDGET_S when the connection drops; errors as RayftErrors.
+
+        Once the cluster has answered (`reached`), a refused connection is a restarting dashboard, so it is
+        tried again too; before that it is a wrong address, reported at once.
+        """
+        deadline, pause = time.monotonic() + RETRY_BUDGET_S, 0.5
+        while True:
+            try:
+                with self.errors(job_id):
+                    return call()
+            except ClusterUnreachable as exc:
+                cause = exc.__context__
+                if time.monotonic() + pause > deadline or not (reached or _dropped(cause)):
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 8.0)
+
     def _auth_error(self, detail: str) -> RayftError:
         return missing_token_error(self.address) if self.token is None else refused_token_error(self.address, self.token, detail)
 
@@ -85,35 +110,63 @@ class JobsClient:
 
         # Ray warns on every upload that it now skips .venv/.git by default; so do we, on purpose.
         logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
-        with self.errors():
+
+        def submit_once() -> str:
+            # A retried submission whose first try reached the head must not start the job twice.
+            if self._exists(submission_id):
+                return submission_id
             return self._client.submit_job(
                 entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id, metadata=metadata
             )
 
+        return self._call(submit_once)
+
+    def _exists(self, job_id: str) -> bool:
+        try:
+            self._client.get_job_info(job_id)
+            return True
+        except RuntimeError as exc:
+            if "404" in str(exc):
+                return False
+            raise
+
     def info(self, job_id: str):
         """Ray's JobDetails (status, message, entrypoint, start/end times, ...)."""
-        with self.errors(job_id):
-            return self._client.get_job_info(job_id)
+        return self._call(lambda: self._client.get_job_info(job_id), job_id)
 
     def status(self, job_id: str) -> str:
         return str(self.info(job_id).status)
 
     def logs(self, job_id: str) -> str:
-        with self.errors(job_id):
-            return self._client.get_job_logs(job_id)
+        return self._call(lambda: self._client.get_job_logs(job_id), job_id)
 
     def stop(self, job_id: str) -> bool:
         """Ask the job to stop; False when it had already ended."""
-        with self.errors(job_id):
-            return self._client.stop_job(job_id)
+        return self._call(lambda: self._client.stop_job(job_id), job_id)
 
     def list(self) -> list:
-        with self.errors():
-            return self._client.list_jobs()
+        return self._call(self._client.list_jobs)
 
     def tail(self, job_id: str):
         """Async iterator over chunks of the driver's log, from the start, until the job ends."""
         return self._client.tail_job_logs(job_id)
+
+
+def _requests_connection_error() -> type[Exception]:
+    import requests
+
+    return requests.exceptions.ConnectionError
+
+
+def _dropped(exc: BaseException | None) -> bool:
+    """Whether the server accepted the connection and closed it without an answer (not: nothing listens)."""
+    import urllib3
+
+    while exc is not None:
+        if isinstance(exc, _requests_connection_error()):
+            return any(isinstance(arg, urllib3.exceptions.ProtocolError) for arg in exc.args)
+        exc = exc.__context__
+    return False
 
 
 @contextlib.contextmanager

@@ -108,6 +108,9 @@ def _head_env(token: str, home: Path, extra: Mapping[str, str]) -> dict[str, str
         # The head's own node is its only node: on a loaded 2-core machine the GCS must not declare its raylet
         # dead after Ray's default ~15 s without an answer (which ends the whole head).
         RAY_health_check_timeout_ms="30000", RAY_health_check_failure_threshold="20",
+        # Nor may its dashboard and raylet exit after Ray's default 60 s without reaching the GCS: a dashboard
+        # that exits takes the Jobs API away in the middle of a test (and `ray start --block` the whole head).
+        RAY_gcs_rpc_server_reconnect_timeout_s="600",
     )
     env.update(extra)
     return env
@@ -190,6 +193,13 @@ class KeptHead:
         self.head = self._running.enter_context(running_head(on_start=self._started))
         return self.head
 
+    def report(self) -> str:
+        """For a failing test's message: whether the head is still up, and the ends of its logs."""
+        if self.head is None or self.proc is None:
+            return "(no head)"
+        state = "running" if self.proc.poll() is None else f"exited with {self.proc.returncode}"
+        return f"ray start {state}; Jobs API answers: {_answers(self.head, 10)}\n{self._log_tails()}"
+
     def _log_tails(self) -> str:
         """The ends of `ray start`'s output and of the GCS's and raylet's logs: where a dead head says why."""
         if self.log is None:
@@ -198,10 +208,12 @@ class KeptHead:
 
         logs = self.log.parent / "ray" / "session_latest" / "logs"
         parts = [f"--- ray start:\n{self.log.read_text(errors='replace')[-1500:]}"]
-        for path in (logs / "gcs_server.out", logs / "raylet.out"):
+        for path in (logs / "ray_process_exit.log", logs / "dashboard.log", logs / "gcs_server.out", logs / "raylet.out"):
             if path.exists():  # their warnings and errors; the rest is periodic event statistics
                 worst = [line for line in path.read_text(errors="replace").splitlines()
-                         if re.match(r"\[[^\]]* [WECF] \d+ \d+\]", line)]
+                         if re.match(r"\[[^\]]* [WECF] \d+ \d+\]", line) or re.search(r"\t(WARNING|ERROR|CRITICAL) ", line)
+                         or path.name == "ray_process_exit.log"]
+                worst = [line for line in worst if "DeprecationWarning" not in line]
                 parts.append(f"--- {path.name} (warnings and errors):\n" + "\n".join(worst[-12:]))
         return "\n".join(parts)
 

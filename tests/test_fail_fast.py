@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,16 +66,18 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def _assert_one_clear_line(case: Case, rc: int, stderr: str) -> None:
+def _assert_one_clear_line(case: Case, rc: int, stderr: str, context: Callable[[], str] = str) -> None:
+    """`context()` is added to a failure's message (e.g. the state of the Ray head the command talked to)."""
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert rc == case.exit_code, (case.name, rc, stderr[-3000:])
-    assert "Traceback" not in stderr, (case.name, stderr[-3000:])
-    assert len(lines) == 1 and lines[0].startswith("rayft "), (case.name, stderr[-3000:])
+    assert rc == case.exit_code, (case.name, rc, stderr[-3000:], context())
+    assert "Traceback" not in stderr, (case.name, stderr[-3000:], context())
+    assert len(lines) == 1 and lines[0].startswith("rayft "), (case.name, stderr[-3000:], context())
     for text in case.must_say:
-        assert text in lines[0], (case.name, text, lines[0])
+        assert text in lines[0], (case.name, text, lines[0], context())
 
 
-INPUT_CASES = ["registry typo", "missing data file", "unreachable S3 endpoint", "wrong S3 credentials", "port in use"]
+INPUT_CASES = ["registry typo", "missing data file", "unreachable S3 endpoint", "wrong S3 credentials", "port in use",
+               "nothing listens at the Jobs API address"]
 
 
 @pytest.mark.parametrize("case_name", INPUT_CASES)
@@ -99,6 +102,10 @@ def test_bad_input_fails_in_one_line_before_ray_starts(
         request.getfixturevalue("enforced_auth")
         args = ["train", str(_job(tmp_path, source="registry:tiny-base", train=data, storage="s3://ff-creds/store"))]
         case = Case(case_name, 2, ["storage.uri s3://ff-creds/store", "rejected the credentials", "AWS_ACCESS_KEY_ID"])
+    elif case_name == "nothing listens at the Jobs API address":
+        address = f"http://127.0.0.1:{_closed_port()}"  # refused before the cluster ever answered: no retries
+        args = ["jobs", "list", "--address", address]
+        case = Case(case_name, 2, [f"cannot reach a Ray Jobs API at {address}", "pass the head's dashboard URL (port 8265)"])
     else:  # port in use
         spec = tmp_path / "serve.yaml"
         spec.write_text(yaml.safe_dump({"storage": local_registry, "base": {"name": "tiny-base", "source": "registry:tiny-base"}}))
@@ -168,7 +175,7 @@ def test_a_token_auth_head_refuses_no_token_and_a_wrong_one_in_one_line(
 
 @pytest.mark.slow
 def test_submit_says_in_one_line_when_the_clusters_python_cannot_import_rayft(
-    ray_head, tmp_path: Path, local_registry: str, reverse_data: Path
+    ray_head, _kept_ray_head, tmp_path: Path, local_registry: str, reverse_data: Path
 ) -> None:
     # A job environment whose Python lacks rayft: a virtualenv (as Ray activates for --pip) without it.
     fake_venv = tmp_path / "venv-without-rayft"
@@ -187,12 +194,12 @@ def test_submit_says_in_one_line_when_the_clusters_python_cannot_import_rayft(
 
     case = Case("rayft missing on the cluster", 1, ["FAILED", f"rayft is not importable by the cluster's Python ({python})",
                                                      "install rayft there", "--pip"])
-    _assert_one_clear_line(case, rc, stderr)
+    _assert_one_clear_line(case, rc, stderr, context=_kept_ray_head.report)
 
 
 @pytest.mark.slow
 def test_train_with_address_runs_on_a_token_auth_head_with_the_token_from_the_environment(
-    ray_head, tmp_path: Path, reverse_data: Path, tiny_model_dir: Path
+    ray_head, _kept_ray_head, tmp_path: Path, reverse_data: Path, tiny_model_dir: Path
 ) -> None:
     """`rayft train --address HEAD:6379` against `ray start --head` (token auth on); the user sets only
     RAY_AUTH_TOKEN, as the README says, not RAY_AUTH_MODE."""
@@ -205,7 +212,7 @@ def test_train_with_address_runs_on_a_token_auth_head_with_the_token_from_the_en
 
     rc, stderr, ray_started = run_cli_isolated(["train", str(job), "--address", ray_head.gcs_address], cwd=tmp_path, env=env)
 
-    assert rc == 0, stderr[-4000:]
+    assert rc == 0, stderr[-4000:] + f"\n--- the head: {_kept_ray_head.report()}"
     assert ray_started and "Traceback" not in stderr
     manifest = open_registry(storage).resolve("addressed-lora")
     assert manifest.kind == "adapter" and "adapter_model.safetensors" in {f.path for f in manifest.files}

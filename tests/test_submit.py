@@ -291,6 +291,84 @@ def test_no_wait_returns_the_id_and_jobs_stop_stops_it(
     assert job_id in capsys.readouterr().out
 
 
+class DroppingProxy:
+    """A real HTTP proxy on loopback in front of the head's Jobs API that closes chosen requests' connections
+    without an answer, as a busy dashboard or a `kubectl port-forward` sometimes does.
+
+    `drops` maps "METHOD /path-prefix" to what happens to the next such requests, in order: "before" (closed
+    unforwarded) or "after" (forwarded, so the head acts on it, then closed unanswered).
+    """
+
+    def __init__(self, target: str, drops: dict[str, list[str]]):
+        import http.server
+        import threading
+
+        import requests
+
+        self.dropped: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                key = next((k for k in drops if f"{self.command} {self.path}".startswith(k) and drops[k]), None)
+                mode = drops[key].pop(0) if key else None
+                if mode == "before":
+                    return self._drop(key)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                answer = requests.request(self.command, target + self.path, data=body, headers=headers, timeout=120)
+                if mode == "after":
+                    return self._drop(key)
+                self.send_response(answer.status_code)
+                for name in ("Content-Type",):
+                    if name in answer.headers:
+                        self.send_header(name, answer.headers[name])
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            def _drop(self, key: str) -> None:
+                proxy.dropped.append(key)
+                self.close_connection = True
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _relay
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+def test_a_dropped_connection_is_retried_and_a_submission_is_not_made_twice(
+    ray_head: Head, jobs_storage: str, reverse_data: Path, tmp_path: Path
+) -> None:
+    work = job_dir(tmp_path / "project", reverse_data, jobs_storage, "dropped", train="/nonexistent/rayft-test/train.jsonl")
+    env = user_env(tmp_path / "home", RAY_AUTH_TOKEN=ray_head.token, RAYFT_STORAGE=jobs_storage)
+    proxy = DroppingProxy(ray_head.address, {"GET /api/version": ["before"], "POST /api/jobs/": ["after"],
+                                             "GET /api/jobs/rayft-": ["before"]})
+    try:
+        submitted = rayft(["submit", "job.yaml", "--address", proxy.address, "--no-wait"], cwd=work, env=env)
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        job_id = submitted.stdout.strip().splitlines()[-1]
+        status = rayft(["jobs", "status", job_id, "--address", proxy.address], cwd=work, env=env)
+    finally:
+        proxy.close()
+
+    assert sorted(proxy.dropped) == ["GET /api/jobs/rayft-", "GET /api/version", "POST /api/jobs/"]
+    assert status.returncode == 0 and f"{'job':<11}{job_id}" in status.stdout, status.stderr
+    # The first POST reached the head: the retry found that job instead of starting a second one.
+    client = ray_head.client()
+    assert [j.submission_id for j in client.list()].count(job_id) == 1
+    client.stop(job_id)
+
+
 @pytest.mark.slow
 def test_an_oversized_working_dir_is_refused_before_upload(
     ray_head: Head, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
