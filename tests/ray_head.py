@@ -230,8 +230,10 @@ class KeptHead:
         self.head = self.proc = self.log = None
 
 
-#: Tries to start a head: a start that fails on a loaded machine (see `_start_failure`) is tried again.
-START_ATTEMPTS = 3
+#: Tries to start a head: a start that fails on a loaded machine (see `_start_failure`) is tried again, after a
+#: pause for the load to pass. In a full CI run here (2026-11-30, load average ~20), two starts in a row failed.
+START_ATTEMPTS = 5
+RETRY_PAUSE_S = 15.0
 
 
 @contextlib.contextmanager
@@ -266,6 +268,7 @@ def running_head(num_cpus: int = 2, env: Mapping[str, str] | None = None,
         import warnings
 
         warnings.warn(f"a Ray head failed to start (try {attempt} of {START_ATTEMPTS}); starting another. {failure}")
+        time.sleep(RETRY_PAUSE_S)
     try:
         yield head
     finally:
