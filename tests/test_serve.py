@@ -34,6 +34,7 @@ PROMPTS = ["reverse apple =", "upper stone ="]
 MAX_TOKENS = 6
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GOOD = [f"ad-{i}" for i in range(8)]
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse river"}]
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int, *, dora: bool = False, targets: list[str] | None = None) -> Path:
@@ -47,14 +48,25 @@ def make_adapter(base_dir: Path, out: Path, seed: int, *, dora: bool = False, ta
 MIN_GREEDY_MARGIN = 1e-3
 
 
-def greedy_with_margin(model, tokenizer, prompt: str, n: int = MAX_TOKENS) -> tuple[list[int], float]:
+def greedy_with_margin(model, tokenizer, prompt: str | list[int], n: int = MAX_TOKENS) -> tuple[list[int], float]:
     """Greedy tokens, and the smallest gap between the best and second-best logit over the steps."""
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    ids = (tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids if isinstance(prompt, str)
+           else torch.tensor([prompt]))
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
     margin = min(float(step[0].topk(2).values.diff().abs()) for step in out.logits)
     return out.sequences[0, ids.shape[1]:].tolist(), margin
+
+
+def chat_prompt_ids(tokenizer) -> list[int]:
+    return tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+
+
+def fills_max_tokens(tokens: list[int], tokenizer) -> bool:
+    """A greedy answer of MAX_TOKENS tokens without end-of-sequence: the tests expect finish_reason "length" and
+    MAX_TOKENS completion tokens (a random adapter's answer ended early in a CI run, and the server said "stop")."""
+    return len(tokens) == MAX_TOKENS and tokenizer.eos_token_id not in tokens
 
 
 @dataclass
@@ -140,10 +152,12 @@ def served(serve_http, s3_server, tiny_model_dir, tmp_path_factory) -> Served:
                                      dora=name.startswith("dora"), targets=targets)
             adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(directory)).eval()
             greedy = {p: greedy_with_margin(adapted, tokenizer, p) for p in PROMPTS}
-            if min(margin for _, margin in greedy.values()) >= MIN_GREEDY_MARGIN:
+            chat, _ = greedy_with_margin(adapted, tokenizer, chat_prompt_ids(tokenizer))
+            if (min(margin for _, margin in greedy.values()) >= MIN_GREEDY_MARGIN
+                    and all(fills_max_tokens(t, tokenizer) for t in [chat, *(t for t, _ in greedy.values())])):
                 break
         else:
-            pytest.fail(f"no draw of adapter {name} had greedy steps {MIN_GREEDY_MARGIN} apart")
+            pytest.fail(f"no draw of adapter {name} had greedy steps {MIN_GREEDY_MARGIN} apart and answers of {MAX_TOKENS} tokens")
         _publish_adapter(registry, name, directory, digest, method="dora" if name.startswith("dora") else "lora")
         result.adapter_dirs[name] = directory
         result.expected[name] = {p: tokens for p, (tokens, _) in greedy.items()}
@@ -253,9 +267,9 @@ def test_openai_client_lists_models_and_completes(served):
 
 def test_openai_client_chat_and_streaming_chat(served, tiny_model_dir):
     client = served.client()
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse river"}]
+    messages = CHAT
     reply = client.chat.completions.create(model="ad-3", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
-    prompt_ids = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    prompt_ids = chat_prompt_ids(served.tokenizer)
     adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(served.adapter_dirs["ad-3"])).eval()
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
