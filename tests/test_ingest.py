@@ -58,6 +58,27 @@ def test_prepare_from_s3_glob_with_eval_split_and_reuse(ray_session, tiny_model_
     assert read_examples(again) == train
 
 
+def test_a_file_of_several_pass_blocks_is_preprocessed_like_one_block(ray_session, tiny_model_dir, tmp_path, monkeypatch):
+    # a large file is cut into PASS_BLOCK_BYTES blocks, tokenized by parallel tasks; that must not change what is
+    # written, its order, or the held-out rows
+    from trainers.ingest import prepare as prepare_module
+    from trainers.tiny import task_examples, write_jsonl
+
+    path = write_jsonl(task_examples("reverse", 600, seed=3), tmp_path / "rows.jsonl")
+    data = DataSpec(train=str(path), eval_fraction=0.2, max_seq_len=32)
+    whole = prep(data, tiny_model_dir, tmp_path / "one-block")
+    monkeypatch.setattr(prepare_module, "PASS_BLOCK_BYTES", path.stat().st_size // 5)
+    cut = prep(data, tiny_model_dir, tmp_path / "blocks")
+
+    def first_rows(prepared):  # each file is named <file>-<first row of its block>-<n>
+        return {f.rsplit("/", 1)[1].split("-")[1] for f in prepared.train_files + prepared.eval_files}
+
+    assert len(first_rows(whole)) == 1 and len(first_rows(cut)) >= 4, (whole.train_files, cut.train_files)
+    assert (cut.n_train, cut.n_eval, cut.stats["rows_read"]) == (whole.n_train, whole.n_eval, 600)
+    assert read_examples(cut) == read_examples(whole)
+    assert read_examples(cut, "eval") == read_examples(whole, "eval")
+
+
 def test_bad_row_deep_in_a_file_names_its_line_or_is_skipped(ray_session, tiny_model_dir, tmp_path):
     rows = [{"prompt": f"p {i}", "completion": f" c {i}"} for i in range(40)]
     rows[29] = '{"prompt": "p", "completion": 3}'  # line 30: past the rows checked up front

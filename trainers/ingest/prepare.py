@@ -43,6 +43,11 @@ BLOCK_ROWS = 4096
 FILE_ROWS = 65536
 #: (input_ids of every sequence of an example; 2M tokens ≈ 16-32 MiB of token columns)
 FILE_TOKENS = 1 << 21
+#: Ray Data's block size for the preprocessing pass (each block is one map task). Its default, 128 MiB, made the data
+#: bench's 216 MiB file two blocks: two tokenizing tasks whatever the cluster's CPUs, and the first preprocessed file
+#: written after 95 s of a 108 s pass. At 8 MiB: 27 tasks, the first file after 9 s, and the same throughput on 2 cores
+#: (3.2M rows: 29.7k vs 30.0k rows/s).
+PASS_BLOCK_BYTES = 8 << 20
 #: Bumped whenever preprocessing changes what it writes, so old caches are not reused.
 PIPELINE_VERSION = 3
 SKIP_HINT = "(set data.on_bad_row: skip to skip such rows)"
@@ -393,19 +398,24 @@ def prepare_data(data, *, model_source: str, model_dir: str, storage_uri: str, s
 def _run_pass(fs, files: list[SourceFile], formats: list[str], cfg: dict, split: str, out_dir: str, out_fs) -> list[dict]:
     import ray.data
 
-    # one read task per file, and Ray Data merges its BLOCK_ROWS-row blocks up to its target block size (128 MiB):
-    # the map tasks run in parallel over those. Splitting them back to BLOCK_ROWS rows (`repartition`) made
-    # preprocessing 1.7x slower (data bench, 3.2M rows, 2 cores: 14.7k vs 24.9k rows/s); the written files are
-    # bounded instead (FILE_ROWS, FILE_TOKENS)
+    # one read task per file, and Ray Data merges its BLOCK_ROWS-row blocks up to PASS_BLOCK_BYTES: the map tasks
+    # run in parallel over those. (Splitting them back to BLOCK_ROWS rows with `repartition` made preprocessing 1.7x
+    # slower: data bench, 3.2M rows, 2 cores, 14.7k vs 24.9k rows/s.)
     # reading is light (split lines); it gets a fraction of a CPU so Ray Data does not fuse it with the
     # tokenizing map, which then runs as parallel tasks over the blocks of even a single file
-    ds = ray.data.read_datasource(make_row_source(fs, files, BLOCK_ROWS), override_num_blocks=len(files),
-                                  num_cpus=0.25)
-    ds = ds.map_batches(
-        prepare_block, batch_size=None, batch_format="pyarrow",
-        fn_kwargs={"files": [asdict(f) for f in files], "formats": formats, "cfg": cfg, "split": split,
-                   "out_dir": out_dir, "out_fs": out_fs},
-    )
+    context = ray.data.DataContext.get_current()
+    default_block_bytes = context.target_max_block_size
+    context.target_max_block_size = PASS_BLOCK_BYTES  # a Dataset keeps a copy of the context it was made under
+    try:
+        ds = ray.data.read_datasource(make_row_source(fs, files, BLOCK_ROWS), override_num_blocks=len(files),
+                                      num_cpus=0.25)
+        ds = ds.map_batches(
+            prepare_block, batch_size=None, batch_format="pyarrow",
+            fn_kwargs={"files": [asdict(f) for f in files], "formats": formats, "cfg": cfg, "split": split,
+                       "out_dir": out_dir, "out_fs": out_fs},
+        )
+    finally:
+        context.target_max_block_size = default_block_bytes
     try:
         return ds.take_all()
     except Exception as exc:
