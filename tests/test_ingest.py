@@ -309,3 +309,27 @@ def test_epochs_become_steps_before_training(ray_session, tiny_model_dir, tmp_pa
                        training={"micro_batch_size": 64})
     with pytest.raises(DataError, match="50 training examples are too few for 1 worker"):
         prepare_for_job(too_big, str(tmp_path / "store"))
+
+
+def test_max_eval_rows_evaluates_the_first_eval_examples_and_reuses_the_data(ray_session, tiny_model_dir, tmp_path, capsys):
+    from tests.conftest import make_job
+    from trainers.ingest.prepare import prepare_for_job
+    from trainers.ingest.prepare import Prepared
+    from trainers.ingest.stream import eval_batches, iter_examples, part_keys
+
+    path = write_rows(tmp_path / "t.jsonl", [{"text": f"apple {i} river {i % 7}"} for i in range(400)])
+    store = str(tmp_path / "store")
+    whole_spec = make_job(tiny_model_dir, path, store, {"name": "lora"}, data={"eval_fraction": 0.25})
+    _, whole = prepare_for_job(whole_spec, store)
+    assert whole.n_eval > 60 and whole.n_evaluated == whole.n_eval
+    capped_spec = make_job(tiny_model_dir, path, store, {"name": "lora"}, data={"eval_fraction": 0.25, "max_eval_rows": 30})
+    _, capped = prepare_for_job(capped_spec, store)
+    assert capped.reused and capped.key == whole.key  # the cap is not preprocessing
+    assert (capped.n_eval, capped.n_evaluated) == (whole.n_eval, 30)
+    assert f"evaluating the first 30 of {whole.n_eval} eval examples (data.max_eval_rows)" in capsys.readouterr().out
+    all_eval = list(iter_examples(whole))
+    assert list(iter_examples(capped)) == all_eval[:30]
+    assert part_keys(capped, "eval") == part_keys(whole, "eval")[:30]
+    shards = [[e for batch in eval_batches(capped, 4, 2, rank) for e in batch] for rank in range(2)]
+    assert sorted(map(str, shards[0] + shards[1])) == sorted(map(str, all_eval[:30]))
+    assert Prepared.from_json(capped.to_json()).n_evaluated == 30  # what the driver hands every worker

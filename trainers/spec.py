@@ -49,6 +49,12 @@ class DataSpec(_Strict):
     )
     eval: str | None = Field(None, description="Eval data, same kinds of source as `train`; if unset, `eval_fraction` of train is held out.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of train rows held out for eval when `eval` is unset (chosen by a seeded hash of each row's position).")
+    max_eval_rows: int | None = Field(
+        None, ge=1,
+        description="Evaluate on at most this many eval examples (the first ones in data order). The held-out share of a "
+        "large corpus is too long to evaluate every `training.eval_every` steps; the held-out rows past the cap are still "
+        "not trained on (lower eval_fraction to train on them). Not part of preprocessing: changing it reuses the data.",
+    )
     format: str = Field(
         "auto",
         description="Row shape: text {text}, prompt_completion {prompt, completion}, messages {messages: [{role, content, "
@@ -316,6 +322,10 @@ def cross_field_problems(raw: dict) -> list[str]:
     if raw_get(raw, "data", "eval") and raw_get(raw, "data", "eval_fraction") not in (None, 0, 0.0):
         if "eval_fraction" in (raw_get(raw, "data") or {}):
             problems.append("data.eval_fraction: set together with data.eval; give one of them (a file or a fraction)")
+    if raw_get(raw, "data", "max_eval_rows") is not None and not raw_get(raw, "data", "eval") \
+            and raw_get(raw, "data", "eval_fraction") in (0, 0.0):
+        problems.append("data.max_eval_rows: set, but nothing is evaluated (data.eval unset and data.eval_fraction 0); "
+                        "remove it, or give data.eval or an eval_fraction")
     max_steps = raw_get(raw, "training", "max_steps")
     if raw_get(raw, "training", "epochs") is not None and max_steps is not None:
         problems.append("training.epochs: set together with training.max_steps; give one of them")

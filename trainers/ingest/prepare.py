@@ -69,6 +69,13 @@ class Prepared:
     kind: str = "text"
     #: The example columns in the Parquet files (besides `_src`/`_row`, each example's source file and row)
     columns: list[str] = field(default_factory=lambda: ["input_ids", "labels"])
+    #: Evaluate on the first this many eval examples only (`data.max_eval_rows`: set per job, not stored in the cache)
+    eval_limit: int | None = None
+
+    @property
+    def n_evaluated(self) -> int:
+        """The eval examples a job evaluates: the first `eval_limit` of the `n_eval` held out."""
+        return self.n_eval if self.eval_limit is None else min(self.n_eval, self.eval_limit)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -322,7 +329,8 @@ def tokenizer_fingerprint(model_dir: str) -> str:
 
 
 def cache_key(data, seed: int, files: dict[str, list[SourceFile]], tokenizer_fp: str, kind: str = "text") -> str:
-    spec = {k: v for k, v in data.model_dump(mode="json").items() if k not in ("train", "eval")}
+    # the sources are hashed by name, size and mtime below; max_eval_rows only picks what is evaluated
+    spec = {k: v for k, v in data.model_dump(mode="json").items() if k not in ("train", "eval", "max_eval_rows")}
     raw = json.dumps({
         "v": PIPELINE_VERSION, "kind": kind, "spec": spec, "seed": seed if not data.eval else None, "tok": tokenizer_fp,
         "files": {split: [(f.uri, f.size, f.mtime) for f in fs] for split, fs in files.items()},
@@ -501,6 +509,10 @@ def prepare_for_job(spec, storage_uri: str, search: bool = False):
     prepared = prepare_data(spec.data, model_source=spec.model.source, model_dir=str(model_dir),
                             storage_uri=storage_uri, seed=spec.training.seed, kind=data_kind(spec, search))
     print(stats_line(prepared), flush=True)
+    prepared.eval_limit = spec.data.max_eval_rows
+    if prepared.n_evaluated < prepared.n_eval:
+        print(f"[rayft] data: evaluating the first {prepared.n_evaluated:,} of {prepared.n_eval:,} eval examples "
+              "(data.max_eval_rows)", flush=True)
     t, workers = spec.training, spec.resources.num_workers
     if micro_batches_per_epoch(prepared.n_train, workers, t.micro_batch_size) < 1:
         raise DataError(f"{spec.data.train}: {prepared.n_train} training examples are too few for {workers} worker(s) × "

@@ -265,10 +265,15 @@ def iter_examples(prepared, part: str = EVAL, chunk: int = 1024) -> Iterator:
 
     fs, _ = filesystem_for(prepared.uri)
     names = read_columns(prepared)
+    left = prepared.n_train if part == TRAIN else prepared.n_evaluated
     for path in prepared.train_files if part == TRAIN else prepared.eval_files:
         with fs.open_input_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk, columns=names):
-                yield from to_examples({n: batch.column(n).to_pylist() for n in names}, prepared.kind)
+                examples = to_examples({n: batch.column(n).to_pylist() for n in names}, prepared.kind)[:left]
+                yield from examples
+                left -= len(examples)
+                if left <= 0:
+                    return
 
 
 def part_keys(prepared, part: str) -> list[int]:
@@ -279,11 +284,14 @@ def part_keys(prepared, part: str) -> list[int]:
 
     fs, _ = filesystem_for(prepared.uri)
     keys: list[int] = []
+    wanted = prepared.n_train if part == TRAIN else prepared.n_evaluated
     for path in prepared.train_files if part == TRAIN else prepared.eval_files:
+        if len(keys) >= wanted:
+            break
         with fs.open_input_file(path) as f:
             table = pq.read_table(f, columns=["_src", "_row"])
         keys += [row_key(s, r) for s, r in zip(table.column(0).to_pylist(), table.column(1).to_pylist())]
-    return keys
+    return keys[:wanted]
 
 
 def eval_batches(prepared, batch_size: int, world: int, rank: int) -> Iterator[list]:
@@ -370,7 +378,7 @@ class WorkerStream:
 
     @property
     def n_eval(self) -> int:
-        return self.prepared.n_eval
+        return self.prepared.n_evaluated
 
     @property
     def stats(self) -> dict:
