@@ -411,19 +411,14 @@ def _run_pass(fs, files: list[SourceFile], formats: list[str], cfg: dict, split:
     # slower: data bench, 3.2M rows, 2 cores, 14.7k vs 24.9k rows/s.)
     # reading is light (split lines); it gets a fraction of a CPU so Ray Data does not fuse it with the
     # tokenizing map, which then runs as parallel tasks over the blocks of even a single file
-    context = ray.data.DataContext.get_current()
-    default_block_bytes = context.target_max_block_size
-    context.target_max_block_size = PASS_BLOCK_BYTES  # a Dataset keeps a copy of the context it was made under
-    try:
-        ds = ray.data.read_datasource(make_row_source(fs, files, BLOCK_ROWS), override_num_blocks=len(files),
-                                      num_cpus=0.25)
-        ds = ds.map_batches(
-            prepare_block, batch_size=None, batch_format="pyarrow",
-            fn_kwargs={"files": [asdict(f) for f in files], "formats": formats, "cfg": cfg, "split": split,
-                       "out_dir": out_dir, "out_fs": out_fs},
-        )
-    finally:
-        context.target_max_block_size = default_block_bytes
+    ds = ray.data.read_datasource(make_row_source(fs, files, BLOCK_ROWS), override_num_blocks=len(files), num_cpus=0.25)
+    # the Dataset's own copy of the context (its map below shares it): other Datasets of the process keep the default
+    ds.context.target_max_block_size = PASS_BLOCK_BYTES
+    ds = ds.map_batches(
+        prepare_block, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"files": [asdict(f) for f in files], "formats": formats, "cfg": cfg, "split": split,
+                   "out_dir": out_dir, "out_fs": out_fs},
+    )
     try:
         return ds.take_all()
     except Exception as exc:
