@@ -193,6 +193,31 @@ def test_local_shuffle_hands_out_every_row_once_in_a_seeded_order(window, fetch)
     assert run(1)[0] == batches and run(2)[0] != batches  # a function of the seed
 
 
+@pytest.mark.parametrize("end_micro,passes", [(None, 2), (8, 1), (9, 2)])
+def test_the_next_epochs_pass_starts_early_only_if_the_run_reaches_it(end_micro, passes):
+    """A shard of 40 rows, micro-batches of 5: 8 per epoch. The next epoch's pass is started while the last rows of
+    this one train, unless the run ends within this epoch."""
+    import pyarrow as pa
+
+    from trainers.ingest.stream import train_micro_batches
+
+    class Shard:  # what a worker's Ray Data shard offers the stream: one pass per iter_batches call
+        started = 0
+
+        def iter_batches(self, **_):
+            Shard.started += 1
+            return iter([pa.table({"input_ids": [[i] for i in range(b, b + 10)], "labels": [[i] for i in range(b, b + 10)]})
+                         for b in range(0, 40, 10)])
+
+    stream = train_micro_batches(Shard(), n_train=40, world=1, micro_batch_size=5, seed=0, end_micro=end_micro)
+    first_epoch = [next(stream) for _ in range(8)]
+    assert sorted(e.input_ids[0] for batch in first_epoch for e in batch) == list(range(40))
+    assert Shard.started == passes
+    if end_micro is None:
+        # epoch 2 runs on the pass started early; its 40 rows fit the shuffle window, so epoch 3's starts at once
+        assert len(next(stream)) == 5 and Shard.started == 3
+
+
 @pytest.mark.slow
 def test_two_workers_get_disjoint_shards_covering_the_data_in_the_same_order(ray_session, tiny_model_dir, tmp_path):
     import ray.train

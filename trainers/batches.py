@@ -109,7 +109,7 @@ def worker_batches(spec, config: dict, world: int, rank: int, pad_id: int, devic
     # position is known once its checkpoint is restored)
     fresh = newest_checkpoint(config) is None
     stream = WorkerStream(config["data"], micro_batch_size=t.micro_batch_size, seed=t.seed, world=world, rank=rank,
-                          start_micro=0 if fresh else None)
+                          start_micro=0 if fresh else None, end_micro=t.max_steps * t.grad_accum)
     return StreamingBatches(stream, t.micro_batch_size, t.grad_accum, pad_id, device)
 
 
