@@ -58,9 +58,9 @@ def test_prepare_from_s3_glob_with_eval_split_and_reuse(ray_session, tiny_model_
     assert read_examples(again) == train
 
 
-def test_a_file_of_several_pass_blocks_is_preprocessed_like_one_block(ray_session, tiny_model_dir, tmp_path, monkeypatch):
+def test_a_file_of_several_pass_blocks_is_preprocessed_like_one_block(ray_session, tiny_model_dir, tmp_path, monkeypatch, capsys):
     # a large file is cut into PASS_BLOCK_BYTES blocks, tokenized by parallel tasks; that must not change what is
-    # written, its order, or the held-out rows
+    # written, its order, or the held-out rows. The driver says how far the pass has got as blocks finish.
     from trainers.ingest import prepare as prepare_module
     from trainers.tiny import task_examples, write_jsonl
 
@@ -68,7 +68,10 @@ def test_a_file_of_several_pass_blocks_is_preprocessed_like_one_block(ray_sessio
     data = DataSpec(train=str(path), eval_fraction=0.2, max_seq_len=32)
     whole = prep(data, tiny_model_dir, tmp_path / "one-block")
     monkeypatch.setattr(prepare_module, "PASS_BLOCK_BYTES", path.stat().st_size // 5)
+    monkeypatch.setattr(prepare_module, "PROGRESS_EVERY_S", 0.0)  # a progress line after every block
+    capsys.readouterr()
     cut = prep(data, tiny_model_dir, tmp_path / "blocks")
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[rayft] data: preprocessing data.train: ")]
 
     def first_rows(prepared):  # each file is named <file>-<first row of its block>-<n>
         return {f.rsplit("/", 1)[1].split("-")[1] for f in prepared.train_files + prepared.eval_files}
@@ -77,6 +80,10 @@ def test_a_file_of_several_pass_blocks_is_preprocessed_like_one_block(ray_sessio
     assert (cut.n_train, cut.n_eval, cut.stats["rows_read"]) == (whole.n_train, whole.n_eval, 600)
     assert read_examples(cut) == read_examples(whole)
     assert read_examples(cut, "eval") == read_examples(whole, "eval")
+    rows = [int(line.split(": ")[2].split(" rows")[0].replace(",", "")) for line in progress]
+    shares = [int(line.split(", ")[2].split("%")[0]) for line in progress]
+    assert len(progress) == len(first_rows(cut)) and rows == sorted(rows) and rows[-1] == 600, progress
+    assert shares == sorted(shares) and 0 < shares[0] and shares[-1] == 99 and all(" left" in line for line in progress), progress
 
 
 def test_bad_row_deep_in_a_file_names_its_line_or_is_skipped(ray_session, tiny_model_dir, tmp_path):

@@ -248,3 +248,42 @@ def test_file_chunks_bound_rows_and_tokens_and_keep_order(sizes, max_rows, max_t
 
     items = [(0, i, {"input_ids": [1] * n, "labels": [1] * n}) for i, n in enumerate(sizes)]
     assert [[row for _, row, _ in chunk] for chunk in file_chunks(items, max_rows, max_tokens)] == files
+
+
+
+def test_pass_progress_says_rows_rate_share_and_time_left_every_interval(capsys, monkeypatch):
+    from trainers.ingest import prepare
+    from trainers.ingest.sources import SourceFile
+
+    monkeypatch.setattr(prepare, "PROGRESS_EVERY_S", 10.0)
+    now = [100.0]
+    jsonl = [SourceFile(uri=f"d/{i}.jsonl", path=f"/d/{i}.jsonl", kind="jsonl", size=500, mtime=None) for i in range(2)]
+    progress = prepare.PassProgress("data.train", jsonl, clock=lambda: now[0])
+    now[0] += 5
+    progress.update(1000, 250)
+    assert capsys.readouterr().out == ""  # nothing before the first interval
+    now[0] += 5
+    progress.update(1000, 250)
+    # rows so far, their rate, the share of the input's bytes, and the time left at that rate
+    assert capsys.readouterr().out == "[rayft] data: preprocessing data.train: 2,000 rows, 200 rows/s, 50% of the input, about 0:00:10 left\n"
+    now[0] += 1
+    progress.update(1000, 500)  # the whole input, but a line comes only an interval after the last one
+    assert capsys.readouterr().out == ""
+    now[0] += 9
+    progress.update(0, 0)
+    # never 100% before the pass ends: the bytes do not count blank lines
+    assert capsys.readouterr().out == "[rayft] data: preprocessing data.train: 3,000 rows, 150 rows/s, 99% of the input, about 0:00:00 left\n"
+
+    # the time left goes at the rate since the first block: the seconds before it were start-up
+    slow_start = prepare.PassProgress("data.train", jsonl, clock=lambda: now[0])
+    now[0] += 8
+    slow_start.update(100, 100)
+    now[0] += 2
+    slow_start.update(200, 200)
+    assert capsys.readouterr().out.endswith(", 30% of the input, about 0:00:07 left\n")
+
+    parquet = [SourceFile(uri="d/a.parquet", path="/d/a.parquet", kind="parquet", size=500, mtime=None)]
+    mixed = prepare.PassProgress("data.eval", jsonl + parquet, clock=lambda: now[0])
+    now[0] += 3600 * 2
+    mixed.update(72_000, 900)  # a Parquet file's bytes are not the rows' bytes: no share, no time left
+    assert capsys.readouterr().out == "[rayft] data: preprocessing data.eval: 72,000 rows, 10 rows/s\n"
