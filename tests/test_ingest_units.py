@@ -281,6 +281,11 @@ def test_pass_progress_says_rows_rate_share_and_time_left_every_interval(capsys,
     now[0] += 2
     slow_start.update(200, 200)
     assert capsys.readouterr().out.endswith(", 30% of the input, about 0:00:07 left\n")
+    # no time left to say while the first block is the only one done
+    first_late = prepare.PassProgress("data.train", jsonl, clock=lambda: now[0])
+    now[0] += 12
+    first_late.update(100, 100)
+    assert capsys.readouterr().out.endswith(" rows/s, 10% of the input\n")
 
     parquet = [SourceFile(uri="d/a.parquet", path="/d/a.parquet", kind="parquet", size=500, mtime=None)]
     mixed = prepare.PassProgress("data.eval", jsonl + parquet, clock=lambda: now[0])

@@ -463,18 +463,20 @@ class PassProgress:
         text = f"[rayft] data: preprocessing {self.field}: {self.rows:,} rows, {rate:,.0f} rows/s"
         if self.total_bytes:
             share = min(self.bytes / self.total_bytes, 0.99)  # blank lines are not counted: never claim 100% early
-            text += f", {100 * share:.0f}% of the input, about {_clock(self._seconds_left(elapsed))} left"
+            text += f", {100 * share:.0f}% of the input"
+            left = self._seconds_left(elapsed)
+            if left is not None:
+                text += f", about {_clock(left)} left"
         return text
 
-    def _seconds_left(self, elapsed: float) -> float:
-        # at the rate since the first block: the time before it is start-up (at 3.2M rows on 2 cores, the overall
-        # rate said 11 min left at 3% when 2 min were)
-        left = max(self.total_bytes - self.bytes, 0)
+    def _seconds_left(self, elapsed: float) -> float | None:
+        """At the rate since the first block (None until a later one is done): the time before it is start-up (at
+        3.2M rows on 2 cores, the overall rate said 10 min left at 3% when under 2 min were)."""
         t0, b0 = self.first
         since = self.start + elapsed - t0
-        if since > 0 and self.bytes > b0:
-            return left * since / (self.bytes - b0)
-        return left * elapsed / max(self.bytes, 1)
+        if since <= 0 or self.bytes <= b0:
+            return None
+        return max(self.total_bytes - self.bytes, 0) * since / (self.bytes - b0)
 
 
 def _clock(seconds: float) -> str:
