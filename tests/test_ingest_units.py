@@ -250,7 +250,6 @@ def test_file_chunks_bound_rows_and_tokens_and_keep_order(sizes, max_rows, max_t
     assert [[row for _, row, _ in chunk] for chunk in file_chunks(items, max_rows, max_tokens)] == files
 
 
-
 def test_pass_progress_says_rows_rate_share_and_time_left_every_interval(capsys, monkeypatch):
     from trainers.ingest import prepare
     from trainers.ingest.sources import SourceFile

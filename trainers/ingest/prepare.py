@@ -455,28 +455,27 @@ class PassProgress:
         if self.first is None:
             self.first = (now, self.bytes)
         if now >= self.next_at:
-            print(self.line(now - self.start), flush=True)
+            print(self.line(now), flush=True)
             self.next_at = now + PROGRESS_EVERY_S
 
-    def line(self, elapsed: float) -> str:
-        rate = self.rows / max(elapsed, 1e-9)
+    def line(self, now: float) -> str:
+        rate = self.rows / max(now - self.start, 1e-9)
         text = f"[rayft] data: preprocessing {self.field}: {self.rows:,} rows, {rate:,.0f} rows/s"
         if self.total_bytes:
             share = min(self.bytes / self.total_bytes, 0.99)  # blank lines are not counted: never claim 100% early
             text += f", {100 * share:.0f}% of the input"
-            left = self._seconds_left(elapsed)
+            left = self._seconds_left(now)
             if left is not None:
                 text += f", about {_clock(left)} left"
         return text
 
-    def _seconds_left(self, elapsed: float) -> float | None:
+    def _seconds_left(self, now: float) -> float | None:
         """At the rate since the first block (None until a later one is done): the time before it is start-up (at
         3.2M rows on 2 cores, the overall rate said 10 min left at 3% when under 2 min were)."""
         t0, b0 = self.first
-        since = self.start + elapsed - t0
-        if since <= 0 or self.bytes <= b0:
+        if now <= t0 or self.bytes <= b0:
             return None
-        return max(self.total_bytes - self.bytes, 0) * since / (self.bytes - b0)
+        return max(self.total_bytes - self.bytes, 0) * (now - t0) / (self.bytes - b0)
 
 
 def _clock(seconds: float) -> str:
