@@ -69,6 +69,11 @@ MALFORMED = [
     ("max-eval-rows-zero", with_(GOOD, data__max_eval_rows=0), ["data.max_eval_rows: got 0, must be ≥ 1"]),
     ("seq-len-tiny", with_(GOOD, data__max_seq_len=4), ["data.max_seq_len: got 4, must be ≥ 8"]),
     ("bad-format", with_(GOOD, data__format="csv"), ["data.format: got 'csv'"]),
+    ("preprocess-unknown", with_(GOOD, data__preprocess="after"), ["data.preprocess: got 'after'", "'before'", "'during'"]),
+    ("preprocess-during-epochs", with_(GOOD, data__preprocess="during", training={"epochs": 2}),
+     ["data.preprocess: got 'during', but training.epochs needs the dataset's size", "give training.max_steps"]),
+    ("preprocess-during-preference", with_(GOOD, data__preprocess="during", objective="dpo"),
+     ["data.preprocess: got 'during'", "objective dpo reads preference rows", "set data.preprocess: before"]),
     ("not-a-mapping", ["just", "a", "list"], ["must be a mapping"]),
     ("ds-extra-without-zero3", with_(GOOD, deepspeed={"extra": {"steps_per_print": 1}}), ["deepspeed.extra: set, but the job does not use"]),
 ]

@@ -154,11 +154,11 @@ def test_lora_merged_model_equals_unmerged(ray_session, tiny_model_dir, reverse_
     assert lineage["merged_from"] == "rev-lora-m@1" and lineage["run_id"] == result.run_id
 
 
-def _fault_job(model_dir, data, uri, name, max_failures):
+def _fault_job(model_dir, data, uri, name, max_failures, **data_options):
     return make_job(
         model_dir, data, uri, {"name": "lora", "r": 4, "alpha": 8}, name=name,
         training={"max_steps": 20, "checkpoint_every": 5, "eval_every": 20, "log_every": 5, "lr": 0.005},
-        resources={"max_failures": max_failures},
+        resources={"max_failures": max_failures}, data=data_options,
     )
 
 
@@ -175,6 +175,43 @@ def test_worker_killed_resumes_from_last_checkpoint(ray_session, tiny_model_dir,
     clean = run_training(_fault_job(tiny_model_dir, reverse_data, local_uri, "fault-b", 0), publish=False)
     assert crashed.metrics["train_loss"] == pytest.approx(clean.metrics["train_loss"], abs=1e-4)
     assert crashed.metrics["eval_loss"] == pytest.approx(clean.metrics["eval_loss"], abs=1e-4)
+
+
+def test_training_while_preprocessing_resumes_exactly_and_a_rerun_on_the_finished_data_trains_the_same(
+        ray_session, tiny_model_dir, reverse_data, tmp_path, capsys):
+    store, marker = str(tmp_path / "store"), tmp_path / "crashed"
+    crashed = run_training(_fault_job(tiny_model_dir, reverse_data, store, "live-a", 2, preprocess="during"),
+                           faults={"crash_at_step": 12, "marker": str(marker)}, publish=False)
+    out = capsys.readouterr().out
+    assert "[rayft] data: preprocessing while training (data.preprocess: during)" in out
+    assert "[rayft] data: 160 rows read, 0 skipped, 0 truncated; " in out  # said when the pass is done
+    assert marker.read_text() == "12"
+    with crashed.checkpoint.as_directory() as d:
+        state = load_state(d, STATE_NAME)
+    assert state["resumes"] == [10] and state["data"]["rows_read"] == 160
+    rerun_spec = _fault_job(tiny_model_dir, reverse_data, store, "live-b", 0, preprocess="during")
+    rerun = run_training(rerun_spec, publish=False)
+    assert "[rayft] data: reusing preprocessed" in capsys.readouterr().out
+    assert crashed.metrics["train_loss"] == pytest.approx(rerun.metrics["train_loss"], abs=1e-4)
+    assert crashed.metrics["eval_loss"] == pytest.approx(rerun.metrics["eval_loss"], abs=1e-4)
+    assert rerun.metrics["eval_loss"] < base_eval_loss(rerun_spec, tiny_model_dir) - 0.1
+
+
+def test_a_bad_row_found_while_training_fails_the_run_with_its_line_and_publishes_nothing(
+        ray_session, tiny_model_dir, tmp_path):
+    from trainers.ingest.sources import DataError
+    from trainers.tiny import task_examples, write_jsonl
+
+    rows = task_examples("reverse", 400, seed=2)
+    path = write_jsonl(rows, tmp_path / "late-bad.jsonl")
+    lines = path.read_text().splitlines()
+    lines[299] = '{"prompt": "p", "completion": 3}'  # line 300: past the rows checked before training starts
+    path.write_text("\n".join(lines) + "\n")
+    store = str(tmp_path / "store")
+    spec = make_job(tiny_model_dir, path, store, {"name": "lora"}, name="late-bad", data={"preprocess": "during"})
+    with pytest.raises(DataError, match=r"late-bad.jsonl:300: expected string fields \"prompt\" and \"completion\""):
+        run_training(spec)
+    assert not open_registry(store).list()
 
 
 def test_failure_without_retries_reports_error_and_keeps_last_checkpoint(ray_session, tiny_model_dir, reverse_data, local_uri):

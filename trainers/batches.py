@@ -14,16 +14,16 @@ from typing import Protocol
 
 import torch
 
+from trainers.ingest.live import LiveStream
 from trainers.ingest.stream import (
     EVAL, TRAIN, WorkerStream, collate, collate_for, first_sequence, iter_examples, part_keys,
 )
 
 
 class Batches(Protocol):
-    #: Examples in the train / eval sets and rows skipped as malformed (for the start-up line).
+    #: Examples in the train / eval sets (a pass still running during training is waited for).
     train_size: int
     eval_size: int
-    skipped_rows: int
     #: The preprocessing statistics of the data (kept in the checkpoints: the run's history).
     stats: dict
 
@@ -38,6 +38,9 @@ class Batches(Protocol):
     def probe_input_ids(self) -> torch.Tensor:
         """One fixed example's input ids, shape (1, n), on the device: the final checkpoint's probe."""
 
+    def describe(self) -> str:
+        """The data's sizes for the worker's start-up line (without waiting for a pass still running)."""
+
     def eval_examples(self) -> list:
         """The whole eval split in a fixed order, the same on every rank (a task metric answers its first rows)."""
 
@@ -48,12 +51,25 @@ class StreamingBatches:
     def __init__(self, stream: WorkerStream, batch_size: int, grad_accum: int, pad_id: int, device: torch.device):
         self.stream, self.batch_size, self.grad_accum = stream, batch_size, grad_accum
         self.pad_id, self.device = pad_id, device
-        self.train_size, self.eval_size = stream.n_train, stream.n_eval
-        self.skipped_rows = stream.stats.get("bad_rows_skipped", 0)
-        self.stats = stream.stats
         #: examples -> padded batch: the SFT collate, or preference pairs / KTO rows with their own
         self.collate = collate_for(stream.kind, pad_id)
         self._reference: dict[str, tuple[dict[str, torch.Tensor], dict[int, int]]] = {}
+
+    # read from the stream when asked: data still being preprocessed (trainers.ingest.live) knows them at the pass's end
+    @property
+    def train_size(self) -> int:
+        return self.stream.n_train
+
+    @property
+    def eval_size(self) -> int:
+        return self.stream.n_eval
+
+    @property
+    def stats(self) -> dict:
+        return self.stream.stats
+
+    def describe(self) -> str:
+        return self.stream.describe()
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         examples = self.stream.micro_batch((step - 1) * self.grad_accum + micro)
@@ -108,7 +124,8 @@ def worker_batches(spec, config: dict, world: int, rank: int, pad_id: int, devic
     # a fresh run starts at micro-batch 0, known now: its stream starts while the model loads (a resumed run's
     # position is known once its checkpoint is restored)
     fresh = newest_checkpoint(config) is None
-    stream = WorkerStream(config["data"], micro_batch_size=t.micro_batch_size, seed=t.seed, world=world, rank=rank,
+    live = config["data"].get("live", False)  # data.preprocess: during (the order of the pass's manifest)
+    stream = (LiveStream if live else WorkerStream)(config["data"], micro_batch_size=t.micro_batch_size, seed=t.seed, world=world, rank=rank,
                           start_micro=0 if fresh else None, end_micro=t.max_steps * t.grad_accum)
     return StreamingBatches(stream, t.micro_batch_size, t.grad_accum, pad_id, device)
 

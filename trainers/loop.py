@@ -222,8 +222,7 @@ def train_func(config: dict) -> None:
         say(
             f"[rayft] {spec.method.name}{strategy.label}: trainable {strategy.trainable:,} / {strategy.total:,} params"
             f"{strategy.banner_extra()}, precision {strategy.precision.name}, workers {world}, "
-            f"train {batches.train_size} / eval {batches.eval_size} examples (streamed)"
-            + (f", {batches.skipped_rows} bad rows skipped" if batches.skipped_rows else "")
+            f"{batches.describe()}"
         )
     # tune.metric: exact_match — the trial's workers also answer held-out prompts at each evaluation
     scorer = task_scorer(config.get("task_eval"), tokenizer, batches, w.device, strategy.precision, world, rank,

@@ -12,7 +12,7 @@ from pathlib import Path
 from storage.errors import RayftError, RunFailed, root_cause
 from storage.registry import Manifest, Registry
 from storage.store import default_storage_uri, open_store, pyarrow_filesystem
-from trainers.ingest.prepare import Prepared, prepare_for_job
+from trainers.ingest.prepare import Prepared, finish_live_pass, prepare_for_job
 from trainers.ingest.stream import trainer_datasets
 from trainers.loop import train_func
 from storage.models import resolve_model_dir
@@ -96,14 +96,15 @@ def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, prepared: Prepar
     from ray.train.torch import TorchTrainer
 
     fs, base_path = pyarrow_filesystem(storage_uri)
-    datasets, dataset_config = trainer_datasets(prepared, spec.training.seed)
+    # data still being preprocessed is read by the workers from the pass's manifest (trainers.ingest.live)
+    datasets, dataset_config = trainer_datasets(prepared, spec.training.seed) if not prepared.live else (None, None)
     return TorchTrainer(
         train_func,  # one worker loop; it picks the job's strategy (trainers.strategy)
         # The validated JobSpec itself travels (pickled): workers use it as it is, without validating it again.
         train_loop_config={"spec": spec, "storage_uri": storage_uri, "run_id": run_id, "faults": faults, "task_eval": task_eval,
                            "data": prepared.to_json()},
         datasets=datasets,
-        dataset_config=dataset_config,
+        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.resources.num_workers,
             use_gpu=use_gpu(spec),
@@ -162,7 +163,9 @@ def run_training(
         try:
             result = build_trainer(spec, run_id, storage_uri, prepared, faults).fit()
         except ray.train.TrainingFailedError as exc:
+            finish_live_pass(prepared, training_failed=True)  # a bad row the pass found: its error, not the workers' echo
             raise TrainingFailed(f"run {run_id} failed: {root_cause(exc)}") from exc  # the cause: for --verbose
+        finish_live_pass(prepared)
         if result.error is not None:
             raise TrainingFailed(f"run {run_id} failed: {root_cause(result.error)}") from result.error
         if result.checkpoint is None:

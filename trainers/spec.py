@@ -70,6 +70,14 @@ class DataSpec(_Strict):
     packing: bool = Field(False, description="Concatenate examples into full max_seq_len blocks.")
     train_on_prompt: bool = Field(False, description="Also compute loss on prompt/user tokens (default: completion only).")
     on_bad_row: Literal["error", "skip"] = Field("error", description="A malformed row stops the job (naming file and line), or is skipped and counted.")
+    preprocess: Literal["before", "during"] = Field(
+        "before",
+        description="When a first run preprocesses the data. before: the whole pass, every row checked, before any worker "
+        "starts. during: the workers start after the checks on each file's first rows and train on the data as the pass "
+        "writes it (the first step comes as soon on 3M rows as on 20k); evaluation waits for the pass, and a bad row it "
+        "finds later stops the run with its file and line (the checkpoints so far are kept). Needs training.max_steps; "
+        "SFT objectives; `rayft tune` always preprocesses first. A rerun reuses the finished pass either way.",
+    )
 
     @field_validator("format")
     @classmethod
@@ -327,6 +335,15 @@ def cross_field_problems(raw: dict) -> list[str]:
         problems.append("data.max_eval_rows: set, but nothing is evaluated (data.eval unset and data.eval_fraction 0); "
                         "remove it, or give data.eval or an eval_fraction")
     max_steps = raw_get(raw, "training", "max_steps")
+    if raw_get(raw, "data", "preprocess") == "during":
+        if raw_get(raw, "training", "epochs") is not None:
+            problems.append("data.preprocess: got 'during', but training.epochs needs the dataset's size before training "
+                            "starts; give training.max_steps, or set data.preprocess: before")
+        objective = raw_get(raw, "objective")
+        name = objective if isinstance(objective, str) else raw_get(raw, "objective", "name")
+        if name in PREFERENCE_OBJECTIVES:
+            problems.append(f"data.preprocess: got 'during', which streams SFT rows; objective {name} reads preference "
+                            "rows, preprocessed before training: set data.preprocess: before")
     if raw_get(raw, "training", "epochs") is not None and max_steps is not None:
         problems.append("training.epochs: set together with training.max_steps; give one of them")
     warmup = raw_get(raw, "training", "warmup_steps")

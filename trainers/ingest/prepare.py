@@ -23,15 +23,16 @@ import functools
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from trainers.ingest.formats import (
     FORMATS, IGNORE, EncodeOptions, apply_columns, detect_format, detect_hint, encode_rows, encoder_of,
     formats_of, has_generation_markers, missing_columns, pack, sequences, truncate,
 )
-from trainers.ingest.sources import DataError, SourceFile, make_row_source, preview, resolve
+from trainers.ingest.sources import DataError, SourceFile, lower_priority, make_row_source, preview, resolve
 
 #: Rows per block read from a source file (Ray Data then merges a read task's blocks up to its target block size).
 BLOCK_ROWS = 4096
@@ -48,6 +49,9 @@ FILE_TOKENS = 1 << 21
 #: written after 95 s of a 108 s pass. At 8 MiB: 27 tasks, the first file after 9 s, and the same throughput on 2 cores
 #: (3.2M rows: 29.7k vs 30.0k rows/s).
 PASS_BLOCK_BYTES = 8 << 20
+#: The same for a pass that runs while the job trains (`data.preprocess: during`): training starts on the first block's
+#: files, and a smaller block is written sooner. (Its own cache key: packing is per block.)
+LIVE_PASS_BLOCK_BYTES = 2 << 20
 #: The driver says how far the pass has got every this many seconds (see `PassProgress`); 0: after every block.
 PROGRESS_EVERY_S = 10.0
 #: Bumped whenever preprocessing changes what it writes, so old caches are not reused.
@@ -73,6 +77,9 @@ class Prepared:
     columns: list[str] = field(default_factory=lambda: ["input_ids", "labels"])
     #: Evaluate on the first this many eval examples only (`data.max_eval_rows`: set per job, not stored in the cache)
     eval_limit: int | None = None
+    #: Preprocessed while the job trains (`data.preprocess: during`): the workers read the files in the order of the
+    #: manifest that trainers.ingest.live keeps; while the pass runs, the files and counts are there, not here
+    live: bool = False
 
     @property
     def n_evaluated(self) -> int:
@@ -204,10 +211,15 @@ def _column(values: list):
     return pa.array(values)
 
 
-def prepare_block(batch, *, files: list[dict], formats: list[str], cfg: dict, split: str, out_dir: str, out_fs) -> "Any":
-    """The Ray Data operator: one block of raw rows in, its examples written as Parquet, one stats row out."""
+def prepare_block(batch, *, files: list[dict], formats: list[str], cfg: dict, split: str, out_dir: str, out_fs,
+                  background: bool = False) -> "Any":
+    """The Ray Data operator: one block of raw rows in, its examples written as Parquet, one stats row out.
+    `background`: the job trains meanwhile (`data.preprocess: during`), and its processes come first."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    if background:
+        lower_priority()
 
     sources = [SourceFile(**f) for f in files]
     srcs, poss, raws = batch.column("_src").to_pylist(), batch.column("_row").to_pylist(), batch.column("_raw").to_pylist()
@@ -232,6 +244,7 @@ def prepare_block(batch, *, files: list[dict], formats: list[str], cfg: dict, sp
         blocks = pack([e[2] for e in train], cfg["max_seq_len"])
         kept = len(blocks) * cfg["max_seq_len"]
         train = [(train[0][0], train[0][1], b) for b in blocks]
+    written = []
     for part, items in (("train", train), ("eval", evals)):
         # numbered after the block's name, so that sorted names are data order
         for n, chunk in enumerate(file_chunks(items, FILE_ROWS, FILE_TOKENS)):
@@ -241,7 +254,10 @@ def prepare_block(batch, *, files: list[dict], formats: list[str], cfg: dict, sp
                 "_row": pa.array([e[1] for e in chunk], pa.int64()),
             })
             pq.write_table(table, f"{out_dir}/{part}/{name}-{n:05d}.parquet", filesystem=out_fs)
+            written.append(f"{out_dir}/{part}/{name}-{n:05d}.parquet")
     return pa.table({
+        # the files just written, in data order (the manifest of a run that trains during the pass: trainers.ingest.live)
+        "files": ["\n".join(written)],
         # the rows' bytes as read (JSONL: the file's bytes less blank lines), for the driver's progress line
         "source_bytes": [sum(len(r) + 1 for r in raws)],
         "rows": [done["rows"]], "bad_rows": [done["bad"]], "truncated": [done["truncated"]],
@@ -332,11 +348,14 @@ def tokenizer_fingerprint(model_dir: str) -> str:
     return digest.hexdigest()
 
 
-def cache_key(data, seed: int, files: dict[str, list[SourceFile]], tokenizer_fp: str, kind: str = "text") -> str:
-    # the sources are hashed by name, size and mtime below; max_eval_rows only picks what is evaluated
-    spec = {k: v for k, v in data.model_dump(mode="json").items() if k not in ("train", "eval", "max_eval_rows")}
+def cache_key(data, seed: int, files: dict[str, list[SourceFile]], tokenizer_fp: str, kind: str = "text",
+              block_bytes: int = PASS_BLOCK_BYTES) -> str:
+    # the sources are hashed by name, size and mtime below; max_eval_rows only picks what is evaluated; preprocess
+    # only through the pass's block size (`block_bytes`: the files, and with packing the examples, follow its blocks)
+    spec = {k: v for k, v in data.model_dump(mode="json").items() if k not in ("train", "eval", "max_eval_rows", "preprocess")}
     raw = json.dumps({
         "v": PIPELINE_VERSION, "kind": kind, "spec": spec, "seed": seed if not data.eval else None, "tok": tokenizer_fp,
+        **({"block_bytes": block_bytes} if block_bytes != PASS_BLOCK_BYTES else {}),
         "files": {split: [(f.uri, f.size, f.mtime) for f in fs] for split, fs in files.items()},
     }, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
@@ -360,9 +379,14 @@ def _ray_error(exc: BaseException) -> DataError | None:
     return None
 
 
-def prepare_data(data, *, model_source: str, model_dir: str, storage_uri: str, seed: int, kind: str = "text") -> Prepared:
+def prepare_data(data, *, model_source: str, model_dir: str, storage_uri: str, seed: int, kind: str = "text",
+                 during: Callable[[Prepared], None] | None = None) -> Prepared:
     """Preprocess `data` (a DataSpec) for training an objective that reads rows of `kind` ("text", "paired",
-    "unpaired"), or reuse an earlier identical preprocessing."""
+    "unpaired"), or reuse an earlier identical preprocessing.
+
+    `during`: train while preprocessing (`data.preprocess: during`): after the checks on each file's first rows, the
+    pass runs on a thread (trainers.ingest.live) and the `Prepared` returned is `live`; `during(prepared)` is called
+    with the finished dataset and raises the DataError of one the job cannot train on."""
     import pyarrow.fs
 
     from storage.store import pyarrow_filesystem
@@ -372,7 +396,8 @@ def prepare_data(data, *, model_source: str, model_dir: str, storage_uri: str, s
     fs, train_files = resolve(data.train, "data.train")
     eval_fs, eval_files = resolve(data.eval, "data.eval") if data.eval else (None, [])
     tok = AutoTokenizer.from_pretrained(model_dir)
-    key = cache_key(data, seed, {"train": train_files, "eval": eval_files}, tokenizer_fingerprint(model_dir), kind)
+    key = cache_key(data, seed, {"train": train_files, "eval": eval_files}, tokenizer_fingerprint(model_dir), kind,
+                    LIVE_PASS_BLOCK_BYTES if during is not None else PASS_BLOCK_BYTES)
     out_fs, base = pyarrow_filesystem(storage_uri)
     out_dir = f"{base.rstrip('/')}/datasets/{key}"
     uri = f"{storage_uri.rstrip('/')}/datasets/{key}"
@@ -381,6 +406,7 @@ def prepare_data(data, *, model_source: str, model_dir: str, storage_uri: str, s
         with out_fs.open_input_stream(f"{out_dir}/stats.json") as f:
             prepared = Prepared.from_json(json.loads(f.read()))
         prepared.reused = True
+        prepared.live = during is not None  # read in the order a live pass gives (its manifest), as the first run did
         print(f"[rayft] data: reusing preprocessed {uri} ({prepared.n_train} train / {prepared.n_eval} eval examples)", flush=True)
         return prepared
 
@@ -390,27 +416,43 @@ def prepare_data(data, *, model_source: str, model_dir: str, storage_uri: str, s
     for part in ("train", "eval"):
         out_fs.create_dir(f"{out_dir}/{part}", recursive=True)
     cfg = _cfg(data, model_source, storage_uri, seed)
-    totals: dict[str, int] = {}
-    for split, sfs, files, formats in (("auto" if not data.eval else "train", fs, train_files, train_formats),
-                                       ("eval", eval_fs, eval_files, eval_formats)):
-        if not files:
-            continue
-        progress = PassProgress("data.eval" if split == "eval" else "data.train", files)
-        for row in _run_pass(sfs, files, formats, cfg, split, out_dir, out_fs):
-            for k, v in row.items():
-                totals[k] = totals.get(k, 0) + int(v)
-            progress.update(int(row["rows"]), int(row["source_bytes"]))
-    prepared = _finish(out_fs, out_dir, uri, key, data, totals, train_files + eval_files,
-                       train_formats + eval_formats, time.perf_counter() - t0)
-    prepared.kind = kind
-    prepared.columns = _columns_written(out_fs, prepared.train_files[0])
-    with out_fs.open_output_stream(f"{out_dir}/stats.json") as f:
-        f.write(json.dumps(prepared.to_json()).encode())
-    return prepared
+    passes = [("auto" if not data.eval else "train", fs, train_files, train_formats), ("eval", eval_fs, eval_files, eval_formats)]
+
+    def run(on_block: Callable[[list[str]], None] | None = None) -> Prepared:
+        totals: dict[str, int] = {}
+        for split, sfs, files, formats in passes:
+            if not files:
+                continue
+            progress = PassProgress("data.eval" if split == "eval" else "data.train", files)
+            for row in _run_pass(sfs, files, formats, cfg, split, out_dir, out_fs, ordered=on_block is not None):
+                written = row.pop("files")
+                for k, v in row.items():
+                    totals[k] = totals.get(k, 0) + int(v)
+                progress.update(int(row["rows"]), int(row["source_bytes"]))
+                if on_block is not None and written:
+                    on_block(written.split("\n"))
+        prepared = _finish(out_fs, out_dir, uri, key, data, totals, train_files + eval_files,
+                           train_formats + eval_formats, time.perf_counter() - t0)
+        prepared.kind = kind
+        prepared.columns = _columns_written(out_fs, prepared.train_files[0])
+        with out_fs.open_output_stream(f"{out_dir}/stats.json") as f:
+            f.write(json.dumps(prepared.to_json()).encode())
+        return prepared
+
+    if during is None:
+        return run()
+    from trainers.ingest.live import LivePass
+
+    live = Prepared(uri=uri, key=key, train_files=[], eval_files=[], n_train=0, n_eval=0, kind=kind, live=True)
+    print("[rayft] data: preprocessing while training (data.preprocess: during): the workers start now and read the "
+          "data as it is written; evaluation waits for the pass", flush=True)
+    return LivePass(run, live, out_fs, out_dir, during).prepared
 
 
-def _run_pass(fs, files: list[SourceFile], formats: list[str], cfg: dict, split: str, out_dir: str, out_fs) -> Iterator[dict]:
-    """The preprocessing pass over `files`: one stats row per block, as each block is done."""
+def _run_pass(fs, files: list[SourceFile], formats: list[str], cfg: dict, split: str, out_dir: str, out_fs,
+              ordered: bool = False) -> Iterator[dict]:
+    """The preprocessing pass over `files`: one stats row per block, as each block is done (in data order if
+    `ordered`: training reads the blocks' files as they come)."""
     import ray.data
 
     # one read task per file, and Ray Data merges its BLOCK_ROWS-row blocks up to PASS_BLOCK_BYTES: the map tasks
@@ -418,14 +460,30 @@ def _run_pass(fs, files: list[SourceFile], formats: list[str], cfg: dict, split:
     # slower: data bench, 3.2M rows, 2 cores, 14.7k vs 24.9k rows/s.)
     # reading is light (split lines); it gets a fraction of a CPU so Ray Data does not fuse it with the
     # tokenizing map, which then runs as parallel tasks over the blocks of even a single file
-    ds = ray.data.read_datasource(make_row_source(fs, files, BLOCK_ROWS), override_num_blocks=len(files), num_cpus=0.25)
+    read_options, map_options = {"num_cpus": 0.25}, {}
+    if ordered:
+        # training holds the CPUs (a single CPU worker takes the whole machine): a task that waited for a free CPU
+        # would never start, so the pass shares them, as many map tasks at once as the cluster has CPUs
+        # (reads of many files would otherwise all start at once; one more reader than mappers keeps Ray Data from
+        # fusing the two, which would tokenize each file in one task)
+        # half of them at once (training and the pass share the CPUs)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // 2)
+        read_options = {"num_cpus": 0, "concurrency": cpus + 1}
+        map_options = {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=cpus)}
+    ds = ray.data.read_datasource(make_row_source(fs, files, BLOCK_ROWS, background=ordered), override_num_blocks=len(files),
+                                  **read_options)
     # the Dataset's own copy of the context (its map below shares it): other Datasets of the process keep the default
-    ds.context.target_max_block_size = PASS_BLOCK_BYTES
+    ds.context.target_max_block_size = LIVE_PASS_BLOCK_BYTES if ordered else PASS_BLOCK_BYTES
+    ds.context.execution_options.preserve_order = ordered
     ds = ds.map_batches(
         prepare_block, batch_size=None, batch_format="pyarrow",
         fn_kwargs={"files": [asdict(f) for f in files], "formats": formats, "cfg": cfg, "split": split,
-                   "out_dir": out_dir, "out_fs": out_fs},
+                   "out_dir": out_dir, "out_fs": out_fs, "background": ordered},
+        **map_options,
     )
+    if ordered:
+        # (Ray Data warns that a one-file pass cannot use every allowed task: expected, and not the user's to fix)
+        warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     try:
         yield from ds.iter_rows()
     except Exception as exc:
@@ -550,34 +608,82 @@ def data_kind(spec, search: bool = False) -> str:
 def prepare_for_job(spec, storage_uri: str, search: bool = False):
     """The job's data preprocessed (or reused) and the spec with `training.epochs` turned into `max_steps`.
 
-    Everything that can be wrong with the data is reported here, before any worker starts. `search`: for the
-    trials of `rayft tune` (the objectives of `tune.space` decide which rows are read)."""
+    Everything that can be wrong with the data is reported here, before any worker starts; with `data.preprocess:
+    during`, what only the whole pass can find (a bad row deep in the input) is reported when the pass reaches it.
+    `search`: for the trials of `rayft tune` (the objectives of `tune.space` decide which rows are read; the trials
+    share one finished pass, so they always preprocess first)."""
     from storage.models import resolve_model_dir
-    from trainers.ingest.stream import micro_batches_per_epoch, steps_per_epoch
 
     model_dir = resolve_model_dir(spec.model.source, storage_uri)
+    during = spec.data.preprocess == "during" and not search
+    if spec.data.preprocess == "during" and search:
+        print("[rayft] data: data.preprocess: during applies to rayft train; a search's trials share one finished pass, "
+              "so it preprocesses first", flush=True)
     prepared = prepare_data(spec.data, model_source=spec.model.source, model_dir=str(model_dir),
-                            storage_uri=storage_uri, seed=spec.training.seed, kind=data_kind(spec, search))
-    print(stats_line(prepared), flush=True)
+                            storage_uri=storage_uri, seed=spec.training.seed, kind=data_kind(spec, search),
+                            during=(lambda finished: check_enough_examples(spec, finished)) if during else None)
     prepared.eval_limit = spec.data.max_eval_rows
+    if prepared.live and not prepared.reused:
+        return spec, prepared  # the counts and checks come when the pass ends (finish_live_pass)
+    print(stats_line(prepared), flush=True)
     if prepared.n_evaluated < prepared.n_eval:
         print(f"[rayft] data: evaluating the first {prepared.n_evaluated:,} of {prepared.n_eval:,} eval examples "
               "(data.max_eval_rows)", flush=True)
-    t, workers = spec.training, spec.resources.num_workers
-    if micro_batches_per_epoch(prepared.n_train, workers, t.micro_batch_size) < 1:
-        raise DataError(f"{spec.data.train}: {prepared.n_train} training examples are too few for {workers} worker(s) × "
-                        f"training.micro_batch_size {t.micro_batch_size}; add data or lower micro_batch_size")
+    check_enough_examples(spec, prepared)
+    t = spec.training
     if t.epochs is not None:
-        per_epoch = steps_per_epoch(prepared.n_train, workers, t.micro_batch_size, t.grad_accum)
-        steps = int(per_epoch * t.epochs)
-        if steps < 1:
-            raise DataError(f"training.epochs: {t.epochs} epoch(s) of {prepared.n_train} examples is less than one optimizer step "
-                            f"({workers} worker(s) × micro_batch_size {t.micro_batch_size} × grad_accum {t.grad_accum}); "
-                            "raise epochs or lower the batch size")
-        if t.warmup_steps >= steps:
-            raise DataError(f"training.warmup_steps: got {t.warmup_steps}, must be < the {steps} steps that "
-                            f"training.epochs={t.epochs} makes")
+        steps, per_epoch = steps_for_epochs(spec, prepared)
         print(f"[rayft] data: {t.epochs:g} epoch(s) = {steps} steps of {per_epoch} per epoch", flush=True)
         training = t.model_copy(update={"max_steps": steps, "epochs": None})
         spec = spec.model_copy(update={"training": training})
     return spec, prepared
+
+
+def check_enough_examples(spec, prepared: Prepared) -> None:
+    """A DataError if the preprocessed data does not fill one micro-batch per worker."""
+    from trainers.ingest.stream import micro_batches_per_epoch
+
+    t, workers = spec.training, spec.resources.num_workers
+    if micro_batches_per_epoch(prepared.n_train, workers, t.micro_batch_size) < 1:
+        raise DataError(f"{spec.data.train}: {prepared.n_train} training examples are too few for {workers} worker(s) × "
+                        f"training.micro_batch_size {t.micro_batch_size}; add data or lower micro_batch_size")
+
+
+def steps_for_epochs(spec, prepared: Prepared) -> tuple[int, int]:
+    """(optimizer steps of `training.epochs`, steps per epoch); a DataError if they are no use."""
+    from trainers.ingest.stream import steps_per_epoch
+
+    t, workers = spec.training, spec.resources.num_workers
+    per_epoch = steps_per_epoch(prepared.n_train, workers, t.micro_batch_size, t.grad_accum)
+    steps = int(per_epoch * t.epochs)
+    if steps < 1:
+        raise DataError(f"training.epochs: {t.epochs} epoch(s) of {prepared.n_train} examples is less than one optimizer step "
+                        f"({workers} worker(s) × micro_batch_size {t.micro_batch_size} × grad_accum {t.grad_accum}); "
+                        "raise epochs or lower the batch size")
+    if t.warmup_steps >= steps:
+        raise DataError(f"training.warmup_steps: got {t.warmup_steps}, must be < the {steps} steps that "
+                        f"training.epochs={t.epochs} makes")
+    return steps, per_epoch
+
+
+def finish_live_pass(prepared: Prepared, training_failed: bool = False) -> Prepared:
+    """On the driver, after training: wait for a pass that ran during training (`data.preprocess: during`) and say
+    its statistics; raises its DataError (a bad row it found late fails the run, before anything is published).
+    `training_failed`: raise the pass's error if it stopped the workers, without waiting for a pass still running."""
+    from trainers.ingest.live import live_pass
+
+    running = live_pass(prepared)
+    if running is None:
+        return prepared
+    if training_failed:
+        error = running.stopped_on(timeout_s=10.0)
+        if error is not None:
+            raise error
+        return prepared
+    if running.running:
+        print("[rayft] data: waiting for the preprocessing pass to finish (the run publishes after every row is checked)",
+              flush=True)
+    finished = running.wait()
+    finished.eval_limit = prepared.eval_limit
+    print(stats_line(finished), flush=True)
+    return finished

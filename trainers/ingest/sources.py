@@ -289,8 +289,25 @@ def read_rows(fs, source: SourceFile, src: int, limit: int | None = None, block_
         raise DataError(f"{source.uri}: cannot read: {exc}") from None
 
 
-def make_row_source(fs, files: list[SourceFile], block_rows: int):
-    """A Ray Data datasource that reads `files` as (`_src`, `_row`, `_raw`) blocks, files in the given order."""
+#: The CPU priority (nice) of a pass's tasks while the job trains (`data.preprocess: during`).
+BACKGROUND_NICE = 19
+
+
+def lower_priority() -> None:
+    """Run this process at a lower CPU priority (nice BACKGROUND_NICE): a pass that shares the CPUs with training
+    takes what the training step and the workers' start leave them."""
+    import os
+
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) < BACKGROUND_NICE:
+            os.setpriority(os.PRIO_PROCESS, 0, BACKGROUND_NICE)
+    except OSError:  # not allowed here: the pass runs at the priority it has
+        pass
+
+
+def make_row_source(fs, files: list[SourceFile], block_rows: int, background: bool = False):
+    """A Ray Data datasource that reads `files` as (`_src`, `_row`, `_raw`) blocks, files in the given order
+    (`background`: at a lower CPU priority, see `lower_priority`)."""
     from ray.data.datasource import FileBasedDatasource
 
     index = {f.path: i for i, f in enumerate(files)}
@@ -301,6 +318,8 @@ def make_row_source(fs, files: list[SourceFile], block_rows: int):
             return filesystem.open_input_file(path)  # seekable: Parquet needs random access
 
         def _read_stream(self, f, path: str):
+            if background:
+                lower_priority()
             yield from read_blocks(f, by_path[path], index[path], block_rows)
 
     return RowSource([f.path for f in files], filesystem=fs)

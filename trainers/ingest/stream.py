@@ -395,6 +395,10 @@ class WorkerStream:
     def kind(self) -> str:
         return self.prepared.kind
 
+    def describe(self) -> str:
+        skipped = self.stats.get("bad_rows_skipped", 0)
+        return f"train {self.n_train} / eval {self.n_eval} examples (streamed)" + (f", {skipped} bad rows skipped" if skipped else "")
+
     def micro_batch(self, index: int) -> list:
         """This worker's micro-batch number `index` (0-based, over the whole run). Asked in order, it streams;
         asked out of order (a resumed run's first batch), the stream is positioned there first."""
