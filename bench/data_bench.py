@@ -2,6 +2,7 @@
 ingestion (preprocessed once on the cluster's CPUs, streamed into the workers).
 
     .venv/bin/python -m bench.data_bench [--quick] [--sizes 20000,200000,800000,3200000] [--steps N] [--old REV]
+        [--paths old,new,during]
 
 Data: generated prompt/completion rows of 6 words (3 + 3), JSONL. Model: trainers.tiny's Llama, LoRA r=8,
 one Ray Train worker, `steps` optimizer steps, micro-batch 8, no eval. Each run is its own interpreter with
@@ -10,6 +11,8 @@ its own Ray instance (ray.init is not timed).
 - old: the code at `--old` (default: the last commit before trainers/ingest existed), unpacked from git.
 - new: this tree, a first run (preprocessing included) and a second run that reuses the preprocessed data
   (what a resumed run, a rerun or every `rayft tune` trial gets).
+- during: this tree, a first run with `data.preprocess: during` (training starts while the pass runs; the run
+  ends when both are done).
 
 Figures: time from `run_training` to the first optimizer step's console line, and the part of it after the data
 is ready (from the driver's data statistics line: the workers' start, model load and first step), peak RSS of the Ray Train worker
@@ -82,7 +85,7 @@ def child(args) -> int:
     ray.init(include_dashboard=False, log_to_driver=True, logging_level="WARNING")
     spec = parse_job_spec({
         "model": {"source": args.model},
-        "data": {"train": args.data, "eval_fraction": 0, "max_seq_len": 32},
+        "data": {"train": args.data, "eval_fraction": 0, "max_seq_len": 32, "preprocess": args.preprocess},
         "method": {"name": "lora", "r": 8, "alpha": 16},
         "training": {"max_steps": args.steps, "micro_batch_size": 8, "lr": 1e-3, "eval_every": args.steps,
                      "checkpoint_every": args.steps, "log_every": 1, "precision": "fp32", "keep_checkpoints": 1},
@@ -97,11 +100,11 @@ def child(args) -> int:
     return 0
 
 
-def run_child(tree: Path, model: Path, data: Path, storage: Path, steps: int) -> dict:
+def run_child(tree: Path, model: Path, data: Path, storage: Path, steps: int, preprocess: str | None = None) -> dict:
     """Run one training in a fresh interpreter with `tree` first on the path; time its console lines."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, "-u", str(ROOT / "bench" / "data_bench.py"), "--child", "--model", str(model),
-           "--data", str(data), "--storage", str(storage), "--steps", str(steps)]
+           "--data", str(data), "--storage", str(storage), "--steps", str(steps)] + (["--preprocess", preprocess] if preprocess else [])
     proc = subprocess.Popen(cmd, env=env, cwd=str(tree), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = first = ready = None
     out: dict = {}
@@ -140,7 +143,7 @@ def verdicts(rows: list[dict]) -> str:
     """Issue 15's targets, from the rows of one run: growth from the smallest size to the largest of each path's
     time to first step and worker peak RSS (<= 1.3x), and the new path's steady tokens/s over the old one's (>= 0.95x)."""
     checks = []
-    for path in ("new (Ray Data)", "new, reused", "old (in memory)"):
+    for path in ("new (Ray Data)", "new, reused", "new, preprocess during", "old (in memory)"):
         mine = sorted((r for r in rows if r["path"] == path), key=lambda r: r["rows"])
         if len(mine) < 2:
             continue
@@ -165,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     parser.add_argument("--sizes", help="comma-separated row counts (default 20000,200000,800000,3200000)")
     parser.add_argument("--old", default=OLD_REV, help=f"git revision of the in-memory path (default {OLD_REV})")
-    parser.add_argument("--paths", default="old,new", help="which paths to run: old,new")
+    parser.add_argument("--paths", default="old,new,during",
+                        help="which paths to run: old (in memory), new (preprocess before training, then reused), during "
+                        "(data.preprocess: during, a first run)")
+    parser.add_argument("--preprocess", default="before", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model"), parser.add_argument("--data"), parser.add_argument("--storage")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default 2000; --quick: 6)")
@@ -206,7 +212,16 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_child(ROOT, model, data, store, cfg["steps"])
                 rows.append({"rows": n, "file_mib": mib, "path": "new, reused", **r})
                 say(f"[bench] {rows[-1]}")
-    report("data_bench", args.quick, {"machine": machine(), "config": {**cfg, "sizes": sizes, "old": args.old}, "rows": rows},
+            if "during" in paths:
+                store = Path(tmp) / f"store-during-{n}"
+                say(f"[bench] {n:,} rows: new path, first run, training while preprocessing")
+                r = run_child(ROOT, model, data, store, cfg["steps"], preprocess="during")
+                r.pop("after_data_s", None)  # its data line comes when the pass ends, after the first step
+                rows.append({"rows": n, "file_mib": mib, "path": "new, preprocess during", "preprocess_s": preprocess_s(store), **r})
+                say(f"[bench] {rows[-1]}")
+    # a run of some of the paths has its own result files: it does not replace the full comparison
+    name = "data_bench" if sorted(paths) == ["during", "new", "old"] else "data_bench_" + "_".join(paths)
+    report(name, args.quick, {"machine": machine(), "config": {**cfg, "sizes": sizes, "old": args.old}, "rows": rows},
            render(rows))
     return 0
 
@@ -219,7 +234,7 @@ def render(rows: list[dict]) -> str:
           f"{r['after_data_s']:.1f} s" if r.get("after_data_s") is not None else "-", human_bytes(r.get("peak_rss_bytes")),
           f"{r['steady_tokens_per_s']:,.0f}" if r.get("steady_tokens_per_s") else "-",
           f"{r['preprocess_s']:.1f} s" if r.get("preprocess_s") else "-",
-          f"{r['rows_per_s']:,.0f}" if r.get("rows_per_s") and r["path"] == "new (Ray Data)" else "-"] for r in rows],
+          f"{r['rows_per_s']:,.0f}" if r.get("rows_per_s") and r["path"] != "new, reused" else "-"] for r in rows],
     )
     return table + "\n\n" + verdicts(rows)
 

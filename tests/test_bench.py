@@ -110,12 +110,14 @@ def test_data_bench_verdicts_compare_the_largest_size_with_the_smallest_within_a
                 **({"after_data_s": after} if after is not None else {})}
 
     rows = [row(20_000, "old (in memory)", 20.0, 700, 1000.0), row(20_000, "new (Ray Data)", 20.0, 700, 990.0, 16.0),
-            row(3_200_000, "old (in memory)", 90.0, 5000, 1000.0), row(3_200_000, "new (Ray Data)", 25.0, 720, 900.0, 24.0)]
+            row(3_200_000, "old (in memory)", 90.0, 5000, 1000.0), row(3_200_000, "new (Ray Data)", 25.0, 720, 900.0, 24.0),
+            row(20_000, "new, preprocess during", 30.0, 700, 900.0), row(3_200_000, "new, preprocess during", 42.0, 700, 400.0)]
     lines = {line.split(" | ")[0].lstrip("| "): line for line in verdicts(rows).splitlines()[2:]}
     assert "| 1.25x | <= 1.3x | met |" in lines["new (Ray Data): time to first step, 3,200,000 rows / 20,000 rows"]
     assert "| 1.03x | <= 1.3x | met |" in lines["new (Ray Data): worker peak RSS, 3,200,000 rows / 20,000 rows"]
     assert "| 1.50x | <= 1.3x | missed |" in lines["new (Ray Data): data ready to first step, 3,200,000 rows / 20,000 rows"]
     assert not any("old (in memory): data ready" in k for k in lines)  # the old path prints no data line
+    assert "| 1.40x | <= 1.3x | missed |" in lines["new, preprocess during: time to first step, 3,200,000 rows / 20,000 rows"]
     assert "| 4.50x | <= 1.3x | missed |" in lines["old (in memory): time to first step, 3,200,000 rows / 20,000 rows"]
     assert "| 0.99x | >= 0.95x | met |" in lines["steady tokens/s, new / old, 20,000 rows"]
     assert "| 0.90x | >= 0.95x | missed |" in lines["steady tokens/s, new / old, 3,200,000 rows"]
