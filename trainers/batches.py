@@ -125,7 +125,8 @@ def worker_batches(spec, config: dict, world: int, rank: int, pad_id: int, devic
     # position is known once its checkpoint is restored)
     fresh = newest_checkpoint(config) is None
     live = config["data"].get("live", False)  # data.preprocess: during (the order of the pass's manifest)
-    stream = (LiveStream if live else WorkerStream)(config["data"], micro_batch_size=t.micro_batch_size, seed=t.seed, world=world, rank=rank,
+    stream_class = LiveStream if live else WorkerStream
+    stream = stream_class(config["data"], micro_batch_size=t.micro_batch_size, seed=t.seed, world=world, rank=rank,
                           start_micro=0 if fresh else None, end_micro=t.max_steps * t.grad_accum)
     return StreamingBatches(stream, t.micro_batch_size, t.grad_accum, pad_id, device)
 

@@ -76,7 +76,7 @@ class DataSpec(_Strict):
         "starts. during: the workers start after the checks on each file's first rows and train on the data as the pass "
         "writes it (the first step comes as soon on 3M rows as on 20k); evaluation waits for the pass, and a bad row it "
         "finds later stops the run with its file and line (the checkpoints so far are kept). Needs training.max_steps; "
-        "SFT objectives; `rayft tune` always preprocesses first. A rerun reuses the finished pass either way.",
+        "SFT objectives; `rayft tune` always preprocesses first. A rerun with the same setting reuses the finished pass.",
     )
 
     @field_validator("format")

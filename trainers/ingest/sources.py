@@ -289,7 +289,9 @@ def read_rows(fs, source: SourceFile, src: int, limit: int | None = None, block_
         raise DataError(f"{source.uri}: cannot read: {exc}") from None
 
 
-#: The CPU priority (nice) of a pass's tasks while the job trains (`data.preprocess: during`).
+#: The CPU priority (nice) of a pass's tasks while the job trains (`data.preprocess: during`). At equal priority the
+#: first step came later than the pass's first files; at nice 10 training ran at 1,259 tokens/s beside the pass, at 19
+#: at 2,100 (data bench, 3.2M rows, 2 cores; about 5,000 alone).
 BACKGROUND_NICE = 19
 
 
