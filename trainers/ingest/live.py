@@ -94,8 +94,9 @@ class LivePass:
         return self._result
 
     def stopped_on(self, timeout_s: float) -> BaseException | None:
-        """The error the pass stopped on (waiting up to `timeout_s` for a pass that is stopping), or None."""
-        self._thread.join(timeout_s if self._error is not None or not self.running else 0)
+        """The error the pass stopped on, or None (a pass that has one is stopping: up to `timeout_s` for it to end)."""
+        if self._error is not None:
+            self._thread.join(timeout_s)
         return self._error
 
 
