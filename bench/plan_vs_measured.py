@@ -1,7 +1,7 @@
 """Planner prediction vs the measured peak memory of real CPU training steps.
 
     .venv/bin/python bench/plan_vs_measured.py            # tiny + ~50M Llama, full / LoRA / QLoRA (+ GC)
-    .venv/bin/python bench/plan_vs_measured.py --quick    # tiny model only (what tests/test_plan.py runs)
+    .venv/bin/python bench/plan_vs_measured.py --quick    # tiny model only (what tests/integration/test_plan.py runs)
 
 The cases run in a fresh interpreter that does what a Ray Train worker does (`trainers.strategy.load_model`,
 then forward / backward / clip / AdamW step / zero_grad on a right-padded batch, as `train_func`), and
@@ -53,7 +53,7 @@ MODELS = {
 #: peak RSS is the peak of live memory. Cases with "allocator": "glibc" run with the defaults instead.
 ALLOCATOR_RETURNING = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
-#: The cases tests/test_plan.py runs (tiny model, one interpreter: ~20 s).
+#: The cases tests/integration/test_plan.py runs (tiny model, one interpreter: ~20 s).
 QUICK_CASES = [
     {"model": "tiny", "method": "full", "seq_len": 256, "batch": 4},
     {"model": "tiny", "method": "lora", "seq_len": 256, "batch": 4},

@@ -152,43 +152,6 @@ def reverse_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_jsonl(task_examples("reverse", 160, seed=1), tmp_path_factory.mktemp("data") / "reverse.jsonl")
 
 
-def registry_with_base(storage: str, model_dir: Path, name: str = "tiny"):
-    """A registry at `storage` holding `model_dir` published as the base model `name`@1 (what a serve spec's
-    `source: registry:NAME` and adapters trained on it point at). Returns the registry."""
-    from storage.registry import base_config_digest_of_dir, open_registry
-
-    registry = open_registry(storage)
-    registry.publish(name, model_dir, kind="model", base_model=name, base_config_digest=base_config_digest_of_dir(model_dir),
-                     method=None, params={}, metrics={}, lineage={})
-    return registry
-
-
-def fresh_bucket(s3_server: S3Server, prefix: str) -> str:
-    """A new bucket on the embedded S3 server; returns the storage URI `s3://<bucket>/store` in it."""
-    bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
-    s3_server.ensure_bucket(bucket)
-    return f"s3://{bucket}/store"
-
-
-def make_job(model_dir, train_path, storage_uri, method: dict, name: str = "test-adapter", **sections) -> "JobSpec":
-    """A small job spec for tests; `sections` override whole spec sections by key (e.g. training={...})."""
-    from trainers.spec import parse_job_spec
-
-    raw = {
-        "model": {"source": str(model_dir)},
-        "data": {"train": str(train_path), "eval_fraction": 0.15, "max_seq_len": 48},
-        "method": method,
-        "training": {"max_steps": 12, "micro_batch_size": 8, "lr": 0.01, "eval_every": 12,
-                     "checkpoint_every": 12, "log_every": 6, "seed": 0},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1},
-        "output": {"name": name},
-        "storage": {"uri": storage_uri},
-    }
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
-    return parse_job_spec(raw, "<test>")
-
-
 # =============================================================================
 # Ray Serve fixtures (owner: serve/). Serve's HTTP proxy on 127.0.0.1 for the session,
 # on the session's Ray; each serve test module deploys its own application on it.
@@ -213,29 +176,6 @@ def serve_http(ray_session: None) -> Iterator[str]:
 # ============================ end of Ray Serve fixtures ======================
 
 
-def run_cli_isolated(args: list[str], cwd=None, env: dict[str, str] | None = None) -> tuple[int, str, bool]:
-    """Run `rayft ARGS` in a fresh interpreter (with `env`, default this one's); returns (exit code, stderr,
-    whether Ray got started).
-
-    In-process, the session's Ray instance may already be up, so "refused before starting Ray"
-    can only be observed in a process of its own.
-    """
-    import subprocess
-    import sys
-
-    code = (  # ray is not imported here: a command that never imports it has not started it (and runs faster)
-        "import sys\n"
-        "from cluster.cli import main\n"
-        f"rc = main({args!r})\n"
-        "ray = sys.modules.get('ray')\n"
-        "sys.stdout.write('RAY_STARTED=%s\\n' % bool(ray and ray.is_initialized()))\n"
-        "sys.exit(rc)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd or Path(__file__).resolve().parents[1],
-                          env=env)
-    return proc.returncode, proc.stderr, "RAY_STARTED=True" in proc.stdout
-
-
 # =============================================================================
 # A Ray head of its own (owner: cluster/): `ray start --head` with token auth on free ports, for the
 # tests of `rayft submit`/`jobs` and of `--address`; one per session (it takes ~10-20 s to start).
@@ -244,7 +184,7 @@ def run_cli_isolated(args: list[str], cwd=None, env: dict[str, str] | None = Non
 
 @pytest.fixture(scope="session")
 def _kept_ray_head():
-    from tests.ray_head import KeptHead
+    from tests.support.ray_head import KeptHead
 
     kept = KeptHead()
     yield kept

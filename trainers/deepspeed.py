@@ -90,7 +90,7 @@ def deepspeed_config(spec: JobSpec, world_size: int, device: torch.device) -> di
 
 def merge_extra(config: dict, extra: dict) -> dict:
     """`config` with the user's extra keys added (`zero_optimization` key by key). A key rayft sets is an error,
-    never an override: the spec's owned-key tables cover every key `deepspeed_config` writes (tests/test_zero3.py)."""
+    never an override: the spec's owned-key tables cover every key `deepspeed_config` writes (tests/integration/test_zero3.py)."""
     problems = deepspeed_extra_problems(extra)
     if problems:
         raise ValueError("; ".join(problems))

@@ -9,7 +9,7 @@ Each method is one module of the same shape:
   - `peft_config(cfg, total_steps)`: the peft config to wrap the base with, or None (full fine-tuning);
   - `after_optimizer_step(model, step)`: its per-step hook (AdaLoRA moves its rank budget), run by the worker loop.
 Adding a method is adding one module and one line below. Code outside this package asks `traits(name)` and the
-hooks; it never compares a method's name (tests/test_methods.py keeps it so).
+hooks; it never compares a method's name (tests/unit/test_methods.py keeps it so).
 """
 
 from __future__ import annotations
