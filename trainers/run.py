@@ -6,6 +6,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +122,17 @@ def build_trainer(spec: JobSpec, run_id: str, storage_uri: str, prepared: Prepar
     )
 
 
+#: How a run's worker loop is executed once its data is prepared: (spec, run_id, storage_uri, prepared, faults) ->
+#: a `ray.train.Result` whose checkpoint is in `<storage>/runs/<run_id>/`; a failed loop raises
+#: `ray.train.TrainingFailedError`.
+Fit = Callable[[JobSpec, str, str, Prepared, "dict | None"], object]
+
+
+def fit_on_ray_train(spec: JobSpec, run_id: str, storage_uri: str, prepared: Prepared, faults: dict | None = None):
+    """The worker loop on Ray Train: one TorchTrainer worker per `resources.num_workers`, restarts per `max_failures`."""
+    return build_trainer(spec, run_id, storage_uri, prepared, faults).fit()
+
+
 def run_training(
     spec: JobSpec,
     *,
@@ -129,12 +141,14 @@ def run_training(
     publish: bool = True,
     faults: dict | None = None,
     force: bool = False,
+    fit: Fit | None = None,
 ) -> TrainResult:
     """Plan the job, fit it on Ray Train and publish its result to the registry.
 
     `spec` is validated already (`trainers.spec`). The plan (from the model's config.json alone) refuses a job that
     cannot fit before Ray starts (DoesNotFit; `force` only prints it), and a model it cannot read is an error. The
-    base model is then resolved here once for publishing (workers fetch it on their own nodes).
+    base model is then resolved here once for publishing (workers fetch it on their own nodes). `fit` runs the worker
+    loop on the preprocessed data (default `fit_on_ray_train`: a TorchTrainer over the job's workers).
     """
     from trainers.plan import preflight_check, run_hardware
 
@@ -161,7 +175,7 @@ def run_training(
     record = RunRecorder(spec, run_id, storage_uri)
     try:
         try:
-            result = build_trainer(spec, run_id, storage_uri, prepared, faults).fit()
+            result = (fit or fit_on_ray_train)(spec, run_id, storage_uri, prepared, faults)
         except ray.train.TrainingFailedError as exc:
             finish_live_pass(prepared, training_failed=True)  # a bad row the pass found: its error, not the workers' echo
             raise TrainingFailed(f"run {run_id} failed: {root_cause(exc)}") from exc  # the cause: for --verbose

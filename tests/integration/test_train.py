@@ -1,4 +1,8 @@
-"""PEFT training on a real local Ray Train: every method, published artifacts, fault tolerance, S3."""
+"""PEFT training: every method, published artifacts, fault tolerance, S3.
+
+The method matrix runs the worker loop in this process (tests/support/inprocess.py); real Ray Train runs what only
+it shows: a worker killed from outside and restarted (with the data read before and while it is preprocessed), the
+CLI's run, and DDP on two workers."""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from storage.registry import open_registry
 from storage.store import open_store
-from tests.support.jobs import make_job
+from tests.support.inprocess import fit_in_process
+from tests.support.jobs import fresh_bucket, make_job
 from trainers.checkpoints import PROBE_NAME, STATE_NAME
 from trainers.ingest.prepare import prepare_for_job
 from trainers.ingest.stream import read_examples
@@ -72,8 +77,16 @@ def plain_peft_logits(model_dir, adapter_dir, input_ids) -> torch.Tensor:
         return model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
 
 
+@pytest.fixture(scope="module")
+def matrix_store(s3_server, ray_session) -> str:
+    """One S3 store for the in-process method runs: their data is preprocessed once and reused (same files, tokenizer
+    and data settings), each run keeps its own run folder and registry name."""
+    return fresh_bucket(s3_server, "matrix")
+
+
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "qlora"])
-def test_method_trains_publishes_and_reloads(method, ray_session, tiny_model_dir, reverse_data, s3_uri):
+def test_method_trains_publishes_and_reloads(method, tiny_model_dir, reverse_data, matrix_store):
+    s3_uri = matrix_store
     block, reference = METHODS[method]
     # Methods with few or zero-initialised parameters (AdaLoRA's singular values, IA3's scales,
     # prefixes) need a larger step size to move in 12 steps.
@@ -81,7 +94,7 @@ def test_method_trains_publishes_and_reloads(method, ray_session, tiny_model_dir
     spec = make_job(tiny_model_dir, reverse_data, s3_uri, block, name=f"rev-{method.replace('_', '-')}", training=training)
     before = base_eval_loss(spec, tiny_model_dir)
 
-    result = run_training(spec)
+    result = run_training(spec, fit=fit_in_process)
 
     assert result.metrics["step"] == 12
     assert result.metrics["eval_loss"] < before - 0.05, (method, before, result.metrics["eval_loss"])
@@ -99,7 +112,8 @@ def test_method_trains_publishes_and_reloads(method, ray_session, tiny_model_dir
     torch.testing.assert_close(logits, probe["logits"], atol=1e-5, rtol=1e-4)
 
 
-def test_qlora_trains_on_4bit_base_and_merges(ray_session, tiny_model_dir, reverse_data, s3_uri):
+def test_qlora_trains_on_4bit_base_and_merges(tiny_model_dir, reverse_data, matrix_store):
+    s3_uri = matrix_store
     import bitsandbytes as bnb
 
     from trainers.precision import decide_precision
@@ -112,7 +126,7 @@ def test_qlora_trains_on_4bit_base_and_merges(ray_session, tiny_model_dir, rever
     assert len(linear4) == 2 * 7  # q,k,v,o,gate,up,down in each of the 2 layers
 
     before = base_eval_loss(spec, tiny_model_dir)
-    result = run_training(spec)
+    result = run_training(spec, fit=fit_in_process)
     assert result.metrics["eval_loss"] < before - 0.05
     adapter, merged = result.manifests
     assert merged.name == "rev-qlora-merged" and merged.kind == "model"
@@ -142,7 +156,7 @@ def dequantization_gap(model_dir, spec, input_ids) -> float:
 def test_lora_merged_model_equals_unmerged(ray_session, tiny_model_dir, reverse_data, local_uri):
     spec = make_job(tiny_model_dir, reverse_data, local_uri, METHODS["lora"][0], name="rev-lora-m",
                     output={"name": "rev-lora-m", "merge": True})
-    result = run_training(spec)
+    result = run_training(spec, fit=fit_in_process)
     registry = open_registry(local_uri)
     probe = checkpoint_probe(result)
     unmerged = plain_peft_logits(tiny_model_dir, registry.download("rev-lora-m"), probe["input_ids"])
@@ -172,9 +186,25 @@ def test_worker_killed_resumes_from_last_checkpoint(ray_session, tiny_model_dir,
     assert state["resumes"] == [10]  # after the 2nd checkpoint (step 10), not from step 0
     assert state["step"] == 20 and crashed.metrics["step"] == 20
 
-    clean = run_training(_fault_job(tiny_model_dir, reverse_data, local_uri, "fault-b", 0), publish=False)
+    # the uninterrupted run in this process: the same data order and steps as a Ray Train worker's
+    clean = run_training(_fault_job(tiny_model_dir, reverse_data, local_uri, "fault-b", 0), publish=False, fit=fit_in_process)
     assert crashed.metrics["train_loss"] == pytest.approx(clean.metrics["train_loss"], abs=1e-4)
     assert crashed.metrics["eval_loss"] == pytest.approx(clean.metrics["eval_loss"], abs=1e-4)
+
+
+def test_failed_run_resumed_with_its_run_id_equals_an_uninterrupted_run(ray_session, tiny_model_dir, reverse_data, local_uri):
+    """The resume path itself (newest complete checkpoint, optimizer, schedule, RNG and data position), in this process:
+    the run fails after its step-10 checkpoint, is run again under the same run id, and ends where a run that never
+    failed ends."""
+    spec = _fault_job(tiny_model_dir, reverse_data, local_uri, "resume-a", 0)
+    with pytest.raises(TrainingFailed, match="injected failure at step 13"):
+        run_training(spec, run_id="resume-a-run", faults={"fail_at_step": 13}, publish=False, fit=fit_in_process)
+    resumed = run_training(spec, run_id="resume-a-run", publish=False, fit=fit_in_process)
+    with resumed.checkpoint.as_directory() as d:
+        assert load_state(d, STATE_NAME)["resumes"] == [10]
+    clean = run_training(_fault_job(tiny_model_dir, reverse_data, local_uri, "resume-b", 0), publish=False, fit=fit_in_process)
+    assert resumed.metrics["train_loss"] == pytest.approx(clean.metrics["train_loss"], abs=1e-6)
+    assert resumed.metrics["eval_loss"] == pytest.approx(clean.metrics["eval_loss"], abs=1e-6)
 
 
 def test_training_while_preprocessing_resumes_exactly_and_a_rerun_on_the_finished_data_trains_the_same(
@@ -190,7 +220,7 @@ def test_training_while_preprocessing_resumes_exactly_and_a_rerun_on_the_finishe
         state = load_state(d, STATE_NAME)
     assert state["resumes"] == [10] and state["data"]["rows_read"] == 160
     rerun_spec = _fault_job(tiny_model_dir, reverse_data, store, "live-b", 0, preprocess="during")
-    rerun = run_training(rerun_spec, publish=False)
+    rerun = run_training(rerun_spec, publish=False, fit=fit_in_process)
     assert "[rayft] data: reusing preprocessed" in capsys.readouterr().out
     assert crashed.metrics["train_loss"] == pytest.approx(rerun.metrics["train_loss"], abs=1e-4)
     assert crashed.metrics["eval_loss"] == pytest.approx(rerun.metrics["eval_loss"], abs=1e-4)
@@ -210,14 +240,14 @@ def test_a_bad_row_found_while_training_fails_the_run_with_its_line_and_publishe
     store = str(tmp_path / "store")
     spec = make_job(tiny_model_dir, path, store, {"name": "lora"}, name="late-bad", data={"preprocess": "during"})
     with pytest.raises(DataError, match=r"late-bad.jsonl:300: expected string fields \"prompt\" and \"completion\""):
-        run_training(spec)
+        run_training(spec, fit=fit_in_process)
     assert not open_registry(store).list()
 
 
 def test_failure_without_retries_reports_error_and_keeps_last_checkpoint(ray_session, tiny_model_dir, reverse_data, local_uri):
     spec = _fault_job(tiny_model_dir, reverse_data, local_uri, "fault-c", 0)
     with pytest.raises(TrainingFailed, match="injected failure at step 8"):
-        run_training(spec, run_id="fault-c-run", faults={"fail_at_step": 8})
+        run_training(spec, run_id="fault-c-run", faults={"fail_at_step": 8}, fit=fit_in_process)
     ckpt = Path(local_uri) / "runs" / "fault-c-run" / "step-00000005"
     assert load_state(ckpt, STATE_NAME)["step"] == 5
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
