@@ -1,5 +1,6 @@
-"""Preference objectives on a real local Ray Train: DPO lifts held-out preference accuracy, the reference is the base
-(adapter off, or precomputed for full fine-tuning, also under ZeRO-3), QLoRA works, a killed run resumes exactly."""
+"""Preference objectives: DPO lifts held-out preference accuracy, the reference is the base (adapter off, or precomputed
+for full fine-tuning, also under ZeRO-3 on real Ray Train), QLoRA works, a failed run resumes exactly. Single-worker
+runs execute the worker loop in this process (tests/support/inprocess.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from storage.registry import open_registry
+from tests.support.inprocess import fit_in_process
 from tests.support.jobs import make_job
 from trainers.checkpoints import PROBE_NAME, STATE_NAME
-from trainers.run import run_training
+from trainers.run import TrainingFailed, run_training
 from trainers.state_io import load_state
 from trainers.tiny import preference_examples, write_jsonl
 
@@ -35,7 +37,7 @@ def test_dpo_lora_raises_held_out_preference_accuracy(ray_session, tiny_model_di
     spec = pref_job(tiny_model_dir, prefs, local_uri, "rev-dpo", objective={"name": "dpo", "beta": 1.0},
                     training={"max_steps": 40, "micro_batch_size": 16, "eval_every": 20, "checkpoint_every": 40, "lr": 0.01,
                               "log_every": 10})
-    result = run_training(spec)
+    result = run_training(spec, fit=fit_in_process)
 
     m = result.metrics
     assert m["eval_preference_accuracy"] > 0.9 and m["eval_reward_margin"] > 0, m
@@ -63,21 +65,23 @@ def _resume_job(model_dir, data, uri, name, max_failures):
                     resources={"max_failures": max_failures})
 
 
-def test_full_kto_killed_worker_resumes_like_an_uninterrupted_run(ray_session, tiny_model_dir, local_uri, tmp_path):
+def test_full_kto_failed_run_resumes_like_an_uninterrupted_run(ray_session, tiny_model_dir, local_uri, tmp_path):
     """Full fine-tuning: the reference log-probabilities (KTO's KL term too) are computed by the base before step 1 and
-    kept in the checkpoints, so a restarted worker, whose model is no longer the base, trains on the same ones."""
+    kept in the checkpoints, so a resumed run, whose model is no longer the base, trains on the same ones. (The worker
+    loop in this process: the run fails at step 6 and is run again under its run id; a worker killed from outside and
+    restarted by Ray Train is tests/integration/test_train.py's.)"""
     kto_data = write_jsonl(preference_examples("reverse", 96, seed=2, kto=True), tmp_path / "kto.jsonl")
-    marker = tmp_path / "crashed"
-    crashed = run_training(_resume_job(tiny_model_dir, kto_data, local_uri, "kto-a", 2),
-                           faults={"crash_at_step": 6, "marker": str(marker)}, publish=False)
-    assert marker.read_text() == "6"
+    spec = _resume_job(tiny_model_dir, kto_data, local_uri, "kto-a", 0)
+    with pytest.raises(TrainingFailed, match="injected failure at step 6"):
+        run_training(spec, run_id="kto-a-run", faults={"fail_at_step": 6}, publish=False, fit=fit_in_process)
+    crashed = run_training(spec, run_id="kto-a-run", publish=False, fit=fit_in_process)
     with crashed.checkpoint.as_directory() as d:
         state = load_state(d, STATE_NAME)
     assert state["resumes"] == [4] and state["step"] == 8
     assert set(state["reference"]) == {"train", "eval"}  # a table per part of the preprocessed data, in file order
     assert set(state["reference"]["train"]) == {"sums", "kl_sums"}
     assert len(state["reference"]["train"]["sums"]) + len(state["reference"]["eval"]["sums"]) == 96  # every row
-    clean = run_training(_resume_job(tiny_model_dir, kto_data, local_uri, "kto-b", 0), publish=False)
+    clean = run_training(_resume_job(tiny_model_dir, kto_data, local_uri, "kto-b", 0), publish=False, fit=fit_in_process)
     for key in ("train_loss", "eval_loss", "eval_kl", "train_rewards_chosen"):
         assert crashed.metrics[key] == pytest.approx(clean.metrics[key], abs=1e-5), key
 
@@ -109,6 +113,6 @@ def test_dpo_under_zero3_on_two_workers_publishes_a_loadable_result(method, ray_
 def test_qlora_dpo_runs(ray_session, tiny_model_dir, prefs, local_uri):
     spec = pref_job(tiny_model_dir, prefs, local_uri, "rev-qlora-dpo", method={"name": "qlora", "r": 4, "alpha": 8},
                     training={"max_steps": 4, "eval_every": 4, "checkpoint_every": 4, "log_every": 2})
-    result = run_training(spec)
+    result = run_training(spec, fit=fit_in_process)
     assert result.metrics["step"] == 4 and 0 <= result.metrics["eval_preference_accuracy"] <= 1
     assert result.manifests[0].params["objective"]["name"] == "dpo"
