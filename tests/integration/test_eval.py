@@ -94,6 +94,7 @@ def test_rayft_eval_equals_peft_generate_and_direct_log_likelihoods(registry_set
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir, ray_session, s3_server):
     """One small LoRA training on the reverse task, not published (as the pipeline runs it before its gates)."""
+    from tests.support.inprocess import fit_in_process
     from tests.support.jobs import make_job
     from trainers.run import run_training
 
@@ -104,7 +105,7 @@ def trained_run(tmp_path_factory, tiny_model_dir, ray_session, s3_server):
     heldout = write_jsonl(task_examples("reverse", 24, seed=9), work / "heldout.jsonl")
     spec = make_job(tiny_model_dir, train, f"s3://{bucket}/store", {"name": "lora", "r": 8, "alpha": 16}, name="gated",
                     training={"max_steps": 30, "eval_every": 30, "checkpoint_every": 30, "log_every": 10})
-    result = run_training(spec, publish=False)
+    result = run_training(spec, publish=False, fit=fit_in_process)  # the worker loop in this process
     return spec, result, heldout
 
 

@@ -278,6 +278,7 @@ def task_loss(model, tokenizer, task: str) -> float:
 
 @pytest.mark.slow
 def test_merge_of_two_task_adapters_beats_base_on_both(ray_session, tiny_model_dir, reverse_data, local_uri, tmp_path):
+    from tests.support.inprocess import fit_in_process
     from tests.support.jobs import make_job
     from trainers.run import run_training
     from trainers.tiny import task_examples, write_jsonl
@@ -285,7 +286,8 @@ def test_merge_of_two_task_adapters_beats_base_on_both(ray_session, tiny_model_d
     upper_data = write_jsonl(task_examples("upper", 160, seed=1), tmp_path / "upper.jsonl")
     training = {"max_steps": 36, "lr": 0.01, "eval_every": 36, "checkpoint_every": 36, "log_every": 12}
     for name, data in (("task-reverse", reverse_data), ("task-upper", upper_data)):
-        run_training(make_job(tiny_model_dir, data, local_uri, {"name": "lora", "r": 4, "alpha": 8}, name=name, training=training))
+        run_training(make_job(tiny_model_dir, data, local_uri, {"name": "lora", "r": 4, "alpha": 8}, name=name, training=training),
+                     fit=fit_in_process)  # the worker loop in this process: this test is about merging what trained
     registry = open_registry(local_uri)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
