@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from storage.artifacts import artifact_traits
 from storage.errors import InvalidArtifact, NotFound, RayftError
+from storage.registry import Manifest
 from storage.safety import check_weight_files, load_safetensors
 
 if TYPE_CHECKING:
@@ -273,15 +275,16 @@ def lora_scale(config: dict[str, Any], path: str) -> float:
 
 
 def inspect_lora(adapter_dir: str | Path, base_dir: str | Path | None, *, target: str, energy: float = DEFAULT_ENERGY,
-                 top_k: int = DEFAULT_TOP_K, epsilon: float = DEFAULT_EPSILON) -> InspectReport:
-    """Report of a peft LoRA adapter directory; intruders and relative norms need `base_dir`."""
+                 top_k: int = DEFAULT_TOP_K, epsilon: float = DEFAULT_EPSILON, manifest: Manifest | None = None) -> InspectReport:
+    """Report of a peft LoRA adapter directory (published as `manifest`, if it was); intruders and relative norms
+    need `base_dir`."""
     directory = Path(adapter_dir)
     try:
         config = json.loads((directory / ADAPTER_CONFIG).read_text())
     except FileNotFoundError:
         raise InvalidArtifact(f"{target}: {str(directory)!r} has no {ADAPTER_CONFIG}: not a peft adapter directory") from None
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
+    if artifact_traits(manifest, config).serving != "multiplexed":  # peft multiplexes the LoRA family: A·B factors
+        peft_type = str(config.get("peft_type", "")).upper()
         raise InvalidArtifact(
             f"{target} is a {peft_type or 'unknown'} adapter: inspect reads LoRA-family adapters (lora, qlora, dora, rslora) "
             "and full models; merge it into a model (`rayft train --merge`) and inspect that against its base"
@@ -365,7 +368,7 @@ def inspect_target(target: str, *, base: str | None = None, storage_uri: str | N
     local = Path(target).expanduser()
     if local.is_dir():
         directory, label = local, str(local)
-        recorded_base = None
+        recorded_base, manifest = None, None
     else:
         registry = open_registry(storage_uri)
         manifest = registry.resolve(target)
@@ -389,7 +392,7 @@ def inspect_target(target: str, *, base: str | None = None, storage_uri: str | N
     else:
         notes.append("no base model known: norms and spectra only; pass --base for intruder dimensions")
     if is_adapter:
-        report = inspect_lora(directory, base_dir, target=label, energy=energy, top_k=top_k, epsilon=epsilon)
+        report = inspect_lora(directory, base_dir, target=label, energy=energy, top_k=top_k, epsilon=epsilon, manifest=manifest)
     else:
         report = inspect_full(directory, base_dir, target=label, energy=energy, top_k=top_k, epsilon=epsilon)
     return report.model_copy(update={"notes": notes, "base": source if base_dir is not None else None})

@@ -19,8 +19,9 @@ from typing import Any
 from evaluation.data import EvalRow, load_rows
 from evaluation.generate import CHOICES, GENERATE, REFERENCE, ModelGroup, Progress, adapter_files, run_group
 from evaluation.metrics import Output, RowStats, Summary, paired_difference, row_stats, summarize
+from storage.artifacts import artifact_traits
 from storage.errors import NotFound, RayftError
-from storage.registry import Registry
+from storage.registry import ArtifactTraits, Registry
 from trainers.eval_spec import EvalSpec, MetricSpec
 
 #: Metrics that read a generated answer (the others only need log-likelihoods).
@@ -40,6 +41,7 @@ class Target:
     adapter: Any = None  # registry ref (pool), {relpath: bytes} (peft), or None for a model
     mode: str = "pool"
     config: dict[str, Any] | None = None  # a registry adapter's adapter_config.json (a peft one's is in its files)
+    traits: ArtifactTraits | None = None  # an adapter's, when known (a manifest's); else read off its adapter_config.json
 
 
 @dataclass
@@ -153,11 +155,11 @@ def resolve_target(ref: str, registry: Registry, base: str | None = None) -> Tar
     if path.is_dir():
         if (path / "adapter_config.json").is_file():
             config = json.loads((path / "adapter_config.json").read_text())
-            _check_peft_type(ref, config)
+            traits = _evaluable(ref, artifact_traits(None, config), config)
             source = base or config.get("base_model_name_or_path")
             if not source:
                 raise EvalError(f"{ref}: the adapter names no base model; pass --base MODEL")
-            return Target(str(path), _registry_base(source, registry), adapter_files(path), mode="peft")
+            return Target(str(path), _registry_base(source, registry), adapter_files(path), mode="peft", traits=traits)
         if (path / "config.json").is_file():
             return Target(str(path), str(path.resolve()))
         raise EvalError(f"{ref}: a local directory must be a peft adapter (adapter_config.json) or a transformers model (config.json)")
@@ -169,20 +171,19 @@ def resolve_target(ref: str, registry: Registry, base: str | None = None) -> Tar
         return Target(manifest.ref, f"registry:{manifest.ref}")
     directory = registry.download(manifest.ref)
     config = json.loads((directory / "adapter_config.json").read_text())
-    _check_peft_type(manifest.ref, config)
+    traits = _evaluable(manifest.ref, artifact_traits(manifest, config), config)
     source = _registry_base(base or manifest.base_model, registry)
-    if str(config.get("peft_type", "")).upper() == "LORA":
-        return Target(manifest.ref, source, manifest.ref, config=config)
-    return Target(manifest.ref, source, adapter_files(directory), mode="peft")
+    if traits.serving == "multiplexed":  # shares the base's pool, beside the other adapters
+        return Target(manifest.ref, source, manifest.ref, config=config, traits=traits)
+    return Target(manifest.ref, source, adapter_files(directory), mode="peft", traits=traits)
 
 
-def _check_peft_type(ref: str, config: dict) -> None:
-    """Prompt-learning adapters (peft's PromptLearningConfig family) change the prompt, which the engine does not build."""
-    from peft import PromptLearningConfig
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    if issubclass(PEFT_TYPE_TO_CONFIG_MAPPING.get(str(config.get("peft_type", "")).upper(), object), PromptLearningConfig):
-        raise EvalError(f"{ref}: {config['peft_type']} adapters work through the prompt and are not evaluated by the serving engine")
+def _evaluable(ref: str, traits: ArtifactTraits, config: dict) -> ArtifactTraits:
+    """`traits`, unless the adapter serves not at all: prompt-learning adapters change the prompt, which the engine
+    does not build."""
+    if traits.serving == "none":
+        raise EvalError(f"{ref}: {config.get('peft_type')} adapters work through the prompt and are not evaluated by the serving engine")
+    return traits
 
 
 def check_engine(targets: list[Target], engine: str) -> None:
@@ -196,7 +197,7 @@ def check_engine(targets: list[Target], engine: str) -> None:
         if t.adapter is None:
             continue
         config = json.loads(t.adapter["adapter_config.json"]) if isinstance(t.adapter, dict) else (t.config or {})
-        for what, detail in vllm_unsupported(config)[:1]:
+        for what, detail in vllm_unsupported(t.traits or artifact_traits(None, config), config)[:1]:
             problems.append({
                 "type": f"{t.label} is {detail or 'not a LoRA adapter'} (vLLM runs LoRA adapters only)",
                 "dora": f"{t.label} is a DoRA adapter (vLLM does not run DoRA)",

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from serve.metrics import ModelMetrics
 from serve.spec import AdapterPolicy
+from storage.artifacts import artifact_traits
 from storage.errors import RayftError
-from storage.registry import Manifest, Registry
+from storage.registry import ArtifactTraits, Manifest, Registry
 from storage.safety import load_safetensors
 
 if TYPE_CHECKING:
@@ -34,15 +35,6 @@ logger = logging.getLogger("ray.serve")
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def _prompt_learning(peft_type: str) -> bool:
-    """peft's own word (its configs' `is_prompt_learning`, true exactly for PromptLearningConfig subclasses): the
-    method lives in the prompt, not in the weights, so there is nothing to merge or multiplex."""
-    from peft import PromptLearningConfig
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    return issubclass(PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type, object), PromptLearningConfig)
 
 
 class AdapterNotServable(RayftError):
@@ -108,22 +100,24 @@ def adapter_problems(
             f"it was trained on base model {manifest.base_model!r} (config digest {manifest.base_config_digest[:12]}), "
             f"but this deployment serves {base_name!r} (digest {base_digest[:12]}): serve it from a deployment of its own base"
         )
+    traits = artifact_traits(manifest, config)  # the method's, from the manifest (or read off the files)
     peft_type = str(config.get("peft_type", "")).upper()
     method = manifest.method or peft_type.lower() or "unknown"
-    if _prompt_learning(peft_type):
-        problems.append(f"method {method} ({peft_type}) works through the prompt and cannot be merged or multiplexed")
+    if traits.serving == "none":
+        how = "works through the prompt and " if traits.prompt_learning else ""
+        problems.append(f"method {method} ({peft_type}) {how}cannot be merged or multiplexed")
     elif vllm_max_rank is not None:
-        problems += _vllm_problems(config, method, peft_type, vllm_max_rank, manifest.ref)
-    elif policy is not None and peft_type != "LORA":
+        problems += _vllm_problems(config, traits, method, vllm_max_rank, manifest.ref)
+    elif policy is not None and traits.serving != "multiplexed":
         problems.append(
             f"method {method} ({peft_type or 'no peft_type'}) cannot be multiplexed (peft mixes LoRA-family adapters only): "
             "publish it merged (`rayft train --merge`) and serve it under `merged:`"
         )
-    if policy is not None and vllm_max_rank is None and peft_type == "LORA":
+    if policy is not None and vllm_max_rank is None and traits.serving == "multiplexed":
         rank = lora_rank(config)
         if rank > policy.max_rank:
             problems.append(f"LoRA rank {rank} is above adapters.max_rank ({policy.max_rank}) of this deployment")
-        if config.get("use_dora") and not policy.allow_dora:
+        if not traits.mixes_in_batch and not policy.allow_dora:  # the multiplexed method that decodes alone: DoRA
             problems.append("it is a DoRA adapter and this deployment has adapters.allow_dora: false")
         if config.get("modules_to_save"):
             problems.append(
@@ -146,26 +140,26 @@ def lora_rank(config: dict[str, Any]) -> int:
         return 0
 
 
-def vllm_unsupported(config: dict[str, Any]) -> list[tuple[str, Any]]:
-    """What of an adapter_config.json vLLM's LoRA kernels cannot run, as (what, detail): ("type", peft_type) for a
-    method other than LoRA, ("dora", None), ("modules_to_save", the modules). Serving and evaluation word them."""
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        return [("type", peft_type)]
-    found: list[tuple[str, Any]] = [("dora", None)] if config.get("use_dora") else []
+def vllm_unsupported(traits: ArtifactTraits, config: dict[str, Any]) -> list[tuple[str, Any]]:
+    """What of an adapter vLLM's LoRA kernels cannot run, as (what, detail): ("type", peft_type) for a method that is
+    not multiplexed, ("dora", None) for one that cannot share a batch (DoRA), ("modules_to_save", the modules) from
+    its adapter_config.json `config`. Serving and evaluation word them."""
+    if traits.serving != "multiplexed":
+        return [("type", str(config.get("peft_type", "")).upper())]
+    found: list[tuple[str, Any]] = [] if traits.mixes_in_batch else [("dora", None)]
     return found + ([("modules_to_save", config["modules_to_save"])] if config.get("modules_to_save") else [])
 
 
-def _vllm_problems(config: dict[str, Any], method: str, peft_type: str, max_rank: int, ref: str) -> list[str]:
+def _vllm_problems(config: dict[str, Any], traits: ArtifactTraits, method: str, max_rank: int, ref: str) -> list[str]:
     """What vLLM's LoRA kernels cannot run (it refuses these itself, later and less clearly), with the alternatives."""
     problems = []
-    for what, detail in vllm_unsupported(config):
+    for what, detail in vllm_unsupported(traits, config):
         problems.append({
             "type": f"method {method} ({detail or 'no peft_type'}) is not served by vLLM, which runs LoRA adapters only",
             "dora": "it is a DoRA adapter, which vLLM does not serve",
             "modules_to_save": f"it carries full copies of {detail} (modules_to_save), which vLLM does not serve",
         }[what])
-    if peft_type == "LORA":
+    if traits.serving == "multiplexed":
         rank = lora_rank(config)
         if rank > max_rank:
             problems.append(f"its LoRA rank {rank} is above vllm.max_lora_rank ({max_rank}) of this deployment "
@@ -214,7 +208,7 @@ class LoadedAdapter:
         self.pool = pool
         self.ref = ref
         self.peft_name = peft_name
-        self.solo = solo  # DoRA: decoded in a group of its own
+        self.solo = solo  # a method that does not mix in a batch (DoRA): decoded in a group of its own
         self.in_use = 0
         self.evicted = False
 
@@ -279,7 +273,8 @@ class AdapterPool:
             )
             if problems:
                 raise AdapterNotServable(f"adapter {manifest.ref} cannot be served: " + "; ".join(problems))
-            adapter = LoadedAdapter(self, manifest.ref, f"adapter{next(self._names)}", solo=bool(config.get("use_dora")))
+            solo = not artifact_traits(manifest, config).mixes_in_batch
+            adapter = LoadedAdapter(self, manifest.ref, f"adapter{next(self._names)}", solo=solo)
             await asyncio.to_thread(self.engine.run_locked, lambda: self._attach(adapter, directory))
         except RayftError as err:
             self.metrics.refused(ref, type(err).__name__)

@@ -598,7 +598,7 @@ class JobService:
                     self.registry.publish(
                         name, Path(local) / ADAPTER_DIR, kind="adapter", base_model=final.base_model,
                         base_config_digest=final.base_config_digest, method=final.method, params=final.params,
-                        metrics={"step": step}, lineage={**final.lineage, "checkpoint_of": final.ref},
+                        metrics={"step": step}, lineage={**final.lineage, "checkpoint_of": final.ref}, traits=final.traits,
                     )
             record.checkpoint_models[str(step)] = f"{name}@1"
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from storage.errors import InvalidArtifact, NotFound, RayftError
 from storage.models import REGISTRY_PREFIX, read_model_config, resolve_model_dir
-from storage.registry import ArtifactKind, Manifest, Registry, base_config_digest
+from storage.registry import ArtifactKind, ArtifactTraits, Manifest, Registry, base_config_digest
 from storage.safety import check_weight_files
 from storage.store import sha256_file
 
@@ -77,6 +77,32 @@ def adapter_params(config: dict[str, Any]) -> dict[str, Any]:
             continue
         params[key] = sorted(value) if isinstance(value, (list, set, tuple)) else value
     return params
+
+
+def adapter_config_traits(config: dict[str, Any]) -> ArtifactTraits:
+    """What an adapter made elsewhere is, from its adapter_config.json alone: the one place outside trainers/methods/
+    that reads a method's serving rules off the files (storage cannot ask trainers/methods/, and a pushed adapter
+    names no rayft method). peft's prompt-learning family (its PromptLearningConfig subclasses) lives in the prompt
+    and serves not at all; peft multiplexes the LoRA family, a DoRA one in a batch of its own; any other
+    weight-based type serves merged into its base."""
+    from peft import PromptLearningConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    peft_type = str(config.get("peft_type", "")).upper()
+    if issubclass(PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type, object), PromptLearningConfig):
+        return ArtifactTraits(serving="none", mixes_in_batch=False, prompt_learning=True)
+    if peft_type == "LORA":
+        return ArtifactTraits(serving="multiplexed", mixes_in_batch=not config.get("use_dora"))
+    return ArtifactTraits(serving="merged", mixes_in_batch=False)
+
+
+def artifact_traits(manifest: Manifest | None, config: dict[str, Any]) -> ArtifactTraits:
+    """The traits of an adapter: the ones its manifest records (the method's, written by the publisher), else (an
+    adapter pushed from elsewhere, a manifest from before traits were recorded, a local directory: `manifest` None)
+    what `adapter_config_traits` reads from its adapter_config.json `config`."""
+    if manifest is not None and manifest.traits is not None:
+        return manifest.traits
+    return adapter_config_traits(config)
 
 
 def check_adapter_dir(root: Path) -> dict[str, Any]:
@@ -154,6 +180,7 @@ def push_directory(
             how = "" if base_model else f" ({ADAPTER_CONFIG} names it); pass --base-model registry:NAME[@V] or a local model directory"
             raise InvalidArtifact(f"cannot push {name!r}: base model {source!r}: {err}{how}") from None
         params = adapter_params(config)
+        traits: ArtifactTraits | None = adapter_config_traits(config)
         if named:
             lineage["adapter_config_base_model"] = named
     else:
@@ -161,10 +188,11 @@ def push_directory(
         digest = base_config_digest(config)
         recorded = base_model or name
         params = {"model_type": config["model_type"], "architectures": config.get("architectures") or []}
+        traits = None  # a model serves as a base of its own
     # method None: the manifest says "not trained here"; params say what the files are.
     return registry.publish(
         name, root, kind=kind, base_model=recorded, base_config_digest=digest,
-        method=None, params=params, metrics={}, lineage=lineage,
+        method=None, params=params, metrics={}, lineage=lineage, traits=traits,
     )
 
 

@@ -58,6 +58,23 @@ class FileEntry(BaseModel):
             raise ValueError(str(err)) from None
 
 
+ServingMode = Literal["multiplexed", "merged", "none"]
+
+
+class ArtifactTraits(BaseModel):
+    """What an adapter's method is to whoever serves or evaluates it. trainers/methods/ declares it for each method
+    and the publisher records it; for an adapter made elsewhere (or a manifest older than this field),
+    storage.artifacts.artifact_traits derives it from adapter_config.json."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    serving: ServingMode = Field(
+        description="multiplexed beside other adapters on one base, only merged into the base first, or not at all."
+    )
+    mixes_in_batch: bool = Field(description="Shares one forward batch with other adapters (else decodes in a group of its own).")
+    prompt_learning: bool = Field(False, description="Trains virtual tokens in the prompt rather than weights.")
+
+
 class Manifest(BaseModel):
     """What a published version is: its files with checksums, base model, method and provenance."""
 
@@ -75,6 +92,9 @@ class Manifest(BaseModel):
     params: dict[str, JsonValue] = Field(description="Method parameters (rank, alpha, target modules, ...).")
     metrics: dict[str, JsonValue] = Field(description="Final training/eval metrics.")
     lineage: dict[str, JsonValue] = Field(description="Where it came from: job spec, run id, parent artifacts.")
+    traits: ArtifactTraits | None = Field(
+        None, description="How the method serves (adapters); None: not recorded (older manifests, models), see storage.artifacts.artifact_traits."
+    )
     created_at: AwareDatetime = Field(description="Publish time, UTC.")
     files: list[FileEntry] = Field(min_length=1, description="Every file of the artifact directory.")
 
@@ -357,6 +377,7 @@ class Registry:
         params: Mapping[str, Any],
         metrics: Mapping[str, Any],
         lineage: Mapping[str, Any],
+        traits: ArtifactTraits | None = None,
     ) -> Manifest:
         """Publish every file of `local_dir` as the next version of `name`; the manifest is written last.
 
@@ -384,6 +405,7 @@ class Registry:
             "params": dict(params),
             "metrics": dict(metrics),
             "lineage": dict(lineage),
+            "traits": traits,
             "files": entries,
         }
         self._build_manifest(fields, version=1)  # validate everything before touching storage

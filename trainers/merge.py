@@ -417,10 +417,15 @@ def merge_adapters(options: MergeOptions, registry: Registry) -> MergeResult:
             artifact, kind = write_merged_model(model, base_dir, Path(work) / "model"), "model"
         else:
             artifact, kind = write_adapter(model, Path(work) / "adapter"), "adapter"
+        method = merged_method(sources)
+        # The combined adapter is one of the sources' method (a model serves as a base of its own); a method rayft
+        # does not know leaves the traits to storage.artifacts.artifact_traits' reading of adapter_config.json.
+        method_traits = known_traits(method) if kind == "adapter" else None
         manifest = registry.publish(
             options.into, artifact, kind=kind, base_model=manifests[0].base_model,
-            base_config_digest=manifests[0].base_config_digest, method=merged_method(sources),
+            base_config_digest=manifests[0].base_config_digest, method=method,
             params=params, metrics={}, lineage=lineage,
+            traits=method_traits.for_manifest() if method_traits is not None else None,
         )
     return MergeResult(manifest=manifest, sources=manifests, rank=params["r"], wall_s=time.perf_counter() - t0)
 

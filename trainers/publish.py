@@ -117,7 +117,8 @@ def publish_run(
     workdir: Path,
 ) -> list[Manifest]:
     """Publish the run's adapter/model (and the merged model when asked); returns the manifests."""
-    is_adapter = traits(spec.method.name).is_adapter
+    method = traits(spec.method.name)
+    is_adapter = method.is_adapter
     config = read_model_config(model_dir)
     digest = base_config_digest(config)
     lineage = {"job_spec": spec.model_dump(mode="json"), "run_id": run_id}
@@ -126,7 +127,7 @@ def publish_run(
         registry.publish(
             spec.output.name, artifact, kind="adapter" if is_adapter else "model",
             base_model=spec.model.source, base_config_digest=digest, method=spec.method.name,
-            params=method_params(spec), metrics=metrics, lineage=lineage,
+            params=method_params(spec), metrics=metrics, lineage=lineage, traits=method.for_manifest(),
         )
     ]
     if spec.output.merge and is_adapter:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from storage.registry import ArtifactTraits
+
 
 @dataclass(frozen=True)
 class Traits:
@@ -31,6 +33,11 @@ class Traits:
     @property
     def is_adapter(self) -> bool:
         return self.produces == "adapter"
+
+    def for_manifest(self) -> ArtifactTraits:
+        """What the publisher records in the manifest, for serving and evaluation to read across the trainers|serve
+        wall."""
+        return ArtifactTraits(serving=self.serving, mixes_in_batch=self.mixes_in_batch, prompt_learning=self.prompt_learning)
 
     @property
     def many_workers_strategy(self) -> str:
