@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: $(STAMP)
 	# bare Ray Serve LLM (serve_engines_bench's baseline) needs fastapi<0.137: an overlay for the benches only
 	test -d .bench-fastapi || $(BIN)/pip install -q --no-deps --target .bench-fastapi 'fastapi<0.137'
 	PYTHONPATH=.bench-fastapi $(BIN)/python -m bench
+
+# the docs site (mkdocs.yml, docs/): reference pages regenerated from the specs and the CLI, then built into build/site
+docs: $(STAMP)
+	$(BIN)/python docs/gen_reference.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-out .bench-fastapi
