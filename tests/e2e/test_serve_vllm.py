@@ -44,12 +44,13 @@ def greedy(model, tokenizer, ids: list[int], n: int = MAX_TOKENS) -> list[int]:
 
 
 def _train(model_dir: Path, data: Path, storage: str, seed: int, steps: int):
+    from tests.support.inprocess import fit_in_process
     from tests.support.jobs import make_job
     from trainers.run import run_training
 
     spec = make_job(model_dir, data, storage, {"name": "lora", "r": 8, "alpha": 16}, name="trained",
                     training={"max_steps": steps, "lr": 0.05, "seed": seed, "eval_every": steps, "checkpoint_every": steps})
-    return run_training(spec)
+    return run_training(spec, fit=fit_in_process)  # a published run's adapter; the worker loop in this process
 
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,7 @@ def console(serve_http, s3_server, tiny_model_dir, reverse_data, tmp_path_factor
     from serve.app import build_app
     from serve.spec import parse_serve_spec
     from storage.registry import base_config_digest_of_dir
+    from tests.support.inprocess import fit_in_process
     from tests.support.jobs import make_job
     from trainers.merge import MergeOptions, merge_adapters
     from trainers.run import TrainingFailed, run_training
@@ -118,12 +119,12 @@ def console(serve_http, s3_server, tiny_model_dir, reverse_data, tmp_path_factor
     digest = base_config_digest_of_dir(tiny_model_dir)
     training = {"max_steps": 12, "eval_every": 4, "checkpoint_every": 12, "log_every": 4}
     spec = make_job(tiny_model_dir, reverse_data, storage, {"name": "lora", "r": 4, "alpha": 8}, name="console-lora", training=training)
-    result = run_training(spec)
+    result = run_training(spec, fit=fit_in_process)  # runs the console lists; their worker loop in this process
     failing = make_job(tiny_model_dir, reverse_data, storage, {"name": "lora", "r": 4, "alpha": 8}, name="console-fails",
                        training=training, resources={"max_failures": 0})
     failed_id = f"console-fails-{uuid.uuid4().hex[:8]}"
     with pytest.raises(TrainingFailed):
-        run_training(failing, run_id=failed_id, faults={"fail_at_step": 2})
+        run_training(failing, run_id=failed_id, faults={"fail_at_step": 2}, fit=fit_in_process)
     other = build_random_lora_dir(tiny_model_dir, tmp_path_factory.mktemp("console") / "rand", seed=5, r=4)
     registry.publish("console-rand", other, kind="adapter", base_model=str(tiny_model_dir), base_config_digest=digest,
                      method="lora", params={}, metrics={}, lineage={"test": "console"})

@@ -290,6 +290,7 @@ def test_every_source_kind_and_row_format_trains(ray_session, tiny_model_dir, s3
     from trainers.ingest.prepare import prepare_for_job
     from trainers.ingest.stream import read_examples
     from trainers.loop import Precision, mean_loss
+    from tests.support.inprocess import fit_in_process
     from trainers.run import run_training
 
     d = tmp_path / "mixed"
@@ -309,7 +310,7 @@ def test_every_source_kind_and_row_format_trains(ray_session, tiny_model_dir, s3
     spec = make_job(tiny_model_dir, d, local_uri, {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"},
                     data={"eval": f"{s3_uri}/eval/*.jsonl", "eval_fraction": 0.0, "max_seq_len": 48},
                     training={"max_steps": 16, "eval_every": 16, "checkpoint_every": 16})
-    result = run_training(spec, publish=False)
+    result = run_training(spec, publish=False, fit=fit_in_process)  # the worker loop in this process, on the Ray Data shard
     _, prepared = prepare_for_job(spec, local_uri)
     assert prepared.reused and sorted(prepared.stats["formats"].values()) == [
         "alpaca", "messages", "prompt_completion", "prompt_completion", "sharegpt"]  # the S3 eval file is prompt_completion too
