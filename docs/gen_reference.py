@@ -54,14 +54,6 @@ def _union_args(tp: Any) -> tuple | None:
     return None
 
 
-def model_title(model: type) -> str:
-    """`Dimension[int]` for a parametrized generic, else the class name."""
-    meta = getattr(model, "__pydantic_generic_metadata__", None) or {}
-    if meta.get("origin") is not None and meta.get("args"):
-        return f"{meta['origin'].__name__}[{', '.join(type_text(a) for a in meta['args'])}]"
-    return model.__name__
-
-
 def type_text(tp: Any) -> str:
     """A short, readable rendering of an annotation: `int | null`, `"a" | "b"`, `list[MetricSpec]`."""
     tp = _strip_annotated(tp)
@@ -80,7 +72,7 @@ def type_text(tp: Any) -> str:
         name = getattr(origin, "__name__", str(origin))
         return f"{name}[{inner}]" if inner else name
     if _is_model(tp):
-        return model_title(tp)
+        return "object"  # its own table follows (or another page has it)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return " | ".join(json.dumps(m.value) for m in tp)
     if isinstance(tp, type):
@@ -129,7 +121,22 @@ def _default_text(field: Any) -> str:
 
 
 def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Text for one table cell: one line; a `|` escaped (inside a code span, which would show the backslash, the
+    span is written as <code> with an entity)."""
+    import html
+    import re
+
+    text = " ".join(str(text).split())
+    parts = re.split(r"(`[^`]*`)", text)
+    out = []
+    for part in parts:
+        if part.startswith("`") and part.endswith("`") and len(part) > 1 and "|" in part:
+            out.append("<code>" + html.escape(part[1:-1], quote=False).replace("|", "&#124;") + "</code>")
+        elif part.startswith("`") and part.endswith("`") and len(part) > 1:
+            out.append(part)
+        else:
+            out.append(part.replace("|", "\\|"))
+    return "".join(out)
 
 
 def _nested(tp: Any) -> list[tuple[str, type]]:
@@ -177,6 +184,13 @@ def _variant_value(model: type, disc: str) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return " | ".join(str(a) for a in typing.get_args(tp))
     return str(field.default)
+
+
+def _slug(heading_text: str) -> str:
+    """The anchor mkdocs gives a heading of this (plain) text: Python-Markdown's toc slugify."""
+    from markdown.extensions.toc import slugify
+
+    return slugify(heading_text, "-")
 
 
 def _single_literal(tp: Any) -> bool:
@@ -235,7 +249,13 @@ class ModelPage:
             if stop:
                 description = (description + " " if description else "") + f"See [{stop[0][0]}]({stop[0][1]})."
             elif nested:
-                description = (description + " " if description else "") + "Fields below."
+                targets = [(suffix, m) for suffix, m in nested if m not in self.stop]
+                if disc and len(targets) > 1:
+                    first = _slug(f"{where} ({disc}: {_variant_value(targets[0][1], disc)})")
+                    link = f"One table per choice, [below](#{first})."
+                else:
+                    link = f"Fields: [`{where}{targets[0][0]}`](#{_slug(where + targets[0][0])})."
+                description = (description + " " if description else "") + link
             rows.append(f"| `{shown}` | {_cell(kind)} | {_cell(_default_text(field))} | {_cell(description) or '—'} |")
             for suffix, sub in nested:
                 if sub in self.stop or not issubclass(sub, BaseModel):
