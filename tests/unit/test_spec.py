@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -113,14 +111,16 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
-def test_cli_validate_exits_2_with_one_message_and_no_traceback(name, tmp_path):
+def test_cli_validate_exits_2_with_one_message_and_no_traceback(name, tmp_path, capsys):
+    from cluster.cli import main
+
     path = tmp_path / name
     path.write_text(BAD_FILES[name])
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "validate", str(path)], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.count("rayft validate: error:") == 1
-    assert str(path) in proc.stderr
+    assert main(["validate", str(path)]) == 2  # an uncaught error would raise here, with its traceback
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("rayft validate: error:") == 1
+    assert str(path) in err
 
 
 def test_cli_validate_ok_on_example(capsys):
