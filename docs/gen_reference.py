@@ -272,9 +272,17 @@ class ModelPage:
 
 
 def spec_page(title: str, intro: str, model: type, root: str, source: str,
-              stop: dict[type, tuple[str, str]] | None = None, extra: list[tuple[type, str]] = ()) -> tuple[str, list[str]]:
+              stop: dict[type, tuple[str, str]] | None = None, extra: list[tuple[type, str]] = (),
+              module_doc: bool = False) -> tuple[str, list[str]]:
+    """A page of tables for `model`; with `module_doc`, the docstring of the module declaring it comes first (its
+    examples are the shorthands the validators accept)."""
+    import inspect
+
     page = ModelPage(stop)
     page.out.append(HEADER.format(source=source) + f"# {title}\n\n{intro}\n")
+    if module_doc and sys.modules[model.__module__].__doc__:
+        page.out.append(f"From `{model.__module__.replace('.', '/')}.py`:\n\n"
+                        + inspect.cleandoc(sys.modules[model.__module__].__doc__) + "\n")
     page.section(model, root, 2)
     for sub, path in extra:
         page.section(sub, path, 2)
@@ -335,7 +343,8 @@ def _subparsers(parser: argparse.ArgumentParser) -> list[tuple[str, str, argpars
     return out
 
 
-def _command_section(parser: argparse.ArgumentParser, name: str, helptext: str, level: int, out: list[str]) -> None:
+def _command_section(parser: argparse.ArgumentParser, name: str, helptext: str, level: int, out: list[str],
+                     missing: list[str]) -> None:
     out.append(f"{'#' * min(level, 6)} `{parser.prog}`\n")
     if helptext:
         out.append(helptext[0].upper() + helptext[1:] + ("" if helptext.endswith(".") else ".") + "\n")
@@ -351,13 +360,15 @@ def _command_section(parser: argparse.ArgumentParser, name: str, helptext: str, 
         choices = ""
         if action.choices is not None and not isinstance(action, argparse._SubParsersAction):
             choices = " (one of " + ", ".join(f"`{c}`" for c in action.choices) + ")"
+        if not _help(parser, action):
+            missing.append(f"{parser.prog}: {'/'.join(action.option_strings) or action.dest} (no help=)")
         rows.append(f"| {_option_names(action)} | {_cell(_help(parser, action) + choices) or '—'} | {_default_cell(action)} |")
     if rows:
         out.append("| argument | help | default |\n| --- | --- | --- |\n" + "\n".join(rows) + "\n")
     if parser.epilog:
         out.append(parser.epilog.strip() + "\n")
     for child_name, child_help, child in _subparsers(parser):
-        _command_section(child, child_name, child_help, level + 1, out)
+        _command_section(child, child_name, child_help, level + 1, out, missing)
 
 
 #: Environment variables some options take their defaults from: left out while the parser is built, so the page
@@ -379,8 +390,10 @@ def _parser_without_env() -> argparse.ArgumentParser:
         os.environ.update(saved)
 
 
-def cli_page() -> str:
+def cli_page() -> tuple[str, list[str]]:
+    """The page, and the arguments declared without a help text."""
     parser = _parser_without_env()
+    missing: list[str] = []
     out = [HEADER.format(source="cluster/cli.py and cluster/commands/") + "# Command line: `rayft`\n",
            "Every command and option of the `rayft` CLI, as `rayft COMMAND --help` prints them. "
            "`--verbose` / `-v` is accepted before or after any command. Exit status: 0 on success, "
@@ -389,8 +402,8 @@ def cli_page() -> str:
     commands = _subparsers(parser)
     out.append("\n".join(f"| [`rayft {n}`](#rayft-{n}) | {_cell(h)} |" for n, h, _ in commands) + "\n")
     for name, helptext, child in commands:
-        _command_section(child, name, helptext, 2, out)
-    return "\n".join(out).rstrip() + "\n"
+        _command_section(child, name, helptext, 2, out, missing)
+    return "\n".join(out).rstrip() + "\n", missing
 
 
 # --------------------------------------------------------------------------- the pages
@@ -416,7 +429,7 @@ def _pages() -> dict[str, Callable[[], tuple[str, list[str]]]]:
         return spec_page(
             "Tune spec", "The `tune:` section of a job spec, read by `rayft tune` (`trainers/tune_spec.py`, class "
             "`TuneSpec`). The rest of the job spec is the base every trial starts from. See the "
-            "[tune guide](../guides/tune.md).", TuneSpec, "tune", "trainers/tune_spec.py")
+            "[tune guide](../guides/tune.md).", TuneSpec, "tune", "trainers/tune_spec.py", module_doc=True)
 
     def eval_() -> tuple[str, list[str]]:
         from trainers.eval_spec import EvalSpec
@@ -424,7 +437,7 @@ def _pages() -> dict[str, Callable[[], tuple[str, list[str]]]]:
         return spec_page(
             "Eval spec", "The `eval:` section of a job spec (scored after training, before publishing) and the "
             "`--config` file of `rayft eval` (`trainers/eval_spec.py`, class `EvalSpec`). See the "
-            "[evaluation guide](../guides/evaluation.md).", EvalSpec, "eval", "trainers/eval_spec.py")
+            "[evaluation guide](../guides/evaluation.md).", EvalSpec, "eval", "trainers/eval_spec.py", module_doc=True)
 
     def serve() -> tuple[str, list[str]]:
         from service.spec import ServiceSpec
@@ -456,7 +469,7 @@ def _pages() -> dict[str, Callable[[], tuple[str, list[str]]]]:
             "[the manifest concept](../concepts.md#manifest).", Manifest, "", "storage/registry.py")
 
     def cli() -> tuple[str, list[str]]:
-        return cli_page(), []
+        return cli_page()
 
     return {"job-spec.md": job, "tune-spec.md": tune, "eval-spec.md": eval_, "serve-spec.md": serve,
             "fine-tuning-api.md": api, "manifest.md": manifest, "cli.md": cli}
@@ -468,7 +481,7 @@ def generate() -> dict[str, str]:
 
 
 def missing_descriptions() -> list[str]:
-    """Spec fields declared without a description (they show '—' in the reference)."""
+    """Spec fields declared without a description, and CLI arguments without a help text (they show '—')."""
     out: list[str] = []
     for make in _pages().values():
         for item in make()[1]:
@@ -486,7 +499,7 @@ def stale_pages() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Generate docs/reference/*.md from the specs and the CLI.")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page is stale")
-    parser.add_argument("--missing", action="store_true", help="list spec fields without a description")
+    parser.add_argument("--missing", action="store_true", help="list spec fields and CLI arguments without a description")
     args = parser.parse_args(argv)
     if args.missing:
         print("\n".join(missing_descriptions()) or "every field has a description")
