@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API on Ray Serve, and `build_app`, the application builder.
 
 Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
-POST /v1/chat/completions (both with `stream: true` as server-sent events), and the web
-console under /console (serve/console.py).
+POST /v1/chat/completions (both with `stream: true` as server-sent events). The web console
+(/console) is the top floor's (service/console.py), added by service.app.
 
 Every request is checked here, in this order, before any model or storage is touched:
 bearer token (if configured) → body size → JSON → request schema → limits → model id.
@@ -12,14 +12,14 @@ registry's answer is cached for `adapters.resolve_ttl_s`. An adapter request is 
 the base deployment with `multiplexed_model_id=name@version`, so Serve routes it to a
 replica that already holds that adapter.
 
-`build_app` is what `rayft serve` and a RayService (`import_path: serve.app:build_app`)
-call; Serve validates the RayService `args` against its `ServeSpec` annotation, which is
+`build_app` builds the inference-only application (a RayService may name
+`import_path: serve.app:build_app`; `rayft serve` runs service.app's, which adds the console); Serve validates the RayService `args` against its `ServeSpec` annotation, which is
 why this module must not use `from __future__ import annotations`.
 
 The routes are an `APIRouter` (`inference_router()`) whose endpoints call methods of the
 replica's ingress object (`InferenceIngress`), and `ingress_api(routers)` puts routers
 together with OpenAI-shaped errors: a top-floor package builds ONE application with these
-inference routes beside its own (the fine-tuning API in `service/`) by subclassing
+inference routes beside its own (the console and fine-tuning API in `service/`) by subclassing
 `InferenceIngress` and listing its routers. This module never imports upward.
 """
 
@@ -42,7 +42,6 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.console import console_router
 from serve.deployments import BaseModelServer, MergedModelServer
 from serve.metrics import ApiMetrics, count_s3_requests
 from serve.protocol import (
@@ -117,10 +116,9 @@ def inference_router() -> APIRouter:
 
 
 def build_inference_api() -> FastAPI:
-    """The inference-only app (`rayft serve` without the fine-tuning API); built in each replica.
-
-    The web console (/console: its page and data routes, behind the same tokens; serve/console.py) comes last."""
-    return ingress_api([inference_router(), console_router()])
+    """serve/'s own inference-only app (`serve.app:build_app`); built in each replica. The top floor's application
+    (service.app:build_app, what `rayft serve` runs) adds the web console and the fine-tuning API to these routes."""
+    return ingress_api([inference_router()])
 
 
 class AdapterResolver:

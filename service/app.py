@@ -3,10 +3,12 @@
 The ingress (`ServiceIngress`) is serve/'s `InferenceIngress` with the files and fine-tuning
 jobs API added: same base_url, same bearer tokens and tenants, same error shape. Its routes
 are the routers listed in `service_routers()`: serve/'s inference routes, then /v1/files,
-then /v1/fine_tuning, then the web console (serve/console.py).
+then /v1/fine_tuning, then the web console (service/console.py). A spec without the fine-tuning
+API gets serve/'s inference routes and the console (`ConsoleIngress`).
 
 `build_app` is what `rayft serve` and a RayService (`import_path: service.app:build_app`)
-call. A spec without `fine_tuning` (or with `enabled: false`) gets serve/'s own application.
+call. A spec without `fine_tuning` (or with `enabled: false`) gets serve/'s inference ingress with the
+console beside it.
 Serve validates RayService `args` against the `ServiceSpec` annotation, so this module must
 not use `from __future__ import annotations`.
 """
@@ -21,11 +23,10 @@ from ray import serve
 from ray.serve import Application
 from starlette.requests import Request as StarletteRequest
 
-from serve.console import console_router
 from serve.app import InferenceIngress, current_ingress, inference_router, ingress_api, model_deployments, read_body
-from serve.app import build_app as build_inference_app
 from serve.protocol import ApiError, error_from
 from serve.spec import ServeSpec
+from service.console import console_router
 from service.files import FILE_ID, PURPOSE, FileStore, page
 from service.jobs import JobService, model_owner
 from service.spec import FineTuningApiSpec, ServiceSpec, parse_service_spec
@@ -93,6 +94,17 @@ def service_routers() -> list[APIRouter]:
 def build_service_api() -> FastAPI:
     """The application's FastAPI app (built in each replica)."""
     return ingress_api(service_routers())
+
+
+def build_console_api() -> FastAPI:
+    """The app of a spec without the fine-tuning API: inference, then the web console (built in each replica)."""
+    return ingress_api([inference_router(), console_router()])
+
+
+@serve.deployment(name="OpenAIIngress")
+@serve.ingress(build_console_api)
+class ConsoleIngress(InferenceIngress):
+    """The ingress of the inference-only application, with the web console."""
 
 
 class FineTuningIngress(InferenceIngress):
@@ -236,8 +248,8 @@ def build_app(spec: ServiceSpec) -> Application:
         spec = spec.model_dump(mode="json")
     if not isinstance(spec, ServiceSpec):
         spec = parse_service_spec(spec, "serve args")
-    if not spec.api_enabled():
-        return build_inference_app(spec.serve_spec())
     raw, base, merged = model_deployments(spec.serve_spec())
     options = spec.api.deployment.serve_options()
+    if not spec.api_enabled():
+        return ConsoleIngress.options(**options).bind(raw, base, merged)
     return ServiceIngress.options(**options).bind(raw, base, merged, spec.fine_tuning.model_dump(mode="json"))

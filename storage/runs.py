@@ -1,10 +1,17 @@
-"""Training runs as storage records, so anything that can read the store (the console, a script) can list them.
+"""Training runs as storage records, so anything that can read the store (the console, a script) can list them;
+and the one place that names the layout of runs, their checkpoints and tune searches in storage (trainers write
+it, the console reads it).
 
-Layout, next to each run's checkpoints:
+Layout:
 
     runs/<run_id>/rayft-run.json        the driver's record: job spec, state, times, error (RunRecord)
     runs/<run_id>/rayft-progress.json   rank 0's live progress: step, history, ETA, console tail (RunProgress)
-    runs/<run_id>/step-XXXXXXXX/...     checkpoints (trainers.checkpoints)
+    runs/<run_id>/step-XXXXXXXX/...     checkpoints (`checkpoint_dir_name`; what they hold: trainers.checkpoints),
+                                        each with the trainer state `trainer_state.{json,safetensors}`
+    runs/<run_id>/eval/...              the results of an `eval:` gate (evaluation.pipeline)
+    tune/<search_id>/job.json           the base job spec a search started from
+    tune/<search_id>/results.json       its result, written last when it ends (beside results.csv, search.png)
+    runs/<search_id>-<trial_id>/...     each trial's own run (`trial_run_id`)
 
 Two files, one writer each (the driver, rank 0), so no write ever races another. Both are best effort
 for the writers: a run never fails because its record could not be written. Readers validate run ids
@@ -26,6 +33,16 @@ from storage.store import Store
 RUNS_ROOT = "runs"
 RECORD_FILE = "rayft-run.json"
 PROGRESS_FILE = "rayft-progress.json"
+#: A checkpoint folder's name: `step-` and the optimizer step, 8 digits.
+CHECKPOINT_PREFIX = "step-"
+#: The trainer state in each checkpoint: `trainer_state.json` (the tree) and `.safetensors` (its tensors).
+STATE_NAME = "trainer_state"
+STATE_FILES = (f"{STATE_NAME}.json", f"{STATE_NAME}.safetensors")
+#: A run's folder of eval-gate results.
+EVAL_DIR = "eval"
+TUNE_ROOT = "tune"
+SEARCH_JOB_FILE = "job.json"
+SEARCH_RESULTS_FILE = "results.json"
 #: Run ids rayft makes: `<output name>-<date>-<time>-<hex>`, a tune trial's `<search id>-<trial id>`.
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 _RUN_ID_RE = re.compile(RUN_ID_PATTERN)
@@ -81,12 +98,73 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def run_prefix(run_id: str) -> str:
+    """`runs/<run_id>`: the run's folder (its records, checkpoints and eval results). Readers of ids from outside
+    check them first (`validate_run_id`)."""
+    return f"{RUNS_ROOT}/{run_id}"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """The folder name of the checkpoint of optimizer step `step`."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def checkpoint_step(name: str) -> int:
+    """The step a checkpoint folder name stands for (a trailing '/' allowed, as `run_ids` lists folders); -1 for
+    any other name."""
+    digits = name.removesuffix("/").removeprefix(CHECKPOINT_PREFIX)
+    return int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else -1
+
+
+def checkpoint_key(run_id: str, step: int, name: str) -> str:
+    """The key of file `name` in the run's checkpoint of step `step`."""
+    return f"{run_prefix(run_id)}/{checkpoint_dir_name(step)}/{name}"
+
+
+def eval_prefix(run_id: str) -> str:
+    return f"{run_prefix(run_id)}/{EVAL_DIR}"
+
+
+def search_prefix(search_id: str) -> str:
+    """`tune/<search_id>`: a search's folder (its job, Tune's experiment state, its results)."""
+    return f"{TUNE_ROOT}/{search_id}"
+
+
+def search_job_key(search_id: str) -> str:
+    return f"{search_prefix(search_id)}/{SEARCH_JOB_FILE}"
+
+
+def search_results_key(search_id: str) -> str:
+    return f"{search_prefix(search_id)}/{SEARCH_RESULTS_FILE}"
+
+
+def trial_run_id(search_id: str, trial_id: str) -> str:
+    """The run id of a search's trial: its checkpoints are under `runs/<search_id>-<trial_id>/`."""
+    return f"{search_id}-{trial_id}"
+
+
+def search_of_trial(run_id: str, search_ids: set[str]) -> str | None:
+    """The search (of `search_ids`) that run `run_id` is a trial of, or None."""
+    return next((sid for sid in search_ids if run_id.startswith(trial_run_id(sid, ""))), None)
+
+
+def search_files(store: Store) -> dict[str, set[str]]:
+    """Every search folder under tune/ with the file names directly in it, from one listing (a search exists once
+    its job file does)."""
+    found: dict[str, set[str]] = {}
+    for key in store.list(TUNE_ROOT):
+        parts = key.split("/")
+        if len(parts) == 3:
+            found.setdefault(parts[1], set()).add(parts[2])
+    return found
+
+
 def record_key(run_id: str) -> str:
-    return f"{RUNS_ROOT}/{validate_run_id(run_id)}/{RECORD_FILE}"
+    return f"{run_prefix(validate_run_id(run_id))}/{RECORD_FILE}"
 
 
 def progress_key(run_id: str) -> str:
-    return f"{RUNS_ROOT}/{validate_run_id(run_id)}/{PROGRESS_FILE}"
+    return f"{run_prefix(validate_run_id(run_id))}/{PROGRESS_FILE}"
 
 
 def write_record(store: Store, record: RunRecord) -> None:
@@ -118,7 +196,7 @@ def run_ids(store: Store, run_id: str | None = None) -> dict[str, list[str]]:
     """Every run folder under runs/ (or just `run_id`'s) with the names directly in it, folders ending in '/'
     (checkpoints: `step-XXXXXXXX/`), from one listing."""
     found: dict[str, list[str]] = {}
-    for key in store.list(f"{RUNS_ROOT}/{validate_run_id(run_id)}" if run_id is not None else RUNS_ROOT):
+    for key in store.list(run_prefix(validate_run_id(run_id)) if run_id is not None else RUNS_ROOT):
         parts = key.split("/")
         if len(parts) < 3 or not _RUN_ID_RE.fullmatch(parts[1]):
             continue

@@ -1,6 +1,6 @@
-"""A run's checkpoints: their layout in storage, how the newest complete one is found, and what they hold.
+"""A run's checkpoints: how the newest complete one is found, and what they hold.
 
-Layout: `<storage>/runs/<run_id>/step-XXXXXXXX/` holds
+Their place in storage is named by storage.runs (`<storage>/runs/<run_id>/step-XXXXXXXX/`); each holds
   - `trainer_state.{json,safetensors}`: step, loss history, resumes, every rank's RNG state (and, single/DDP,
     the optimizer and schedule; ZeRO-3 keeps those in its own shards);
   - `adapter/` (a peft directory) or `model/` (a transformers directory): what trains, in single/DDP
@@ -23,27 +23,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# The trainer state's files and the checkpoint folders' names are storage.runs' (re-exported for the trainers).
+from storage.runs import STATE_FILES, STATE_NAME, checkpoint_dir_name, checkpoint_step, run_prefix  # noqa: F401
+
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
-STATE_NAME = "trainer_state"
 PROBE_NAME = "probe"
 #: In a checkpoint that several ranks write (DeepSpeed ZeRO-3 shards), rank 0's list of every rank's files and
 #: sizes: the checkpoint is complete only once all of them are in storage.
 SHARDS_NAME = "shards.json"
 #: DeepSpeed's checkpoint tag: its shard files sit in `step-XXXXXXXX/zero3/`.
 ZERO3_TAG = "zero3"
-#: The trainer state's files.
-STATE_FILES = (f"{STATE_NAME}.json", f"{STATE_NAME}.safetensors")
 
 
 def dir_name(step: int) -> str:
     """The directory name of the checkpoint of optimizer step `step`."""
-    return f"step-{step:08d}"
+    return checkpoint_dir_name(step)
 
 
 def step_of(name: str) -> int:
     """The step a checkpoint directory name stands for; -1 for any other name."""
-    return int(name.rsplit("-", 1)[1]) if name.startswith("step-") and name[5:].isdigit() else -1
+    return checkpoint_step(name)
 
 
 def newest_checkpoint(config: dict):
@@ -74,7 +74,7 @@ def stored_checkpoints(storage_uri: str, run_id: str) -> list[tuple[int, object]
     from storage.store import pyarrow_filesystem
 
     fs, base = pyarrow_filesystem(storage_uri)
-    run_dir = f"{base.rstrip('/')}/runs/{run_id}"
+    run_dir = f"{base.rstrip('/')}/{run_prefix(run_id)}"
     found = []
     for info in fs.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True)):
         if info.type == pyarrow.fs.FileType.Directory and step_of(info.base_name) >= 0 and checkpoint_complete(fs, info.path):

@@ -1,6 +1,6 @@
 """`rayft console`: open the web console of a running `rayft serve` application in a browser.
 
-The console is served by the application itself (`/console`, serve/console.py); this command checks that the
+The console is served by the application itself (`/console`, service/console.py); this command checks that the
 application answers there and opens the page. The token is never put in the URL: the page asks for it.
 """
 

@@ -19,7 +19,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from serve.console import ConsoleData, checked_ref, checked_run_id
+from service.console import ConsoleData, checked_ref, checked_run_id
 from serve.protocol import ApiError
 from storage.errors import InvalidName, NotFound
 from storage.registry import open_registry
@@ -105,8 +105,8 @@ def console(serve_http, s3_server, tiny_model_dir, reverse_data, tmp_path_factor
     """One trained-and-published run, one failed run, a merged adapter, and the Serve app over that store."""
     from ray import serve
 
-    from serve.app import build_app
     from serve.spec import parse_serve_spec
+    from service.app import build_app  # the console is the top floor's (service/)
     from storage.registry import base_config_digest_of_dir
     from tests.support.inprocess import fit_in_process
     from tests.support.jobs import make_job

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
+from storage.runs import SEARCH_RESULTS_FILE, TUNE_ROOT, search_prefix, search_results_key
 from storage.store import open_store
 
 
@@ -17,7 +18,7 @@ METRIC, MODE = "eval_loss", "min"
 #: Where TuneReportCallback puts the storage path of a report's checkpoint.
 CHECKPOINT_PATH = "checkpoint_path"
 
-TUNE_DIR = "tune"
+TUNE_DIR = TUNE_ROOT  # the searches' folder in storage (named by storage.runs)
 #: Metrics the training loop reports that a promoted adapter's manifest records.
 TRAIN_METRICS = ("step", "train_loss", "eval_loss", "trainable_params", "total_params", "tokens_per_s")
 
@@ -89,7 +90,7 @@ class SearchResult(BaseModel):
 # Results table and plot, saved with the run
 
 
-RESULTS_JSON, RESULTS_CSV, RESULTS_PNG = "results.json", "results.csv", "search.png"
+RESULTS_JSON, RESULTS_CSV, RESULTS_PNG = SEARCH_RESULTS_FILE, "results.csv", "search.png"
 CSV_COLUMNS = ("trial_id", "status", "method", "r", "alpha", "target_modules", "lr", "dropout", "steps",
                "eval_loss", "eval_exact_match", "eval_contains", "best_eval_loss", "train_loss", "trainable_params", "failures", "error", "train_run_id", "checkpoint")
 
@@ -145,7 +146,7 @@ def plot_search(result: SearchResult, out: Path) -> Path:
 def save_results(result: SearchResult) -> SearchResult:
     """Write results.csv and search.png, then results.json (last: its presence marks the search finished)."""
     store = open_store(result.storage_uri)
-    prefix = f"{TUNE_DIR}/{result.run_id}"
+    prefix = search_prefix(result.run_id)
     with tempfile.TemporaryDirectory(prefix="rayft-tune-") as tmp:
         png = plot_search(result, Path(tmp) / RESULTS_PNG)
         store.put_file(png, f"{prefix}/{RESULTS_PNG}")
@@ -159,7 +160,7 @@ def save_results(result: SearchResult) -> SearchResult:
 def load_search(run_id: str, storage_uri: str) -> SearchResult | None:
     """The saved result of a finished search, or None if it has not finished."""
     store = open_store(storage_uri)
-    key = f"{TUNE_DIR}/{run_id}/{RESULTS_JSON}"
+    key = search_results_key(run_id)
     if not store.exists(key):
         return None
     return SearchResult.model_validate_json(store.get_bytes(key))

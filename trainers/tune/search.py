@@ -15,6 +15,7 @@ from ray import tune
 from storage.errors import NotFound, RayftError, root_cause
 from storage.models import read_model_config, resolve_model_dir
 from storage.registry import Manifest, Registry
+from storage.runs import search_job_key
 from storage.store import default_storage_uri, open_store, pyarrow_filesystem
 from trainers.checkpoints import STATE_NAME
 from trainers.spec import JobSpec, SpecError, parse_job_spec
@@ -227,7 +228,7 @@ def run_search(
     storage_uri = spec.storage.uri or default_storage_uri()
     spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"uri": storage_uri})})
     run_id = run_id or new_search_id(spec)
-    open_store(storage_uri).put_bytes(spec.model_dump_json(indent=1).encode(), f"{TUNE_DIR}/{run_id}/job.json")
+    open_store(storage_uri).put_bytes(spec.model_dump_json(indent=1).encode(), search_job_key(run_id))
     ensure_ray(address)
     from trainers.ingest.prepare import prepare_for_job
 
@@ -256,7 +257,7 @@ def resume_search(
     if finished is not None:
         return finished, False
     store = open_store(storage_uri)
-    job_key = f"{TUNE_DIR}/{run_id}/job.json"
+    job_key = search_job_key(run_id)
     if not store.exists(job_key):
         raise NotFound(
             f"no search {run_id!r} in {storage_uri} ({store.uri_for(job_key)} does not exist); check the run id "

@@ -7,6 +7,7 @@ from typing import Any
 
 from ray import tune
 
+from storage.runs import trial_run_id
 from trainers.methods import LORA_FIELDS
 from trainers.spec import JobSpec, parse_job_spec
 from trainers.tune_spec import Dimension, TuneSpec, target_label, target_value
@@ -115,4 +116,4 @@ class SearchContext:
 
 
 def train_run_id(run_id: str, trial_id: str) -> str:
-    return f"{run_id}-{trial_id}"
+    return trial_run_id(run_id, trial_id)

@@ -1,8 +1,8 @@
-"""The web console: `/console` on the serving application, beside the OpenAI API and behind the same tokens.
+"""The web console: `/console` on the service application, beside the OpenAI API and behind the same tokens.
 
 Two kinds of routes:
 
-- `/console`, `/console/...`: one HTML page and its static script and style (`serve/console_static/`). They hold
+- `/console`, `/console/...`: one HTML page and its static script and style (`service/console_static/`). They hold
   no data and need no token: the page asks for the token, keeps it in the browser session (sessionStorage,
   never in a URL) and sends it as `Authorization: Bearer` on every data request.
 - `/console/api/...`: JSON read from storage (runs, registry, tune searches), each behind the API's token check.
@@ -11,7 +11,9 @@ Two kinds of routes:
   404 naming what exists. Storage is read off the event loop.
 
 The playground and compare pages need nothing here: they call the app's own `/v1/...` routes.
-This module reads storage only (layering: serve -> storage); a tune search's results are read as plain JSON.
+It reads storage only, through storage.runs' names for the layout of runs, checkpoints and searches; a tune
+search's results are read as plain JSON. It lives on the top floor (service/) and adds its routes to serve/'s
+inference ingress, which knows nothing of it.
 No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request, Depends) at runtime.
 """
 
@@ -30,17 +32,33 @@ from serve.protocol import ApiError, error_from
 from serve.spec import DEFAULT_TENANT
 from storage.errors import InvalidName, NotFound, RayftError
 from storage.registry import REGISTRY_ROOT, Manifest, Registry
-from storage.runs import RUNS_ROOT, read_progress, read_record, run_ids, validate_run_id
+from storage.runs import (
+    PROGRESS_FILE,
+    RECORD_FILE,
+    SEARCH_JOB_FILE,
+    SEARCH_RESULTS_FILE,
+    STATE_FILES,
+    checkpoint_key,
+    checkpoint_step,
+    read_progress,
+    read_record,
+    run_ids,
+    search_files,
+    search_job_key,
+    search_of_trial,
+    search_results_key,
+    trial_run_id,
+    validate_run_id,
+)
 from storage.safety import VERSION_PATTERN, validate_name
 
 STATIC = Path(__file__).with_name("console_static")
 #: The static files the page loads, by the name in its URL (nothing else under /console/static is served).
 STATIC_FILES = {"console.js": "text/javascript", "console.css": "text/css"}
-TUNE_ROOT = "tune"
 #: The registry's manifests are re-read at most this often (every page lists them for lineage and run links).
 REGISTRY_TTL_S = 3.0
 #: Checkpoint history read as a fallback for runs without a progress record (older rayft, tune trials).
-STATE_JSON = "trainer_state.json"
+STATE_JSON = STATE_FILES[0]
 _VERSION_RE = re.compile(VERSION_PATTERN)
 # No script or style but the page's own files; data comes from this origin only.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -138,7 +156,7 @@ class ConsoleData:
         searches = self.search_ids()
         rows = []
         for run_id, entries in run_ids(self.store).items():
-            if not any(e in ("rayft-run.json", "rayft-progress.json") or e.startswith("step-") for e in entries):
+            if not any(e in (RECORD_FILE, PROGRESS_FILE) or checkpoint_step(e) >= 0 for e in entries):
                 continue  # Ray's own bookkeeping of something that is not a rayft run
             rows.append(self._run_summary(run_id, entries, published.get(run_id, []), searches=searches))
         rows.sort(key=lambda r: r.get("started_at") or r.get("updated_at") or "", reverse=True)
@@ -154,15 +172,15 @@ class ConsoleData:
 
     def _run_summary(self, run_id: str, entries: list[str], published: list[str], full: bool = False,
                      searches: set[str] = frozenset()) -> dict[str, Any]:
-        record = read_record(self.store, run_id) if "rayft-run.json" in entries else None
-        progress = read_progress(self.store, run_id) if "rayft-progress.json" in entries else None
-        checkpoints = sorted(int(e[5:-1]) for e in entries if e.startswith("step-") and e[5:-1].isdigit())
+        record = read_record(self.store, run_id) if RECORD_FILE in entries else None
+        progress = read_progress(self.store, run_id) if PROGRESS_FILE in entries else None
+        checkpoints = sorted(checkpoint_step(e) for e in entries if e.endswith("/") and checkpoint_step(e) >= 0)
         history = progress.history if progress else []
         if not history and checkpoints and full:
             history = self._checkpoint_history(run_id, checkpoints[-1])
         last = lambda key: next((h[key] for h in reversed(history) if h.get(key) is not None), None)  # noqa: E731
         # A tune trial's driver is Tune's, not run_training: it has progress and checkpoints but no run record.
-        search = next((sid for sid in searches if run_id.startswith(f"{sid}-")), None) if record is None else None
+        search = search_of_trial(run_id, searches) if record is None else None
         out: dict[str, Any] = {
             "run_id": run_id,
             "state": record.state if record else ("tune trial" if search else "unknown"),
@@ -191,7 +209,7 @@ class ConsoleData:
 
     def _checkpoint_history(self, run_id: str, step: int) -> list[dict[str, Any]]:
         try:
-            state = json.loads(self.store.get_bytes(f"{RUNS_ROOT}/{run_id}/step-{step:08d}/{STATE_JSON}"))
+            state = json.loads(self.store.get_bytes(checkpoint_key(run_id, step, STATE_JSON)))
         except (RayftError, ValueError):
             return []
         history = state.get("history") if isinstance(state, dict) else None
@@ -200,20 +218,16 @@ class ConsoleData:
     # -- tune searches
 
     def search_ids(self) -> set[str]:
-        return {key.split("/")[1] for key in self.store.list(TUNE_ROOT) if key.count("/") == 2 and key.endswith("/job.json")}
+        return {search_id for search_id, files in search_files(self.store).items() if SEARCH_JOB_FILE in files}
 
     def searches(self) -> dict[str, Any]:
-        found: dict[str, set[str]] = {}
-        for key in self.store.list(TUNE_ROOT):
-            parts = key.split("/")
-            if len(parts) == 3:
-                found.setdefault(parts[1], set()).add(parts[2])
         rows = []
-        for search_id, files in sorted(found.items(), reverse=True):
-            if "job.json" not in files:
+        for search_id, files in sorted(search_files(self.store).items(), reverse=True):
+            if SEARCH_JOB_FILE not in files:
                 continue
-            row: dict[str, Any] = {"search_id": search_id, "state": "finished" if "results.json" in files else "running or interrupted"}
-            if "results.json" in files:
+            finished = SEARCH_RESULTS_FILE in files
+            row: dict[str, Any] = {"search_id": search_id, "state": "finished" if finished else "running or interrupted"}
+            if finished:
                 results = self._results(search_id)
                 row.update(trials=len(results.get("trials", [])), winner=results.get("winner"),
                            published=results.get("published", []), searcher=results.get("searcher"),
@@ -222,19 +236,18 @@ class ConsoleData:
         return {"as_of": _now(), "storage": self.store.uri, "searches": rows}
 
     def search(self, search_id: str) -> dict[str, Any]:
-        prefix = f"{TUNE_ROOT}/{search_id}"
-        if not self.store.exists(f"{prefix}/job.json"):
+        if not self.store.exists(search_job_key(search_id)):
             raise NotFound(f"tune search {search_id!r} does not exist in {self.store.uri} (the Search page lists every search)")
-        job = json.loads(self.store.get_bytes(f"{prefix}/job.json"))
-        if not self.store.exists(f"{prefix}/results.json"):
-            trials = [r for r in self.runs()["runs"] if r["run_id"].startswith(f"{search_id}-")]
+        job = json.loads(self.store.get_bytes(search_job_key(search_id)))
+        if not self.store.exists(search_results_key(search_id)):
+            trials = [r for r in self.runs()["runs"] if r["run_id"].startswith(trial_run_id(search_id, ""))]
             return {"as_of": _now(), "search_id": search_id, "state": "running or interrupted", "job": job,
                     "trial_runs": trials}
         return {"as_of": _now(), "search_id": search_id, "state": "finished", "job": job, **self._results(search_id)}
 
     def _results(self, search_id: str) -> dict[str, Any]:
         try:
-            data = json.loads(self.store.get_bytes(f"{TUNE_ROOT}/{search_id}/results.json"))
+            data = json.loads(self.store.get_bytes(search_results_key(search_id)))
         except (NotFound, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
