@@ -80,7 +80,7 @@ def add_verbose_option(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from cluster import console
+    from cluster.client import console
 
     console.configure(args.verbose)
     try:

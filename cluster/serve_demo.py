@@ -54,7 +54,7 @@ def run_demo_queries(storage_uri: str, base: str, adapters: list[str], keep_serv
     from ray import serve
 
     from cluster.commands.serve import deploy
-    from cluster.ray_connect import connect
+    from cluster.client.ray_connect import connect
 
     connect(None)
     spec = demo_spec(storage_uri, base, adapters)

@@ -3,7 +3,7 @@
 A request is checked once (every problem in one 400), turned into a rayft job spec
 (trainers/spec.py), and recorded in storage (`service/jobs/<tenant>/<job-id>.json`). When
 fewer than `max_concurrent_jobs` run, it is submitted through the Ray Jobs API with rayft's
-own submission code (cluster/submission.py): the spec travels as the job's working dir and the
+own submission code (cluster/client/submission.py): the spec travels as the job's working dir and the
 driver runs `rayft train job.yaml --run-id <job-id>` — planning, data, Ray Train with
 checkpoints and restarts, publishing to the registry — exactly as on the command line.
 
@@ -35,11 +35,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from cluster.auth import find_auth_token
-from cluster.follow import last_error_line
-from cluster.jobs_client import JobNotFound as RayJobNotFound
-from cluster.jobs_client import JobsClient, jobs_api_address
-from cluster.submission import SubmitOptions, prepare_submission, submit_job
+from cluster.client.auth import find_auth_token
+from cluster.client.follow import last_error_line
+from cluster.client.jobs_client import JobNotFound as RayJobNotFound
+from cluster.client.jobs_client import JobsClient, jobs_api_address
+from cluster.client.submission import SubmitOptions, prepare_submission, submit_job
 
 from serve.protocol import ApiError
 from serve.spec import ServeSpec
@@ -325,7 +325,7 @@ class JobService:
             )
             job = prepare_submission(options, cwd=Path(tmp))
             # Submission id = job id: a second replica submitting the same job at the same tick is refused.
-            # (The entrypoint runs on the cluster's own Python, whatever its PATH holds: cluster/submission.py.)
+            # (The entrypoint runs on the cluster's own Python, whatever its PATH holds: cluster/client/submission.py.)
             job = job.model_copy(update={"submission_id": record.id})
             try:
                 submit_job(self.client(), job)

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_demo_adapters(storage: str, steps: int, lr: float):
-    from cluster.ray_connect import prepare
+    from cluster.client.ray_connect import prepare
     from trainers.run import run_training
     from trainers.spec import JobSpec, load_job_spec
 

@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster import console
-    from cluster.jobs_client import JobsClient
+    from cluster.client import console
+    from cluster.client.jobs_client import JobsClient
 
     client = JobsClient.connect(args.address)
     console.quiet_ray_driver()  # Ray's INFO lines about uploads
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_status(info) -> str:
-    from cluster.jobs_client import format_time
+    from cluster.client.jobs_client import format_time
 
     rows = [
         ("job", info.submission_id or info.job_id or "-"),
@@ -63,7 +63,7 @@ def format_status(info) -> str:
 
 
 def format_jobs(jobs) -> str:
-    from cluster.jobs_client import format_time
+    from cluster.client.jobs_client import format_time
 
     if not jobs:
         return "(no jobs)"

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         # Only for a local Ray: a cluster's replicas may see storage this machine cannot.
         preflight(spec)
         check_port_free(args.host, args.port)  # a local Ray starts Serve's proxy here: its port must be free
-    from cluster.ray_connect import connect
+    from cluster.client.ray_connect import connect
 
     # Fine-tuning jobs are Ray jobs: a local Ray needs its dashboard, which serves the Jobs API.
     connect(address, dashboard=spec.api_enabled())
@@ -138,7 +138,7 @@ def deploy(spec, *, host: str = "127.0.0.1", port: int = 8000, name: str = "rayf
     """
     from ray import serve
 
-    from cluster import console
+    from cluster.client import console
     from service.app import build_app
 
     console.quiet_ray_driver()

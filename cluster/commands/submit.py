@@ -46,9 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster import console
-    from cluster.jobs_client import JobsClient
-    from cluster.submission import SubmitOptions, endpoint_notes, prepare_submission, submit_job
+    from cluster.client import console
+    from cluster.client.jobs_client import JobsClient
+    from cluster.client.submission import SubmitOptions, endpoint_notes, prepare_submission, submit_job
 
     extra = shlex.split(args.args) + (["--merge"] if args.merge else []) + (["--force"] if args.force else [])
     extra += ["--verbose"] if args.verbose else []
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 def follow_and_report(client, job_id: str, command: str = "submit") -> int:
     """Stream the job to the end and print its outcome; Ctrl-C stops following, not the job."""
-    from cluster.follow import follow_job
+    from cluster.client.follow import follow_job
 
     try:
         outcome = follow_job(client, job_id)

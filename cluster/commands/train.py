@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.ray_connect import prepare
+    from cluster.client.ray_connect import prepare
     from evaluation.pipeline import train_and_publish
     from trainers.inputs import resolve_inputs
     from trainers.spec import load_job_spec

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cluster.cli import UserError
-    from cluster.ray_connect import prepare
+    from cluster.client.ray_connect import prepare
     from trainers.inputs import resolve_inputs
     from trainers.spec import load_job_spec
 

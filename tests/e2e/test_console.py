@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.console import print_rayft_lines
+from cluster.client.console import print_rayft_lines
 
 # What must not reach the console without --verbose (each was there before, issue 14 papercut 5).
 NOISE = [

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.auth import AuthToken, ClusterAuthError, find_auth_token
+from cluster.client.auth import AuthToken, ClusterAuthError, find_auth_token
 from cluster.cli import main
-from cluster.follow import last_error_line
-from cluster.jobs_client import SubmitError, jobs_api_address
-from cluster.packaging import DEFAULT_EXCLUDES, WorkingDirTooLarge, check_package_size, packed_paths
-from cluster.submission import SubmitOptions, endpoint_notes, prepare_submission
+from cluster.client.follow import last_error_line
+from cluster.client.jobs_client import SubmitError, jobs_api_address
+from cluster.client.packaging import DEFAULT_EXCLUDES, WorkingDirTooLarge, check_package_size, packed_paths
+from cluster.client.submission import SubmitOptions, endpoint_notes, prepare_submission
 from tests.support.ray_head import Head, rayft, user_env
 
 

@@ -80,7 +80,7 @@ def _jsonl(rows: list) -> bytes:
 
 
 def test_a_busy_cluster_keeps_a_job_queued_and_a_bad_submission_fails_it() -> None:
-    from cluster.auth import ClusterUnreachable
+    from cluster.client.auth import ClusterUnreachable
     from service.jobs import _cluster_busy
 
     # A fresh local Ray's dashboard answers this until its job agent is up (seen with `rayft serve examples/serve.yaml`).

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.auth import AuthToken
-from cluster.jobs_client import JobsClient
+from cluster.client.auth import AuthToken
+from cluster.client.jobs_client import JobsClient
 
 VENV_BIN = Path(sys.executable).parent
 

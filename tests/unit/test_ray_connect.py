@@ -1,10 +1,10 @@
-"""`--address` probes (cluster.ray_connect): a refused port and a host that never answers get different words."""
+"""`--address` probes (cluster.client.ray_connect): a refused port and a host that never answers get different words."""
 
 from __future__ import annotations
 
 import socket
 
-from cluster.ray_connect import _unreachable, probe_gcs
+from cluster.client.ray_connect import _unreachable, probe_gcs
 
 
 def test_a_closed_port_and_a_silent_listener_are_told_apart() -> None:

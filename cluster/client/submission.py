@@ -17,8 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.jobs_client import JobsClient, SubmitError
-from cluster.packaging import DEFAULT_EXCLUDES, check_package_size, is_excluded
+from cluster.client.jobs_client import JobsClient, SubmitError
+from cluster.client.packaging import DEFAULT_EXCLUDES, check_package_size, is_excluded
 
 
 # What `rayft submit` can run on the cluster; each is `rayft <command> FILE [ARGS]` there.

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar
 
-from cluster.auth import AuthToken, ClusterUnreachable, find_auth_token, missing_token_error, refused_token_error
+from cluster.client.auth import AuthToken, ClusterUnreachable, find_auth_token, missing_token_error, refused_token_error
 from storage.errors import NotFound, RayftError, first_line
 
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})

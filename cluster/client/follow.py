@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from typing import IO
 
-from cluster.jobs_client import TERMINAL_STATUSES, JobsClient
+from cluster.client.jobs_client import TERMINAL_STATUSES, JobsClient
 from storage.errors import first_line
 
 @dataclass(frozen=True)

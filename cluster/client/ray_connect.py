@@ -4,7 +4,7 @@ Ray 2.60 sends its auth token to an explicitly named cluster only when `RAY_AUTH
 in the client's environment; without it, a token-auth head refuses the connection and `ray.init`
 retries for ~20 s before a traceback. rayft asks the head first (one gRPC call to its GCS, a few
 milliseconds): if it wants a token, the token is looked up where `rayft submit` looks
-(`cluster.auth.find_auth_token`) and checked, so a missing or wrong one is one line naming the
+(`cluster.client.auth.find_auth_token`) and checked, so a missing or wrong one is one line naming the
 token tried and where to put the right one; then Ray is told to send it.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 
-from cluster import console
-from cluster.auth import (
+from cluster.client import console
+from cluster.client.auth import (
     AuthToken,
     ClusterUnreachable,
     find_auth_token,
