@@ -17,6 +17,7 @@ import importlib
 import sys
 import traceback
 
+from cluster.client import console
 from storage.errors import RayftError, first_line
 
 # Order here is the order `rayft --help` lists them.
@@ -80,8 +81,6 @@ def add_verbose_option(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from cluster.client import console
-
     console.configure(args.verbose)
     try:
         return int(args.func(args) or 0)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from storage.errors import RayftError
+from trainers.ingest.sources import DataError, read_rows, resolve
 
 REFERENCE_FIELDS = ("completion", "answer", "reference")
 
@@ -78,8 +79,6 @@ def load_rows(uri: str, max_rows: int | None = None) -> list[EvalRow]:
     """The rows of `uri` (at most `max_rows`): a file, a directory or a glob, local or s3://, in any format the
     training data may be in (JSONL, JSON, Parquet, CSV, a `datasets` directory), read by the same readers
     (trainers.ingest.sources), so a bad row is named by file and line (or row index) the same way."""
-    from trainers.ingest.sources import DataError, read_rows, resolve
-
     rows: list[EvalRow] = []
     try:
         fs, files = resolve(uri, "eval data")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evaluation.actors import actor_class, run_group
 from evaluation.runner import EvalError, Target, actor_settings, group_targets
 from trainers.eval_spec import EvalSpec
 
@@ -146,15 +147,11 @@ class HarnessReport:
 
 def ray_executor(group: Any, settings: dict[str, Any], actors: int) -> Callable[[list[dict]], list[dict]]:
     """Items through Ray Data on the group's model actors (what `rayft eval` uses)."""
-    from evaluation.generate import run_group
-
     return lambda items: run_group(group, items, settings, actors=actors)
 
 
 def in_process_executor(group: Any, settings: dict[str, Any]) -> Callable[[list[dict]], list[dict]]:
     """Items through one model actor object in this process (the same class Ray Data runs; no Ray needed)."""
-    from evaluation.generate import actor_class
-
     actor = actor_class(settings)(group, settings)
     size = settings["batch_size"]
 

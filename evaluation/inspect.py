@@ -34,7 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from storage.artifacts import artifact_traits
 from storage.errors import InvalidArtifact, NotFound, RayftError
-from storage.registry import Manifest
+from storage.models import resolve_model_dir
+from storage.registry import Manifest, open_registry
 from storage.safety import check_weight_files, load_safetensors
 
 if TYPE_CHECKING:
@@ -358,9 +359,6 @@ def inspect_target(target: str, *, base: str | None = None, storage_uri: str | N
     `base_model_name_or_path` of an adapter's config. An adapter without a reachable base still
     gets norms and spectra; a full model needs its base.
     """
-    from storage.models import resolve_model_dir
-    from storage.registry import open_registry
-
     if not 0 < energy <= 1:
         raise InvalidArtifact(f"--energy must be in (0, 1], got {energy}")
     if top_k < 1 or not 0 < epsilon < 1:

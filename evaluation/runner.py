@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evaluation.actors import run_group
 from evaluation.data import EvalRow, load_rows
-from evaluation.generate import CHOICES, GENERATE, REFERENCE, ModelGroup, Progress, adapter_files, run_group
+from evaluation.generate import CHOICES, GENERATE, REFERENCE, ModelGroup, Progress, adapter_files
 from evaluation.metrics import Output, RowStats, Summary, paired_difference, row_stats, summarize
+from serve.adapters import vllm_unsupported
 from storage.artifacts import artifact_traits
 from storage.errors import NotFound, RayftError
-from storage.registry import ArtifactTraits, Registry
+from storage.registry import ArtifactTraits, Registry, open_registry
 from trainers.eval_spec import EvalSpec, MetricSpec
 
 #: Metrics that read a generated answer (the others only need log-likelihoods).
@@ -190,8 +192,6 @@ def check_engine(targets: list[Target], engine: str) -> None:
     """EvalError naming every ref `engine` cannot run (vLLM: plain LoRA adapters only), before any actor starts."""
     if engine != "vllm":
         return
-    from serve.adapters import vllm_unsupported
-
     problems = []
     for t in targets:
         if t.adapter is None:
@@ -260,8 +260,6 @@ def evaluate(refs: list[str], spec: EvalSpec, *, storage_uri: str, data: str | N
 
     `targets` (already resolved) replaces `refs`: the pipeline after training passes its unpublished adapter so.
     """
-    from storage.registry import open_registry
-
     started = time.perf_counter()
     source = data or spec.data
     if not source:

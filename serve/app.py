@@ -56,6 +56,7 @@ from serve.spec import DEFAULT_TENANT, ServeSpec, parse_serve_spec
 from storage.errors import IntegrityError, InvalidName, NotFound, RayftError
 from storage.registry import Manifest, Registry, open_registry
 from storage.safety import parse_ref
+from storage.store import default_storage_uri
 
 logger = logging.getLogger("ray.serve")
 
@@ -301,8 +302,6 @@ class InferenceIngress:
         self.merged = merged
         self.metrics = ApiMetrics()
         self.token_digests = accepted_tokens(self.spec)
-        from storage.store import default_storage_uri
-
         self.registry = open_registry(self.spec.storage or default_storage_uri())
         count_s3_requests(self.registry.store, lambda operation, key: self.metrics.storage_call(operation))
         self.resolver = AdapterResolver(self.registry, self.spec.base.adapters.resolve_ttl_s)
@@ -529,7 +528,7 @@ def model_deployments(spec: ServeSpec) -> tuple[dict[str, Any], Any, dict[str, A
     serve.vllm_engine's Ray Serve LLM deployments)."""
     raw = spec.model_dump(mode="json")
     if spec.engine == "vllm":
-        from serve.vllm_engine import build_vllm_deployments
+        from serve.vllm_server import build_vllm_deployments  # Ray Serve LLM and vLLM: seconds to import
 
         base, merged = build_vllm_deployments(spec, raw)
     else:

@@ -41,6 +41,7 @@ from serve.spec import ApiSpec, BatchSpec, ServeSpec
 from storage.errors import RayftError
 from storage.models import read_model_config, resolve_model_dir
 from storage.registry import base_config_digest, open_registry
+from storage.store import default_storage_uri
 
 logger = logging.getLogger("ray.serve")
 
@@ -207,8 +208,6 @@ class _ModelReplica:
 
 
 def _storage_uri(spec: ServeSpec) -> str:
-    from storage.store import default_storage_uri
-
     return spec.storage or default_storage_uri()
 
 

@@ -8,19 +8,19 @@ base and against what vLLM's LoRA kernels can run (`adapter_problems(..., vllm_m
 then copied into its own immutable folder `<name>--v<N>` that vLLM loads (`materialize_adapter`). A
 new version is a new folder and a new vLLM LoRA id, never masked by a cached old one; "latest" is
 resolved by the ingress, not by vLLM. Engine settings come from the spec's `vllm` section, with
-defaults derived from the base model and the registry (`engine_kwargs_for`).
+defaults derived from the base model and the registry (`engine_kwargs_for`). Building the deployments (Ray Serve
+LLM's configs) is serve.vllm_server's, beside the deployment class.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
 from serve.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_rank
-from serve.spec import VLLM_LORA_RANKS, DeploymentSpec, ServeSpec
+from serve.spec import VLLM_LORA_RANKS, ServeSpec
 from storage.errors import IntegrityError, RayftError
 from storage.registry import Manifest, Registry
 from storage.store import sha256_file
@@ -165,62 +165,3 @@ def require_cpu_lora_fix(settings: dict[str, Any]) -> None:
 
 def spec_entry(spec: ServeSpec, name: str) -> Any:
     return spec.base if name == spec.base.name else next(m for m in spec.merged if m.name == name)
-
-
-
-# --------------------------------------------------------------------------- building
-
-
-def _env_vars(spec: ServeSpec, deployment: DeploymentSpec) -> dict[str, str]:
-    """What the replica (and vLLM's worker processes) need in their environment."""
-    env = {name: os.environ[name] for name in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
-                                               "AWS_SECRET_ACCESS_KEY", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
-                                               "RAYFT_HOME", "RAYFT_STORAGE") if os.environ.get(name)}
-    if deployment.gpus == 0:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(spec.vllm.cpu_kv_cache_gib))))
-    return env
-
-
-def make_llm_config(spec: ServeSpec, name: str, model_source: str, engine_kwargs: dict[str, Any]) -> Any:
-    """Ray Serve LLM's LLMConfig for deployment `name`: resources, replicas, environment, engine arguments."""
-    from ray.serve.llm import LLMConfig
-
-    from serve.vllm_server import LocalModelCallback
-
-    deployment = spec_entry(spec, name).deployment
-    options = {k: v for k, v in deployment.serve_options().items() if k != "ray_actor_options"}
-    if deployment.gpus == 0:
-        # On CPU the engine's placement group holds the replica's CPUs; the replica actor adds none.
-        placement = {"placement_group_config": {"bundles": [{"CPU": deployment.cpus}]}}
-        options["ray_actor_options"] = {"num_cpus": 0}
-    else:
-        placement = {}  # Ray Serve LLM reserves one GPU bundle per tensor-parallel rank
-        options["ray_actor_options"] = {"num_cpus": deployment.cpus}
-    return LLMConfig(
-        model_loading_config={"model_id": name, "model_source": model_source},
-        engine_kwargs=engine_kwargs,
-        lora_config={"max_num_adapters_per_replica": spec.base.adapters.max_per_replica} if name == spec.base.name else None,
-        deployment_config=options,
-        runtime_env={"env_vars": _env_vars(spec, deployment)},
-        callback_config={"callback_class": LocalModelCallback},
-        **placement,
-    )
-
-
-def build_vllm_deployments(spec: ServeSpec, raw: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """(base deployment, {merged name: deployment}) for `engine: vllm`, bound and ready for the ingress."""
-
-    from ray.serve.llm import build_llm_deployment
-
-    from serve.vllm_server import VllmServer
-
-    def bind(name: str, deployment_name: str) -> Any:
-        # Settings that need the model and the registry are derived in the replica; these sizes only place it.
-        config = make_llm_config(spec, name, spec_entry(spec, name).source or spec.base.source,
-                             {"tensor_parallel_size": spec.vllm.tensor_parallel_size})
-        return build_llm_deployment(config, deployment_cls=VllmServer, bind_kwargs={"spec": raw, "name": name},
-                                    name_prefix="", override_serve_options={"name": deployment_name})
-
-    base = bind(spec.base.name, "BaseModel")
-    merged = {m.name: bind(m.name, f"MergedModel-{m.name}") for m in spec.merged}
-    return base, merged

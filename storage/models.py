@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 
 from storage.errors import NotFound, RayftError
+from storage.registry import Registry
 from storage.safety import check_weight_files
+from storage.store import default_cache_dir, default_storage_uri, open_store
 
 REGISTRY_PREFIX = "registry:"
 
@@ -61,8 +63,6 @@ def source_config(source: str, storage_uri: str | None = None) -> dict | None:
             return json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise RayftError(f"model config {str(path)!r}: not readable JSON ({exc})") from None
-    from storage.store import open_store
-
     try:
         if kind == "registry":
             registry = _registry(storage_uri)
@@ -79,15 +79,10 @@ def source_config(source: str, storage_uri: str | None = None) -> dict | None:
 
 
 def _registry(storage_uri: str | None):
-    from storage.registry import Registry
-    from storage.store import default_storage_uri, open_store
-
     return Registry(open_store(storage_uri or default_storage_uri()))
 
 
 def _download_s3_dir(uri: str) -> Path:
-    from storage.store import default_cache_dir, open_store
-
     store = open_store(uri)
     keys = store.list("")
     if "config.json" not in keys:

@@ -25,6 +25,7 @@ import torch
 
 # The trainer state's files and the checkpoint folders' names are storage.runs' (re-exported for the trainers).
 from storage.runs import STATE_FILES, STATE_NAME, checkpoint_dir_name, checkpoint_step, run_prefix  # noqa: F401
+from storage.store import pyarrow_filesystem
 
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
@@ -70,8 +71,6 @@ def stored_checkpoints(storage_uri: str, run_id: str) -> list[tuple[int, object]
     """(step, `ray.train.Checkpoint`) of every complete checkpoint of the run found in its storage."""
     import pyarrow.fs
     import ray.train
-
-    from storage.store import pyarrow_filesystem
 
     fs, base = pyarrow_filesystem(storage_uri)
     run_dir = f"{base.rstrip('/')}/{run_prefix(run_id)}"

@@ -49,7 +49,7 @@ from trainers.methods import method_module
 from trainers.precision import Precision, zero3_precision
 from trainers.spec import JobSpec, deepspeed_extra_problems
 from trainers.state_io import load_state, save_state
-from trainers.strategy import Strategy, Worker, build_scheduler
+from trainers.strategy_base import Strategy, Worker, build_scheduler
 
 #: Adam's defaults, as `trainers.strategy.TorchStrategy` gets them from torch.optim.AdamW.
 ADAM_BETAS = (0.9, 0.999)

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from storage.configs import validation_problems
 from storage.errors import RayftError
 from storage.models import copy_tokenizer_files, read_model_config, resolve_model_dir
 from storage.registry import Manifest, Registry, base_config_digest
@@ -150,8 +151,6 @@ def option_problems(raw: Mapping[str, Any]) -> list[str]:
 
 def parse_merge_options(raw: Mapping[str, Any]) -> MergeOptions:
     """Validate merge options; raise one MergeError listing every problem."""
-    from storage.configs import validation_problems
-
     try:
         options = MergeOptions.model_validate(dict(raw))
         problems: list[str] = []

@@ -11,6 +11,7 @@ import sys
 import time
 
 from storage.runs import LogTail, RunProgress, now, write_progress
+from storage.store import open_store
 
 #: Rank 0's console lines of this process (a worker process trains one run at a time).
 TAIL = LogTail()
@@ -29,8 +30,6 @@ class ProgressWriter:
         self.failed = False
         self._written_at = float("-inf")
         if self.run_id and self.storage_uri:
-            from storage.store import open_store
-
             try:
                 self.store = open_store(self.storage_uri)
             except Exception as err:  # the checkpoints will say the same; the run still trains

@@ -15,6 +15,7 @@ from storage.configs import ConfigError, raw_get, read_yaml, short as _short, va
 from storage.errors import RayftError
 from storage.safety import validate_name
 from trainers.eval_spec import EvalSpec, eval_problems
+from trainers.ingest.formats import formats_of
 from trainers.methods import MethodConfig, known_traits, method_problems, traits
 from trainers.objectives import OBJECTIVES, PREFERENCE_OBJECTIVES, ObjectiveConfig
 from trainers.tune_spec import TuneSpec, tune_problems
@@ -82,8 +83,6 @@ class DataSpec(_Strict):
     @field_validator("format")
     @classmethod
     def _known_format(cls, value: str) -> str:
-        from trainers.ingest.formats import formats_of
-
         # the preference formats are not named here: a preference objective reads its own rows (format auto)
         if value != "auto" and value not in formats_of("text"):
             raise ValueError(f"unknown format {value!r}; use auto or one of {', '.join(formats_of('text'))}")

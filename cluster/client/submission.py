@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.client.jobs_client import JobsClient, SubmitError
 from cluster.client.packaging import DEFAULT_EXCLUDES, check_package_size, is_excluded
+from trainers.inputs import InputError, resolve_inputs
+from trainers.spec import SpecError, load_job_spec
 
 
 # What `rayft submit` can run on the cluster; each is `rayft <command> FILE [ARGS]` there.
@@ -163,8 +165,6 @@ def prepare_submission(
 
 def _inputs_from_here(spec, storage: str) -> list[str]:
     """The job's storage-side inputs, checked from this machine: notes for what could not be checked."""
-    from trainers.inputs import InputError, resolve_inputs
-
     spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"uri": storage})})
     try:
         inputs = resolve_inputs(spec, local_paths=False, storage_required=False)
@@ -197,8 +197,6 @@ def _job_file_on_cluster(opts: SubmitOptions, cwd: Path, working_dir: Path | Non
 
 
 def _load_spec(opts: SubmitOptions, cwd: Path, problems: list[str]):
-    from trainers.spec import SpecError, load_job_spec
-
     try:
         return load_job_spec(cwd / opts.job)
     except SpecError as exc:

@@ -18,62 +18,16 @@ and on padding; assistant and completion tokens keep their ids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-IGNORE = -100
-ROLES = ("system", "user", "assistant")
+# The registries and their record types live below this module and trainers.ingest.preference, which both fill
+# them (the preference shapes register themselves on import); re-exported here, where callers look for them.
+import trainers.ingest.preference  # noqa: F401
+from trainers.ingest.shapes import (  # noqa: F401
+    ENCODERS, FORMATS, IGNORE, ROLES, EncodeOptions, Encoder, Format, register_encoder, register_format, token_ids,
+)
+
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
-@dataclass
-class Format:
-    """A row shape users bring."""
-
-    name: str
-    #: Fields whose presence identifies the shape (all of them must be there), for `format: auto`.
-    detect_fields: tuple[str, ...]
-    #: Why a row is not of this shape, or None.
-    check: Callable[[dict], str | None]
-    #: The encoder (in `ENCODERS`) its rows go through.
-    encoder: str
-    #: The row mapped onto that encoder's canonical row.
-    canonical: Callable[[dict], dict]
-    #: One line for the detection message.
-    describe: str = ""
-
-
-@dataclass
-class Encoder:
-    """Tokenizes canonical rows. `encode(rows, tokenizer, options)` returns one dict of columns per row."""
-
-    name: str
-    kind: str  # the rows an objective reads (its DATA): "text" (input_ids + labels; packable), "paired", "unpaired"
-    encode: Callable[[list[dict], Any, "EncodeOptions"], list[dict[str, list[int]] | str]]
-    #: The tokenizer needs a chat template with {% generation %} markers.
-    needs_chat_template: bool = False
-
-
-@dataclass
-class EncodeOptions:
-    train_on_prompt: bool = False
-    #: Tokens per sequence (an encoder that builds several sequences per row truncates each; None: the pipeline does)
-    max_seq_len: int | None = None
-    extra: dict = field(default_factory=dict)
-
-
-FORMATS: dict[str, Format] = {}
-ENCODERS: dict[str, Encoder] = {}
-
-
-def register_format(fmt: Format) -> Format:
-    FORMATS[fmt.name] = fmt
-    return fmt
-
-
-def register_encoder(enc: Encoder) -> Encoder:
-    ENCODERS[enc.name] = enc
-    return enc
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -193,15 +147,6 @@ def missing_columns(row: dict, columns: dict[str, str] | None) -> list[str]:
 # --- encoders -----------------------------------------------------------------------------------
 
 
-def token_ids(tok, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text without special tokens: the Rust tokenizer directly when there is one (the same ids
-    as `tok(texts, add_special_tokens=False)`, without transformers' per-row Python conversion)."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    return tok(texts, add_special_tokens=False)["input_ids"]
-
-
 def _encode_text(rows: list[dict], tok, opts: EncodeOptions) -> list[dict[str, list[int]]]:
     eos = tok.eos_token_id
     ids = token_ids(tok, [r["text"] for r in rows])
@@ -300,7 +245,3 @@ def pack(examples: list[dict[str, list[int]]], block: int) -> list[dict[str, lis
         labels += ex["labels"]
     n = len(ids) // block
     return [{"input_ids": ids[i * block:(i + 1) * block], "labels": labels[i * block:(i + 1) * block]} for i in range(n)]
-
-
-# the preference shapes register themselves in the same registries (kept in their own module)
-import trainers.ingest.preference  # noqa: E402,F401

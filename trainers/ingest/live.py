@@ -29,8 +29,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from trainers.ingest.prepare import BLOCK_ROWS, Prepared
-from trainers.ingest.sources import DataError
+from trainers.ingest.prepared import BLOCK_ROWS, Prepared
+from trainers.ingest.sources import DataError, filesystem_for
 from trainers.ingest.stream import (
     EVAL, FETCH_MICRO_BATCHES, SHUFFLE_WINDOW, TRAIN, WorkerStream, _rows, micro_batches_per_epoch, read_columns, shuffled,
     to_examples,
@@ -109,8 +109,6 @@ class LiveManifest:
     """A worker's view of the manifest."""
 
     def __init__(self, prepared: Prepared):
-        from trainers.ingest.sources import filesystem_for
-
         self.prepared = prepared
         self.fs, base = filesystem_for(prepared.uri)
         self.path = f"{base}/{MANIFEST}"

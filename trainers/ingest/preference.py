@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 
-from trainers.ingest.formats import IGNORE, ROLES, EncodeOptions, Encoder, Format, register_encoder, register_format, token_ids
+from trainers.ingest.shapes import IGNORE, ROLES, EncodeOptions, Encoder, Format, register_encoder, register_format, token_ids
 
 PAIRED_FIELDS = ("prompt", "chosen", "rejected")
 UNPAIRED_FIELDS = ("prompt", "completion", "label")

@@ -24,18 +24,23 @@ import hashlib
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from storage.models import resolve_model_dir
+from storage.store import pyarrow_filesystem
 from trainers.ingest.formats import (
     FORMATS, IGNORE, EncodeOptions, apply_columns, detect_format, detect_hint, encode_rows, encoder_of,
     formats_of, has_generation_markers, missing_columns, pack, sequences, truncate,
 )
+from trainers.ingest.live import LivePass, live_pass
+# What a preprocessed dataset is (and its block size), below this module, the worker stream and the live pass.
+from trainers.ingest.prepared import BLOCK_ROWS, Prepared  # noqa: F401
 from trainers.ingest.sources import DataError, SourceFile, lower_priority, make_row_source, preview, resolve
+from trainers.ingest.stream import micro_batches_per_epoch, steps_per_epoch
+from trainers.objectives import objective_module
 
-#: Rows per block read from a source file (Ray Data then merges a read task's blocks up to its target block size).
-BLOCK_ROWS = 4096
 #: A preprocessed Parquet file holds at most this many examples and FILE_TOKENS tokens. A training worker streams one
 #: file as one Ray Data block, so this bounds its memory whatever the dataset's size: files were a whole
 #: preprocessing block (up to 1.56M examples, 141 MiB at 3.2M rows in the data bench), and the worker's peak RSS grew
@@ -59,49 +64,12 @@ PIPELINE_VERSION = 3
 SKIP_HINT = "(set data.on_bad_row: skip to skip such rows)"
 
 
-@dataclass
-class Prepared:
-    """Where a preprocessed dataset lives and what is in it; JSON-able, passed to every worker."""
-
-    uri: str  # the cache directory (local path or s3://...)
-    key: str
-    train_files: list[str]  # filesystem paths of the train Parquet files, in data order
-    eval_files: list[str]
-    n_train: int
-    n_eval: int
-    stats: dict[str, Any] = field(default_factory=dict)
-    reused: bool = False
-    #: The rows' kind, as the objective reads them: "text" (SFT), "paired" or "unpaired" (preference rows)
-    kind: str = "text"
-    #: The example columns in the Parquet files (besides `_src`/`_row`, each example's source file and row)
-    columns: list[str] = field(default_factory=lambda: ["input_ids", "labels"])
-    #: Evaluate on the first this many eval examples only (`data.max_eval_rows`: set per job, not stored in the cache)
-    eval_limit: int | None = None
-    #: Preprocessed while the job trains (`data.preprocess: during`): the workers read the files in the order of the
-    #: manifest that trainers.ingest.live keeps; while the pass runs, the files and counts are there, not here
-    live: bool = False
-
-    @property
-    def n_evaluated(self) -> int:
-        """The eval examples a job evaluates: the first `eval_limit` of the `n_eval` held out."""
-        return self.n_eval if self.eval_limit is None else min(self.n_eval, self.eval_limit)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> "Prepared":
-        return cls(**raw)
-
-
 # --- the per-block operator (runs in Ray Data tasks) -----------------------------------------------
 
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_source: str, storage_uri: str | None):
     from transformers import AutoTokenizer
-
-    from storage.models import resolve_model_dir
 
     return AutoTokenizer.from_pretrained(resolve_model_dir(model_source, storage_uri))
 
@@ -389,7 +357,6 @@ def prepare_data(data, *, model_source: str, model_dir: str, storage_uri: str, s
     with the finished dataset and raises the DataError of one the job cannot train on."""
     import pyarrow.fs
 
-    from storage.store import pyarrow_filesystem
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
@@ -441,8 +408,6 @@ def prepare_data(data, *, model_source: str, model_dir: str, storage_uri: str, s
 
     if during is None:
         return run()
-    from trainers.ingest.live import LivePass
-
     live = Prepared(uri=uri, key=key, train_files=[], eval_files=[], n_train=0, n_eval=0, kind=kind, live=True)
     print("[rayft] data: preprocessing while training (data.preprocess: during): the workers start now and read the "
           "data as it is written; evaluation waits for the pass", flush=True)
@@ -594,8 +559,6 @@ def stats_line(prepared: Prepared) -> str:
 def data_kind(spec, search: bool = False) -> str:
     """The rows the job's objective reads ("text", "paired", "unpaired"); a search's (`search`) trials share one
     preprocessed dataset, so the objectives it tries must read the same kind of rows."""
-    from trainers.objectives import objective_module
-
     tried = spec.tune.space.objective if search and spec.tune is not None else None
     names = list(tried or [spec.objective.name])
     kinds = {objective_module(n).DATA for n in names}
@@ -612,8 +575,6 @@ def prepare_for_job(spec, storage_uri: str, search: bool = False):
     during`, what only the whole pass can find (a bad row deep in the input) is reported when the pass reaches it.
     `search`: for the trials of `rayft tune` (the objectives of `tune.space` decide which rows are read; the trials
     share one finished pass, so they always preprocess first)."""
-    from storage.models import resolve_model_dir
-
     model_dir = resolve_model_dir(spec.model.source, storage_uri)
     during = spec.data.preprocess == "during" and not search
     if spec.data.preprocess == "during" and search:
@@ -641,8 +602,6 @@ def prepare_for_job(spec, storage_uri: str, search: bool = False):
 
 def check_enough_examples(spec, prepared: Prepared) -> None:
     """A DataError if the preprocessed data does not fill one micro-batch per worker."""
-    from trainers.ingest.stream import micro_batches_per_epoch
-
     t, workers = spec.training, spec.resources.num_workers
     if micro_batches_per_epoch(prepared.n_train, workers, t.micro_batch_size) < 1:
         raise DataError(f"{spec.data.train}: {prepared.n_train} training examples are too few for {workers} worker(s) × "
@@ -651,8 +610,6 @@ def check_enough_examples(spec, prepared: Prepared) -> None:
 
 def steps_for_epochs(spec, prepared: Prepared) -> tuple[int, int]:
     """(optimizer steps of `training.epochs`, steps per epoch); a DataError if they are no use."""
-    from trainers.ingest.stream import steps_per_epoch
-
     t, workers = spec.training, spec.resources.num_workers
     per_epoch = steps_per_epoch(prepared.n_train, workers, t.micro_batch_size, t.grad_accum)
     steps = int(per_epoch * t.epochs)
@@ -670,8 +627,6 @@ def finish_live_pass(prepared: Prepared, training_failed: bool = False) -> Prepa
     """On the driver, after training: wait for a pass that ran during training (`data.preprocess: during`) and say
     its statistics; raises its DataError (a bad row it found late fails the run, before anything is published).
     `training_failed`: raise the pass's error if it stopped the workers, without waiting for a pass still running."""
-    from trainers.ingest.live import live_pass
-
     running = live_pass(prepared)
     if running is None:
         return prepared

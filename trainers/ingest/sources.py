@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from storage.errors import RayftError
+from storage.store import pyarrow_filesystem
 
 #: File kinds by extension.
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
@@ -45,8 +46,6 @@ def index_row(i: int) -> int:
 
 def filesystem_for(uri: str):
     """(pyarrow filesystem, path) for a local path or an s3:// URI, with rayft's S3 configuration."""
-    from storage.store import pyarrow_filesystem
-
     if uri.startswith("s3://"):
         bucket, _, rest = uri[5:].partition("/")
         fs, root = pyarrow_filesystem(f"s3://{bucket}")

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from trainers.ingest.formats import IGNORE
-from trainers.ingest.prepare import BLOCK_ROWS
+from trainers.ingest.prepared import BLOCK_ROWS, Prepared
+from trainers.ingest.sources import filesystem_for, read_prepared_files
 
 TRAIN, EVAL = "train", "eval"
 #: Rows each worker shuffles among while streaming (a window, not the whole shard: memory stays flat).
@@ -115,8 +116,6 @@ def train_dataset(prepared, seed: int):
     lives in a module that does not import torch: each epoch's read tasks may start fresh Ray worker processes,
     and importing this module there cost 3.4 s at each epoch's first batch (data bench, 2 cores)."""
     import ray.data
-
-    from trainers.ingest.sources import filesystem_for, read_prepared_files
 
     files = list(prepared.train_files)
     random.Random(seed).shuffle(files)
@@ -266,8 +265,6 @@ def iter_examples(prepared, part: str = EVAL, chunk: int = 1024) -> Iterator:
     """The preprocessed examples of `part` in file order, streamed from the Parquet files (bounded memory)."""
     import pyarrow.parquet as pq
 
-    from trainers.ingest.sources import filesystem_for
-
     fs, _ = filesystem_for(prepared.uri)
     names = read_columns(prepared)
     left = prepared.n_train if part == TRAIN else prepared.n_evaluated
@@ -284,8 +281,6 @@ def iter_examples(prepared, part: str = EVAL, chunk: int = 1024) -> Iterator:
 def part_keys(prepared, part: str) -> list[int]:
     """`row_key` of every example of `part`, in file order (the index of a precomputed reference table)."""
     import pyarrow.parquet as pq
-
-    from trainers.ingest.sources import filesystem_for
 
     fs, _ = filesystem_for(prepared.uri)
     keys: list[int] = []
@@ -366,8 +361,6 @@ class WorkerStream:
     def __init__(self, data: dict, *, micro_batch_size: int, seed: int, world: int, rank: int, start_micro: int | None = None,
                  end_micro: int | None = None):
         import ray.train
-
-        from trainers.ingest.prepare import Prepared
 
         self.prepared = Prepared.from_json(data)
         self.micro_batch_size, self.seed, self.world, self.rank = micro_batch_size, seed, world, rank

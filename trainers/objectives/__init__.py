@@ -9,41 +9,17 @@ Each objective is one module of the same shape:
 An objective knows nothing of methods, strategies or models: `objective_for(spec)` gives the worker loop a
 `(model, batch) -> (loss, metrics)` callable that computes the log-probabilities (forward.py) and takes the
 reference from the model with its adapter off, or from the batch (precomputed for full fine-tuning; runtime.py). Adding an objective is adding one
-module and one line below.
+module and one line in the table (_table.py, below forward.py and runtime.py, which read it).
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import Annotated, Union
-
-from pydantic import Field
-
-from trainers.objectives import dpo, kto, orpo, sft, simpo
-
-OBJECTIVES: dict[str, ModuleType] = {
-    "sft": sft,
-    "dpo": dpo,
-    "orpo": orpo,
-    "simpo": simpo,
-    "kto": kto,
-}
-
-#: The job spec's `objective:` field: one of the objective configs, chosen by `name`.
-ObjectiveConfig = Annotated[Union[tuple(m.Config for m in OBJECTIVES.values())], Field(discriminator="name")]
-
-#: Objectives trained on preference data (everything but next-token SFT).
-PREFERENCE_OBJECTIVES = frozenset(name for name, m in OBJECTIVES.items() if m.DATA != "text")
-
-
-def objective_module(name: str) -> ModuleType:
-    return OBJECTIVES[name]
+from trainers.objectives._table import OBJECTIVES, PREFERENCE_OBJECTIVES, ObjectiveConfig, objective_module  # noqa: F401
+from trainers.objectives.runtime import loss_function
 
 
 def objective_for(spec):
     """The job's objective as the worker loop's loss seam: `(model, batch) -> (loss, metrics)`
     (trainers/objectives/forward.py computes the log-probabilities; the reference is the adapter switched off, or
     precomputed and carried in the batch)."""
-    from trainers.objectives.runtime import loss_function
-
     return loss_function(spec)

@@ -16,7 +16,7 @@ from typing import ContextManager
 import torch
 import torch.nn.functional as F
 
-from trainers.objectives import objective_module
+from trainers.objectives._table import objective_module
 from trainers.objectives._common import METRIC_KEYS, SequenceLogps
 
 IGNORE = -100

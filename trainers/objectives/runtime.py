@@ -12,7 +12,8 @@ from typing import ContextManager
 
 import torch
 
-from trainers.objectives import objective_module
+from trainers.methods import traits
+from trainers.objectives._table import objective_module
 from trainers.objectives.forward import evaluate_objective, make_loss_fn, reference_table
 
 #: Metrics shown on the progress line, with their short labels.
@@ -23,8 +24,6 @@ EVAL_LABELS = (("eval_loss", "eval loss"), ("eval_preference_accuracy", "prefere
 
 
 def _is_adapter(spec) -> bool:
-    from trainers.methods import traits
-
     return traits(spec.method.name).is_adapter
 
 

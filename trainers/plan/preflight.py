@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from storage.errors import RayftError
-from trainers.methods import MethodConfig
+from storage.registry import open_registry
+from trainers.methods import METHODS, MethodConfig
 from trainers.plan.memory import plan
 from trainers.plan.models import DoesNotFit, Hardware, Plan, PlanError, PlanRequest, _validation_lines, parse_size
 from trainers.plan.recommend import cheapest_fit
@@ -16,8 +17,6 @@ def spec_model_location(spec: JobSpec) -> str:
     source = spec.model.source
     if not source.startswith("registry:") or spec.storage.uri is None:
         return source
-    from storage.registry import open_registry
-
     try:
         registry = open_registry(spec.storage.uri)
         return registry.files_uri(registry.resolve(source[len("registry:"):]))
@@ -67,8 +66,6 @@ def plan_for_model(
     try:
         method_cfg = TypeAdapter(MethodConfig).validate_python({"name": method} if isinstance(method, str) else method)
     except ValidationError:
-        from trainers.methods import METHODS
-
         raise PlanError(f"method {method!r}: must be one of {', '.join(METHODS)}") from None
     memory = parse_size(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
     host = parse_size(host_memory) if isinstance(host_memory, str) else host_memory

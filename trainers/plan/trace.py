@@ -10,6 +10,7 @@ from typing import Any
 
 from trainers.methods import method_module, traits
 from trainers.plan.models import PlanError, PlanRequest
+from trainers.precision import decide_precision
 
 
 # ----------------------------------------------------------------------------------- resolved settings
@@ -31,8 +32,6 @@ class _Setup:
 
 def _resolve(req: PlanRequest) -> _Setup:
     import torch
-
-    from trainers.precision import decide_precision
 
     full = not traits(req.method.name).is_adapter
     strategy = req.resolved_strategy()

@@ -18,6 +18,10 @@ from storage.registry import Manifest, Registry
 from storage.runs import search_job_key
 from storage.store import default_storage_uri, open_store, pyarrow_filesystem
 from trainers.checkpoints import STATE_NAME
+from trainers.ingest.prepare import Prepared, prepare_for_job
+from trainers.plan import preflight_check, run_hardware
+from trainers.publish import publish_run
+from trainers.run import build_trainer, ensure_ray, use_gpu, with_absolute_paths
 from trainers.spec import JobSpec, SpecError, parse_job_spec
 from trainers.task_metrics import PAIR_METRICS
 from trainers.tune_spec import DEFAULT_SAMPLES, LIBRARY_SEARCHERS, TuneSpec, problems_for_model
@@ -63,9 +67,6 @@ def trial_driver(config: dict[str, Any], context: SearchContext) -> None:
     """
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from trainers.plan import preflight_check, run_hardware
-    from trainers.run import build_trainer
-
     trial_id = tune.get_context().get_trial_id()
     spec = trial_spec(context.spec, config, source=f"trial {trial_id}")
     # Planned like every run (trainers.run.run_training): a trial that cannot fit errors before its workers start.
@@ -73,8 +74,6 @@ def trial_driver(config: dict[str, Any], context: SearchContext) -> None:
     run_id = train_run_id(context.run_id, trial_id)
     # A task metric (tune.metric: exact_match) is scored by the trial's workers at each evaluation.
     # Every trial streams the one dataset the search's driver preprocessed: no trial tokenizes again.
-    from trainers.ingest.prepare import Prepared
-
     result = build_trainer(spec, run_id, context.storage_uri, Prepared.from_json(context.data), callbacks=[TuneReportCallback()],
                            task_eval=context.spec.tune.task_eval_for_workers()).fit()
     # A retried or resumed trial whose Train run had already reached its last step reports
@@ -221,8 +220,6 @@ def run_search(
     source: str = "<spec>",
 ) -> SearchResult:
     """Run the job's search on Ray Tune, then publish the best trial's adapter."""
-    from trainers.run import ensure_ray, with_absolute_paths
-
     model_dir = preflight(spec, source)
     spec = with_absolute_paths(spec)
     storage_uri = spec.storage.uri or default_storage_uri()
@@ -230,8 +227,6 @@ def run_search(
     run_id = run_id or new_search_id(spec)
     open_store(storage_uri).put_bytes(spec.model_dump_json(indent=1).encode(), search_job_key(run_id))
     ensure_ray(address)
-    from trainers.ingest.prepare import prepare_for_job
-
     spec, prepared = prepare_for_job(spec, storage_uri, search=True)
     context = SearchContext(spec=spec, run_id=run_id, storage_uri=storage_uri, model_dir=model_dir, data=prepared.to_json())
     concurrent = concurrency(context)
@@ -250,8 +245,6 @@ def resume_search(
     which case its saved result is returned as it is. Progress goes to the callback the
     search started with (Tune restores it with the experiment).
     """
-    from trainers.run import ensure_ray
-
     storage_uri = storage_uri or default_storage_uri()
     finished = load_search(run_id, storage_uri)
     if finished is not None:
@@ -265,8 +258,6 @@ def resume_search(
         )
     spec = parse_job_spec(json.loads(store.get_bytes(job_key)), store.uri_for(job_key))
     ensure_ray(address)
-    from trainers.ingest.prepare import prepare_for_job
-
     spec, prepared = prepare_for_job(spec, storage_uri, search=True)  # reuses the preprocessing the search started with
     context = SearchContext(spec=spec, run_id=run_id, storage_uri=storage_uri,
                             model_dir=resolve_model_dir(spec.model.source, storage_uri), data=prepared.to_json())
@@ -285,8 +276,6 @@ def resume_search(
 
 def concurrency(context: SearchContext) -> int:
     import ray
-
-    from trainers.run import use_gpu
 
     return max_concurrent_trials(context.spec, ray.cluster_resources(), use_gpu(context.spec))
 
@@ -396,8 +385,6 @@ def best_trial(trials: list[TrialRecord], storage_uri: str, metric: str = METRIC
 def promote(context: SearchContext, winner: TrialRecord) -> list[Manifest]:
     """Publish the winner's adapter from its last checkpoint (unless this trial was published already)."""
     import ray.train
-
-    from trainers.publish import publish_run
 
     registry = Registry(open_store(context.storage_uri))
     spec = trial_spec(context.spec, winner.config, source=f"trial {winner.trial_id}")
