@@ -50,48 +50,52 @@ def train_and_publish(spec: JobSpec, *, address: str | None = None, run_id: str 
 def gate_and_publish(spec: JobSpec, result):
     """Evaluate a run trained with publish=False, store the results in its folder, publish if the gates hold.
 
+    The checkpoint is fetched and staged once: the staged directory is what is evaluated and what is published.
     GateFailed (nothing published) names each failed figure and threshold and where the checkpoint stays."""
+    from storage.models import resolve_model_dir
     from storage.store import default_storage_uri
+    from trainers.methods import traits
+    from trainers.publish import checkpoint_for_publishing, stage_artifact
     from trainers.run import publish_result
 
     assert spec.eval is not None  # the spec refuses output.require without eval:
     storage_uri = spec.storage.uri or default_storage_uri()
     label = f"{spec.output.name} (run)"
-    report = evaluate_run(spec, result, storage_uri, label)
-    print("")
-    print(report.table(), flush=True)
-    where = store_results(report, storage_uri, result.run_id)
-    print(f"[rayft] eval results of run {result.run_id}: {where}", flush=True)
-    failed = check_gates(spec.output.require, report.values(label))
-    if failed:
-        raise GateFailed(
-            f"run {result.run_id} not published: output.require failed: {'; '.join(failed)} "
-            f"(on {len(report.rows)} rows of {report.data}); the checkpoint stays at {result.checkpoint_path}"
-        )
-    if spec.output.require:
-        print(f"[rayft] gates hold: {', '.join(f'{k} {v}' for k, v in spec.output.require.items())}", flush=True)
-    result.manifests = publish_result(spec, result, storage_uri, {"eval": report.to_json(label)})
-    return result
-
-
-def evaluate_run(spec: JobSpec, result, storage_uri: str, label: str) -> EvalReport:
-    """Score the run's final checkpoint (and the base first, as the baseline, when eval.compare_base)."""
-    from storage.models import resolve_model_dir
-    from trainers.methods import traits
-    from trainers.publish import checkpoint_for_publishing, stage_artifact
-
-    assert spec.eval is not None
     model_dir = result.model_dir or resolve_model_dir(spec.model.source, storage_uri)  # the run resolved it already
     is_adapter = traits(spec.method.name).is_adapter
     with checkpoint_for_publishing(result.checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="rayft-eval-run-") as work:
-        # The same directory publishing would upload (a full model gets the base's tokenizer files).
+        # The directory publishing uploads (a full model gets the base's tokenizer files): evaluated, then published.
         staged = stage_artifact(Path(ckpt), model_dir, is_adapter, Path(work) / "artifact")
-        if is_adapter:
-            trained = Target(label, model_dir, adapter_files(staged), mode="peft")
-        else:
-            trained = Target(label, str(staged))
-        targets = ([Target(f"base ({Path(spec.model.source).name})", model_dir)] if spec.eval.compare_base else []) + [trained]
-        return evaluate([], spec.eval, storage_uri=storage_uri, data=spec.eval.data or spec.data.eval, targets=targets)
+        report = evaluate_run(spec, staged, model_dir, storage_uri, label)
+        print("")
+        print(report.table(), flush=True)
+        where = store_results(report, storage_uri, result.run_id)
+        print(f"[rayft] eval results of run {result.run_id}: {where}", flush=True)
+        failed = check_gates(spec.output.require, report.values(label))
+        if failed:
+            raise GateFailed(
+                f"run {result.run_id} not published: output.require failed: {'; '.join(failed)} "
+                f"(on {len(report.rows)} rows of {report.data}); the checkpoint stays at {result.checkpoint_path}"
+            )
+        if spec.output.require:
+            print(f"[rayft] gates hold: {', '.join(f'{k} {v}' for k, v in spec.output.require.items())}", flush=True)
+        result.manifests = publish_result(spec, result, storage_uri, {"eval": report.to_json(label)},
+                                          checkpoint_dir=Path(ckpt), artifact=staged)
+    return result
+
+
+def evaluate_run(spec: JobSpec, staged: Path, model_dir: str, storage_uri: str, label: str) -> EvalReport:
+    """Score the run's staged artifact (and the base first, as the baseline, when eval.compare_base)."""
+    from trainers.methods import traits
+
+    assert spec.eval is not None
+    method = traits(spec.method.name)
+    if method.is_adapter:
+        trained = Target(label, model_dir, adapter_files(staged), mode="peft", traits=method.for_manifest())
+    else:
+        trained = Target(label, str(staged))
+    targets = ([Target(f"base ({Path(spec.model.source).name})", model_dir)] if spec.eval.compare_base else []) + [trained]
+    return evaluate([], spec.eval, storage_uri=storage_uri, data=spec.eval.data or spec.data.eval, targets=targets)
 
 
 def store_results(report: EvalReport, storage_uri: str, run_id: str) -> str:

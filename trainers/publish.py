@@ -115,14 +115,17 @@ def publish_run(
     metrics: dict,
     run_id: str,
     workdir: Path,
+    artifact: Path | None = None,
 ) -> list[Manifest]:
-    """Publish the run's adapter/model (and the merged model when asked); returns the manifests."""
+    """Publish the run's adapter/model (and the merged model when asked); returns the manifests. `artifact`: the
+    checkpoint already staged by `stage_artifact` (else it is staged under `workdir`)."""
     method = traits(spec.method.name)
     is_adapter = method.is_adapter
     config = read_model_config(model_dir)
     digest = base_config_digest(config)
     lineage = {"job_spec": spec.model_dump(mode="json"), "run_id": run_id}
-    artifact = stage_artifact(checkpoint_dir, model_dir, is_adapter, workdir / "artifact")
+    if artifact is None:
+        artifact = stage_artifact(checkpoint_dir, model_dir, is_adapter, workdir / "artifact")
     manifests = [
         registry.publish(
             spec.output.name, artifact, kind="adapter" if is_adapter else "model",

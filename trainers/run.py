@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -247,14 +248,17 @@ def _json_ready(metrics: dict) -> dict:
     return json.loads(json.dumps(metrics, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
-def publish_result(spec: JobSpec, result: TrainResult, storage_uri: str, extra_metrics: dict | None = None) -> list[Manifest]:
+def publish_result(spec: JobSpec, result: TrainResult, storage_uri: str, extra_metrics: dict | None = None, *,
+                   checkpoint_dir: Path | None = None, artifact: Path | None = None) -> list[Manifest]:
     """Publish a finished run's final checkpoint (a run trained with publish=False, e.g. one that had to pass its
-    gates first); `extra_metrics` join the training metrics in the manifest."""
+    gates first); `extra_metrics` join the training metrics in the manifest. `checkpoint_dir` / `artifact`: the
+    checkpoint already fetched (`checkpoint_for_publishing`) and staged (`stage_artifact`) by the caller."""
     registry = Registry(open_store(storage_uri))
     model_dir = result.model_dir or resolve_model_dir(spec.model.source, storage_uri)
     metrics = {**result.metrics, **(extra_metrics or {})}
-    with checkpoint_for_publishing(result.checkpoint) as ckpt, tempfile.TemporaryDirectory(prefix="rayft-publish-") as work:
-        return publish_run(spec, registry, Path(ckpt), model_dir, metrics, result.run_id, Path(work))
+    with (contextlib.nullcontext(checkpoint_dir) if checkpoint_dir is not None else checkpoint_for_publishing(result.checkpoint)) as ckpt, \
+            tempfile.TemporaryDirectory(prefix="rayft-publish-") as work:
+        return publish_run(spec, registry, Path(ckpt), model_dir, metrics, result.run_id, Path(work), artifact=artifact)
 
 
 def final_checkpoint(result, storage_uri: str, run_id: str):
