@@ -19,7 +19,13 @@ from pathlib import Path
 from evaluation.generate import adapter_files
 from evaluation.runner import EvalReport, Target, evaluate
 from storage.errors import RayftError
+from storage.models import resolve_model_dir
+from storage.runs import eval_prefix
+from storage.store import default_storage_uri, open_store
 from trainers.eval_spec import check_gates
+from trainers.methods import traits
+from trainers.publish import checkpoint_for_publishing, stage_artifact
+from trainers.run import publish_result, run_training, with_absolute_paths
 from trainers.spec import JobSpec
 
 
@@ -38,8 +44,6 @@ def train_and_publish(spec: JobSpec, *, address: str | None = None, run_id: str 
     gate before publishing. Returns trainers.run.TrainResult.
 
     `run_id` names the run (its checkpoints go under runs/<run_id>); default: a fresh one."""
-    from trainers.run import run_training, with_absolute_paths
-
     if not needs_pipeline(spec):
         return run_training(spec, address=address, run_id=run_id, force=force)
     spec = with_absolute_paths(spec)
@@ -52,12 +56,6 @@ def gate_and_publish(spec: JobSpec, result):
 
     The checkpoint is fetched and staged once: the staged directory is what is evaluated and what is published.
     GateFailed (nothing published) names each failed figure and threshold and where the checkpoint stays."""
-    from storage.models import resolve_model_dir
-    from storage.store import default_storage_uri
-    from trainers.methods import traits
-    from trainers.publish import checkpoint_for_publishing, stage_artifact
-    from trainers.run import publish_result
-
     assert spec.eval is not None  # the spec refuses output.require without eval:
     storage_uri = spec.storage.uri or default_storage_uri()
     label = f"{spec.output.name} (run)"
@@ -86,8 +84,6 @@ def gate_and_publish(spec: JobSpec, result):
 
 def evaluate_run(spec: JobSpec, staged: Path, model_dir: str, storage_uri: str, label: str) -> EvalReport:
     """Score the run's staged artifact (and the base first, as the baseline, when eval.compare_base)."""
-    from trainers.methods import traits
-
     assert spec.eval is not None
     method = traits(spec.method.name)
     if method.is_adapter:
@@ -100,10 +96,8 @@ def evaluate_run(spec: JobSpec, staged: Path, model_dir: str, storage_uri: str, 
 
 def store_results(report: EvalReport, storage_uri: str, run_id: str) -> str:
     """results.json, answers.jsonl and eval.png into `runs/<run_id>/eval/`; returns that folder's URI."""
-    from storage.store import open_store
-
     store = open_store(storage_uri)
-    prefix = f"runs/{run_id}/eval"
+    prefix = eval_prefix(run_id)
     store.put_bytes(json.dumps(report.to_json(), indent=1).encode(), f"{prefix}/results.json")
     store.put_bytes(report.answers_jsonl().encode(), f"{prefix}/answers.jsonl")
     with tempfile.TemporaryDirectory() as tmp:
