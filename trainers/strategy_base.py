@@ -5,11 +5,13 @@ trainers.deepspeed (`Zero3Strategy`), which both implement it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from trainers.methods import traits
+from trainers.precision import Precision
 from trainers.spec import JobSpec, TrainingSpec
 
 
