@@ -225,24 +225,6 @@ LONGEST_FILES_FIRST = (  # seconds per file in a full clean-clone `make test` he
     "test_service_files.py",  # 37
     "test_cli_papercuts.py",  # 29
 )
-    "test_train.py",  # 567
-    "test_tune.py",  # 411
-    "test_service_jobs.py",  # 363
-    "test_serve_vllm.py",  # 196, and a vLLM restart since
-    "test_preference_train.py",  # 282
-    "test_console.py",  # 215
-    "test_submit.py",  # 166
-    "test_bench.py",  # 160
-    "test_plan.py",  # 150
-    "test_web_console.py",  # 131
-    "test_zero3.py",  # 129
-    "test_eval.py",  # 129
-    "test_merge.py",  # 99
-    "test_ingest.py",  # 99
-    "test_fail_fast.py",  # 98
-    "test_serve.py",  # 87
-    "test_cli_papercuts.py",  # 41
-)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
